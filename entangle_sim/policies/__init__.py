@@ -1,0 +1,1 @@
+"""Policies: each module exposes a frozen config dataclass and `make(cfg) -> Policy`."""
