@@ -1,0 +1,5 @@
+"""Plotting: `plot_*(data, *, ax=None) -> Figure`, Axes API only, no file I/O (DESIGN.md §3.13).
+
+Modules by topic share the style of `style.py` (Okabe-Ito colourblind-safe palette).
+"""
+from .style import COLORS, REGIME_COLORS, apply_style, new_axes  # noqa: F401

@@ -1,0 +1,54 @@
+"""Co-movement regimes of (chosen, rejected) log-probability changes (THEORY.md §3.1, R4/R9).
+
+Integer codes are used inside jitted code; `REGIMES[code]` is the name. A change within `tol`
+of zero counts as zero; both zero is `stationary`.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+REGIMES = ("chosen_up_rejected_down", "both_up", "both_down", "chosen_down_rejected_up", "stationary")
+CHOSEN_UP_REJECTED_DOWN, BOTH_UP, BOTH_DOWN, CHOSEN_DOWN_REJECTED_UP, STATIONARY = range(5)
+
+# Which of the three paper cases each regime is (Table 1); the fourth is impossible when d_w, d_l >= 0.
+CASE_OF_REGIME = {"chosen_up_rejected_down": "Case 1 (ideal)", "both_down": "Case 2",
+                  "both_up": "Case 3", "chosen_down_rejected_up": "impossible if d_w, d_l >= 0",
+                  "stationary": "no first-order change"}
+
+
+def classify(delta_chosen, delta_rejected, tol=0.0):
+    """Regime code (int array) of the changes; works on numpy and JAX arrays, any shape.
+
+    A change with |delta| <= tol is treated as 0. Ties: chosen 0 and rejected down counts as
+    `chosen_up_rejected_down` (weakly ideal), chosen up and rejected 0 likewise; chosen 0 and
+    rejected up is `both_up`... see the table below (>= / <= with a zero side go to the regime of
+    the non-zero side's direction paired with 'no change' read as the ideal direction).
+
+        w \\ l     up      zero     down
+        up      both_up   ideal    ideal
+        zero    both_up   stat.    ideal
+        down    4th      both_down both_down
+    """
+    xp = jnp if not isinstance(delta_chosen, np.ndarray) and hasattr(delta_chosen, "at") else np
+    w = xp.where(xp.abs(delta_chosen) <= tol, 0, xp.sign(delta_chosen))
+    l = xp.where(xp.abs(delta_rejected) <= tol, 0, xp.sign(delta_rejected))
+    code = xp.where(
+        (w == 0) & (l == 0), STATIONARY,
+        xp.where(
+            (w >= 0) & (l <= 0), CHOSEN_UP_REJECTED_DOWN,
+            xp.where((w >= 0) & (l > 0), BOTH_UP,
+                     xp.where((w < 0) & (l <= 0), BOTH_DOWN, CHOSEN_DOWN_REJECTED_UP))))
+    return code
+
+
+def names(codes) -> list[str]:
+    """Regime names for an iterable of integer codes."""
+    return [REGIMES[int(c)] for c in np.asarray(codes).ravel()]
+
+
+def fractions(codes) -> dict[str, float]:
+    """Fraction of entries per regime name (all five keys present)."""
+    c = np.asarray(codes).ravel()
+    n = max(c.size, 1)
+    return {name: float((c == i).sum()) / n for i, name in enumerate(REGIMES)}
