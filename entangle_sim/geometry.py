@@ -1,14 +1,43 @@
-"""Per-pair gradient geometry: G_ww, G_wl, G_ll, cosine and condition ratios (THEORY.md §1, §3.3)."""
+"""Per-pair and per-token gradient geometry (THEORY.md §1, §3.3, §5.1 R13, §7.3 bugs 1-2).
+
+Sequence level, per pair:  G_ww = |g_w|^2, G_wl = <g_w, g_l>, G_ll = |g_l|^2, cos, and the condition
+ratios rho_w = G_wl/G_ww, rho_l = G_wl/G_ll, rho = max(rho_w, rho_l) (Case 1 <=> rho <= 1).
+Token level (R13): the T_w x T_l matrix <g_t(y_w), g_u(y_l)>, whose entries sum to G_wl.
+
+Three ways to get the sequence-level Gram, all exact (same numbers up to round-off):
+
+* `pair_gram(logp_fn, ...)`            any JAX model: vmap over pairs of one reverse pass per
+                                       response; holds 2 x chunk x |theta| gradient entries at a time.
+* `pair_gram_layerwise(factor_fn, ...)` models that expose their gradient in factored form
+                                       (e.g. `policies.transformer.grad_factors(cfg)`): for a matrix used
+                                       as y_t = a_t W (+ b) the per-response gradient is sum_t a_t delta_t^T,
+                                       so  <dW, dW'> = sum_{t,s} <a_t, a'_s> <delta_t, delta'_s>  and no
+                                       parameter-sized per-example gradient is ever formed.
+                                       Cost per matrix S*S'*(m+n) instead of S*m*n; memory O(S^2) instead
+                                       of O(m n) per pair.
+* a Python loop of `jax.grad` calls (what the official code does) lives only in tests/benchmarks.
+
+Parameter subsets (`subset=`): None (all), a list/tuple of key-path prefixes, or a predicate on the
+key-path string. Key paths join dict keys / list indices / attribute names with '/', e.g.
+'blocks/0/attn/W_qkv'; prefix 'blocks/0/attn' selects that path and everything below it (not
+'blocks/0/attn2'). `param_paths(params)` lists them. A subset that selects nothing raises ValueError.
+"""
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from functools import partial
+from typing import Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 
 from .types import Array, PairBatch, PyTree
 
+Subset = Union[None, str, Sequence[str], Callable[[str], bool]]
 
+
+# ----------------------------------------------------------------------------------------------
+# statistics
+# ----------------------------------------------------------------------------------------------
 class PairGram(NamedTuple):
     """Per-pair Gram statistics, each [B].
 
@@ -30,7 +59,14 @@ def _tree_vdot(a: PyTree, b: PyTree) -> Array:
 
 
 def gram_stats(G_ww: Array, G_wl: Array, G_ll: Array) -> PairGram:
-    """Derived statistics from the three Gram entries (any broadcastable shapes)."""
+    """Derived statistics from the three Gram entries (any broadcastable shapes).
+
+    rho is the *corrected* condition ratio max(G_wl/G_ww, G_wl/G_ll) (THEORY §7.3 bug 1: the official
+    code computes G_wl / min(G_ww, G_ww) = rho_w and misses "rejected does not fall" whenever
+    |g_l| < |g_w|). Zero norms are floored at the dtype's `tiny` so no NaN appears.
+
+    >>> gram_stats(4.0, 2.0, 1.25).rho      # rho_w = 0.5, rho_l = 1.6 -> 1.6 (Case 1 violated)
+    """
     tiny = jnp.finfo(jnp.result_type(G_ww, float)).tiny
     cos = G_wl / jnp.sqrt(jnp.maximum(G_ww * G_ll, tiny))
     rho_w = G_wl / jnp.maximum(G_ww, tiny)
@@ -38,25 +74,282 @@ def gram_stats(G_ww: Array, G_wl: Array, G_ll: Array) -> PairGram:
     return PairGram(G_ww, G_wl, G_ll, cos, rho_w, rho_l, jnp.maximum(rho_w, rho_l))
 
 
-def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], params: PyTree,
-              batch: PairBatch) -> PairGram:
-    """Per-pair Gram of the summed-response gradients g_w = grad l_w, g_l = grad l_l.
+def aggregate(gram: PairGram) -> dict[str, float]:
+    """Aggregate per-pair statistics over pairs, each key saying how it was reduced (THEORY §3.3, §7.3 bug 2).
 
-    logp_fn(params, batch) -> (chosen_logps [B], rejected_logps [B]); any batch-polymorphic model.
-    Implementation: vmap over pairs of one reverse pass per response (no Python loop).
+    '*_mean'                 plain means over pairs: G_ww_mean, G_wl_mean, G_ll_mean, cos_mean,
+                             norm_w_mean, norm_l_mean (unsquared |g|, the official code's Grad_*_Norm)
+    '*_mean_of_ratios'       mean over pairs of the per-pair ratio: rho_w, rho_l, rho (= mean of max)
+    '*_ratio_of_means'       ratio of the pair means: rho_w = mean G_wl / mean G_ww,
+                             rho_l = mean G_wl / mean G_ll, rho = max of the two,
+                             cos = mean G_wl / sqrt(mean G_ww * mean G_ll)
+    'case1_fraction'         fraction of pairs with rho <= 1 (chosen up and rejected down, first order)
+    'n_pairs'                number of pairs
+
+    >>> aggregate(gram_stats(jnp.array([1., 4.]), jnp.array([.5, 2.]), jnp.array([1., 1.])))['rho_ratio_of_means']
+    1.25
     """
+    G_ww, G_wl, G_ll = (jnp.asarray(x, float) for x in (gram.G_ww, gram.G_wl, gram.G_ll))
+    agg = gram_stats(G_ww.mean(), G_wl.mean(), G_ll.mean())
+    out = {
+        "n_pairs": int(G_ww.size),
+        "G_ww_mean": G_ww.mean(), "G_wl_mean": G_wl.mean(), "G_ll_mean": G_ll.mean(),
+        "norm_w_mean": jnp.sqrt(G_ww).mean(), "norm_l_mean": jnp.sqrt(G_ll).mean(),
+        "cos_mean": jnp.mean(gram.cos),
+        "rho_w_mean_of_ratios": jnp.mean(gram.rho_w),
+        "rho_l_mean_of_ratios": jnp.mean(gram.rho_l),
+        "rho_mean_of_ratios": jnp.mean(gram.rho),
+        "rho_w_ratio_of_means": agg.rho_w, "rho_l_ratio_of_means": agg.rho_l,
+        "rho_ratio_of_means": agg.rho, "cos_ratio_of_means": agg.cos,
+        "case1_fraction": jnp.mean(gram.rho <= 1.0),
+    }
+    return {k: (v if isinstance(v, int) else float(v)) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# key paths and subsets
+# ----------------------------------------------------------------------------------------------
+def _key_str(k) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def path_str(path) -> str:
+    """Key path (from `jax.tree_util.tree_flatten_with_path`) -> 'a/0/b'."""
+    return "/".join(_key_str(k) for k in path)
+
+
+def param_paths(params: PyTree) -> list[str]:
+    """All leaf key paths of a parameter pytree, in leaf order, e.g. ['embed/pos', 'embed/tok', ...]."""
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _freeze_subset(subset: Subset):
+    """Hashable form (lists -> tuples) so the subset can be a static jit argument."""
+    if subset is None or callable(subset):
+        return subset
+    if isinstance(subset, str):
+        return (subset,)
+    return tuple(subset)
+
+
+def subset_predicate(subset: Subset) -> Callable[[str], bool]:
+    """Predicate on key-path strings: None -> all; prefixes -> path == p or path startswith p + '/'."""
+    subset = _freeze_subset(subset)
+    if subset is None:
+        return lambda path: True
+    if callable(subset):
+        return subset
+    prefixes = tuple(s.strip("/") for s in subset)
+    if not prefixes or any(not isinstance(s, str) for s in subset):
+        raise ValueError(f"subset must be None, a predicate, or a non-empty list of path prefixes; got {subset!r}")
+    return lambda path: any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def _selected(params: PyTree, subset: Subset) -> list[bool]:
+    pred = subset_predicate(subset)
+    paths = param_paths(params)
+    sel = [bool(pred(p)) for p in paths]
+    if not any(sel):
+        raise ValueError(f"subset {subset!r} selects no parameter; available paths: {paths}")
+    return sel
+
+
+def _split(params: PyTree, sel: list[bool]):
+    """(selected leaves, rebuild(selected leaves) -> full params with the others fixed)."""
+    leaves, treedef = jax.tree.flatten(params)
+    chosen = [x for x, s in zip(leaves, sel) if s]
+
+    def rebuild(new):
+        it = iter(new)
+        return jax.tree.unflatten(treedef, [next(it) if s else x for x, s in zip(leaves, sel)])
+
+    return chosen, rebuild
+
+
+def _map_pairs(fn, batch, chunk_size):
+    # lax.map(batch_size=c) vmaps within chunks of c pairs and loops over chunks: peak memory is
+    # that of c pairs, not B.
+    if chunk_size is None or chunk_size >= batch.prompt.shape[0]:
+        return jax.vmap(fn)(batch)
+    return jax.lax.map(fn, batch, batch_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# sequence-level Gram: generic vmap(grad) path
+# ----------------------------------------------------------------------------------------------
+@partial(jax.jit, static_argnames=("logp_fn", "subset", "chunk_size"))
+def _pair_gram_vmap(logp_fn, params, batch, subset, chunk_size):
+    sel = _selected(params, subset)
+    theta, rebuild = _split(params, sel)
 
     def one(example):
         ex = jax.tree.map(lambda a: a[None], example)
-
-        def lw(p):
-            return logp_fn(p, ex)[0][0]
-
-        def ll(p):
-            return logp_fn(p, ex)[1][0]
-
-        gw, gl = jax.grad(lw)(params), jax.grad(ll)(params)
+        # Two separate grads of one shared function: under jit, XLA drops the unused response's
+        # forward in each, so this is one forward + one backward per response.
+        gw = jax.grad(lambda th: logp_fn(rebuild(th), ex)[0][0])(theta)
+        gl = jax.grad(lambda th: logp_fn(rebuild(th), ex)[1][0])(theta)
         return _tree_vdot(gw, gw), _tree_vdot(gw, gl), _tree_vdot(gl, gl)
 
-    G_ww, G_wl, G_ll = jax.vmap(one)(batch)
-    return gram_stats(G_ww, G_wl, G_ll)
+    return gram_stats(*_map_pairs(one, batch, chunk_size))
+
+
+def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], params: PyTree,
+              batch: PairBatch, *, subset: Subset = None, chunk_size: int | None = None) -> PairGram:
+    """Per-pair Gram of the summed-response gradients g_w = grad l_w, g_l = grad l_l (THEORY §1).
+
+    logp_fn(params, batch) -> (chosen_logps [B], rejected_logps [B]), e.g. `policy.logps`; any
+    batch-polymorphic JAX model. subset: parameters to differentiate (module docstring).
+    chunk_size: pairs vmapped at once (None = all B); memory ~ 2 * chunk_size * |selected params|.
+    Returns PairGram of [B] arrays. Jitted; logp_fn and subset must be hashable.
+
+    >>> pair_gram(policy.logps, params, batch, subset=["unembed"]).cos   # [B]
+    """
+    return _pair_gram_vmap(logp_fn, params, batch, _freeze_subset(subset), chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# sequence-level Gram: layer-wise identity
+# ----------------------------------------------------------------------------------------------
+class Factor(NamedTuple):
+    """One use of a matrix parameter M [m, n] whose gradient contribution is left^T @ right.
+
+    left:  float [S, m], or int [S] meaning one-hot rows (an embedding gather: M[idx] -> rows)
+    right: float [S, n]
+    E.g. dense y_t = a_t W: Factor(a [S, in], delta [S, out]); gather e_t = E[x_t]:
+    Factor(x [S], delta [S, D]); tied read-out logits_t = h_t E^T: Factor(delta [S, V], h [S, D]).
+    """
+
+    left: Array
+    right: Array
+
+
+class GradFactors(NamedTuple):
+    """Gradient of one scalar (a response's summed log-prob) in factored form.
+
+    dense:    {path: full gradient array} for small leaves (biases, LayerNorm), cheap to materialise
+    factored: {path: tuple[Factor, ...]}   gradient = sum over the tuple of left^T @ right
+    Together the keys must cover every parameter path exactly once.
+    """
+
+    dense: dict
+    factored: dict
+
+
+def _left_gram(a: Array, b: Array) -> Array:
+    """[S, S'] matrix of <left_a[s], left_b[s']> with int = one-hot rows."""
+    a_idx, b_idx = jnp.issubdtype(a.dtype, jnp.integer), jnp.issubdtype(b.dtype, jnp.integer)
+    if a_idx and b_idx:
+        return (a[:, None] == b[None, :]).astype(jnp.result_type(float))
+    if a_idx:
+        return b[:, a].T
+    if b_idx:
+        return a[:, b]
+    return a @ b.T
+
+
+def factored_vdot(fa: Sequence[Factor], fb: Sequence[Factor]) -> Array:
+    """<sum_i L_i^T R_i, sum_j L'_j^T R'_j> = sum_{i,j} sum_{s,s'} (L_i L'_j^T)_{ss'} (R_i R'_j^T)_{ss'}."""
+    total = 0.0
+    for a in fa:
+        for b in fb:
+            total = total + jnp.sum(_left_gram(a.left, b.left) * (a.right @ b.right.T))
+    return total
+
+
+def _factors_vdot(fa: GradFactors, fb: GradFactors, keep: Callable[[str], bool]) -> Array:
+    total = 0.0
+    for k in fa.dense:
+        if keep(k):
+            total = total + jnp.vdot(fa.dense[k], fb.dense[k])
+    for k in fa.factored:
+        if keep(k):
+            total = total + factored_vdot(fa.factored[k], fb.factored[k])
+    return total
+
+
+@partial(jax.jit, static_argnames=("factor_fn", "subset", "chunk_size"))
+def _pair_gram_layerwise(factor_fn, params, batch, subset, chunk_size):
+    paths = param_paths(params)
+    keep = subset_predicate(subset)
+    _selected(params, subset)  # raises on an empty selection
+
+    def one(ex):
+        fw = factor_fn(params, ex.prompt, ex.chosen, ex.chosen_mask)
+        fl = factor_fn(params, ex.prompt, ex.rejected, ex.rejected_mask)
+        covered = sorted(list(fw.dense) + list(fw.factored))
+        if covered != sorted(paths):
+            raise ValueError(f"factor_fn must cover every parameter path once; got {covered}, params have {sorted(paths)}")
+        return _factors_vdot(fw, fw, keep), _factors_vdot(fw, fl, keep), _factors_vdot(fl, fl, keep)
+
+    return gram_stats(*_map_pairs(one, batch, chunk_size))
+
+
+def pair_gram_layerwise(factor_fn: Callable[..., GradFactors], params: PyTree, batch: PairBatch, *,
+                        subset: Subset = None, chunk_size: int | None = None) -> PairGram:
+    """Per-pair Gram via the layer-wise identity <dW, dW'> = sum_{t,s} <a_t, a'_s><delta_t, delta'_s>.
+
+    factor_fn(params, prompt [P], response [T], response_mask [T]) -> GradFactors of that response's
+    summed log-prob (e.g. `transformer.grad_factors(cfg)`). Exact: equals `pair_gram` to round-off.
+    No per-example parameter-sized gradient is formed; per pair it holds activations, the
+    back-propagated signals and S x S' Gram blocks. chunk_size as in `pair_gram`.
+    """
+    return _pair_gram_layerwise(factor_fn, params, batch, _freeze_subset(subset), chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# token-level Gram (R13, Fig. 4b)
+# ----------------------------------------------------------------------------------------------
+class TokenGram(NamedTuple):
+    """Per-token gradient geometry of one pair (a leading [B] axis when computed for a batch).
+
+    inner [T_w, T_l]  <g_t(y_w), g_u(y_l)>, rows = chosen tokens, columns = rejected tokens;
+                      sums to G_wl (R13)
+    cos   [T_w, T_l]  inner / (norm_w norm_l); 0 where a token is masked (its gradient is 0)
+    norm_w [T_w], norm_l [T_l]  |g_t(y)|
+    """
+
+    inner: Array
+    cos: Array
+    norm_w: Array
+    norm_l: Array
+
+
+@partial(jax.jit, static_argnames=("token_logp_fn", "subset"))
+def _token_gram_one(token_logp_fn, params, example, subset):
+    sel = _selected(params, subset)
+    theta, rebuild = _split(params, sel)
+    ex = jax.tree.map(lambda a: a[None], example)
+
+    def f(th):
+        tw, tl = token_logp_fn(rebuild(th), ex)
+        return tw[0], tl[0]
+
+    # One forward and T_w + T_l vmapped backward passes (jacrev), never a Python loop.
+    jw, jl = jax.jacrev(f)(theta)
+    T_w, T_l = example.chosen.shape[0], example.rejected.shape[0]
+    inner = sum(a.reshape(T_w, -1) @ b.reshape(T_l, -1).T for a, b in zip(jw, jl))
+    norm_w = jnp.sqrt(sum(jnp.sum(a.reshape(T_w, -1) ** 2, 1) for a in jw))
+    norm_l = jnp.sqrt(sum(jnp.sum(b.reshape(T_l, -1) ** 2, 1) for b in jl))
+    tiny = jnp.finfo(inner.dtype).tiny
+    cos = inner / jnp.maximum(norm_w[:, None] * norm_l[None, :], tiny)
+    return TokenGram(inner, cos, norm_w, norm_l)
+
+
+def token_gram(token_logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], params: PyTree,
+               example_or_batch: PairBatch, *, subset: Subset = None) -> TokenGram:
+    """Token-level Gram <g_t(y_w), g_u(y_l)> and cosines (THEORY R13, Fig. 4b), rows = chosen tokens.
+
+    token_logp_fn: a Policy's `token_logps(params, batch) -> ([B,T_w], [B,T_l])`.
+    example_or_batch: a PairBatch without (prompt [P]) or with (prompt [B, P]) a pair axis; with a
+    pair axis every field of the result gets a leading [B] (pairs are vmapped).
+    Memory: (T_w + T_l) x |selected params| per pair (use `subset` for very large models).
+
+    >>> tg = token_gram(policy.token_logps, params, batch.take(jnp.arange(1)))   # inner [1, T_w, T_l]
+    """
+    subset = _freeze_subset(subset)
+    if example_or_batch.prompt.ndim == 1:
+        return _token_gram_one(token_logp_fn, params, example_or_batch, subset)
+    return jax.vmap(lambda ex: _token_gram_one(token_logp_fn, params, ex, subset))(example_or_batch)

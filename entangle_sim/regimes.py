@@ -20,15 +20,12 @@ CASE_OF_REGIME = {"chosen_up_rejected_down": "Case 1 (ideal)", "both_down": "Cas
 def classify(delta_chosen, delta_rejected, tol=0.0):
     """Regime code (int array) of the changes; works on numpy and JAX arrays, any shape.
 
-    A change with |delta| <= tol is treated as 0. Ties: chosen 0 and rejected down counts as
-    `chosen_up_rejected_down` (weakly ideal), chosen up and rejected 0 likewise; chosen 0 and
-    rejected up is `both_up`... see the table below (>= / <= with a zero side go to the regime of
-    the non-zero side's direction paired with 'no change' read as the ideal direction).
+    A change with |delta| <= tol is treated as 0. A zero side takes the ideal direction:
 
-        w \\ l     up      zero     down
-        up      both_up   ideal    ideal
-        zero    both_up   stat.    ideal
-        down    4th      both_down both_down
+        w \\ l     up         zero        down
+        up      both_up      ideal       ideal
+        zero    both_up      stationary  ideal
+        down    4th regime   both_down   both_down
     """
     xp = jnp if not isinstance(delta_chosen, np.ndarray) and hasattr(delta_chosen, "at") else np
     w = xp.where(xp.abs(delta_chosen) <= tol, 0, xp.sign(delta_chosen))

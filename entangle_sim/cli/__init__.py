@@ -56,6 +56,9 @@ def main(argv=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"entangle-sim: error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `entangle-sim losses | head`
+        sys.stderr = None
+        return 0
     except KeyboardInterrupt:
         print("entangle-sim: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,320 @@
+"""First-order dynamics of one gradient step for any loss definition (THEORY.md R3, R4, R8-R12).
+
+The engine receives a loss definition as an argument (anything with `symbolic(**hp)`,
+`symbolic_margin(**hp)`, `sym_hypers(**hp)`, `name`, `hypers`) and never imports the registry.
+
+For a per-pair loss L(l_w, l_l) and one plain gradient step theta+ = theta - eta grad L:
+
+    d_w = -dL/dl_w,  d_l = +dL/dl_l                      (incentives; R1, R21)
+    Delta l_w ~ eta (d_w G_ww - d_l G_wl)                (R3, R8)
+    Delta l_l ~ eta (d_w G_wl - d_l G_ll)
+    Delta (l_w - l_l) ~ eta (d_w G_ww + d_l G_ll - (d_w + d_l) G_wl)     (R10)
+    Delta L ~ -eta (d_w^2 G_ww - 2 d_w d_l G_wl + d_l^2 G_ll) <= 0
+
+Example:
+    >>> from entangle_sim import losses, symbolic
+    >>> der = symbolic.derive(losses.get("sigmoid"))
+    >>> der.chosen_threshold          # chosen rises iff G_wl <= 1 * G_ww  (Condition 1)
+    1
+    >>> der.delta_chosen(chosen_logps=-3., rejected_logps=-4., ref_chosen_logps=-3.,
+    ...                  ref_rejected_logps=-3., G_ww=1., G_wl=2., G_ll=3., eta=1., beta=0.1)
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import numpy as np
+import sympy as sp
+
+from .. import regimes as _regimes
+from .functions import lambdify_jax, lambdify_numpy
+from .symbols import G_ll, G_wl, G_ww, PAIR_VARS, eta
+
+_LABELS = {name: sp.Symbol(name) for name in _regimes.REGIMES}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Formula:
+    """A SymPy expression that renders as LaTeX and is callable on JAX arrays by keyword.
+
+    `f(**values)` accepts TRL-style pair names (`chosen_logps`, ...), `G_ww`, `G_wl`, `G_ll`,
+    `eta` and hyperparameter names; extra keys are ignored, missing ones raise ValueError.
+    """
+
+    expr: sp.Expr
+    names: tuple[tuple[str, sp.Symbol], ...]  # argument name -> symbol, for every free symbol
+
+    def __call__(self, **values):
+        missing = [n for n, _ in self.names if n not in values]
+        if missing:
+            raise ValueError(f"missing values for {missing}")
+        fn = lambdify_jax([s for _, s in self.names], self.expr)
+        return fn(*[values[n] for n, _ in self.names])
+
+    @property
+    def arg_names(self) -> list[str]:
+        return [n for n, _ in self.names]
+
+    def latex(self) -> str:
+        return sp.latex(self.expr)
+
+    def _repr_latex_(self) -> str:
+        return f"$\\displaystyle {self.latex()}$"
+
+    def __str__(self) -> str:
+        return str(self.expr)
+
+    __repr__ = __str__
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SignInfo:
+    """Whether an incentive can be negative: `proved` nonnegative, or a witness state where it is < 0.
+
+    condition: the Relational `expr < 0` with provably positive factors divided out.
+    """
+
+    nonnegative: bool | None  # True: proved >= 0; False: a witness with < 0 exists; None: unknown
+    how: str
+    condition: Any
+    witness: dict[str, float] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"nonnegative": self.nonnegative, "how": self.how, "negative_when": str(self.condition),
+                "witness": self.witness}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Derivation:
+    """Everything the first-order theory says about one loss (THEORY §3-4).
+
+    Formulas (callable, LaTeX): loss, d_w, d_l, delta_chosen, delta_rejected, delta_margin,
+    delta_loss and, for margin-form losses, margin z, delta_z and the step weight s = -m'(z).
+    Relationals: chosen_rises (Delta l_w >= 0), rejected_falls (Delta l_l <= 0).
+    chosen_threshold t_w, rejected_threshold t_l (valid where d_l > 0, resp. d_w > 0):
+        chosen rises <=> G_wl <= t_w G_ww ;  rejected falls <=> G_wl <= t_l G_ll   (R9, R12)
+    regime: Piecewise over the five regimes of `entangle_sim.regimes`.
+    """
+
+    loss_name: str
+    hyper: dict[str, Any]
+    loss: Formula
+    d_w: Formula
+    d_l: Formula
+    delta_chosen: Formula
+    delta_rejected: Formula
+    delta_margin: Formula
+    delta_loss: Formula
+    chosen_rises: Any
+    rejected_falls: Any
+    chosen_threshold: Any
+    rejected_threshold: Any
+    regime: Any
+    margin: Formula | None
+    delta_z: Formula | None
+    step_weight: Formula | None
+    d_w_sign: SignInfo
+    d_l_sign: SignInfo
+
+    @property
+    def fourth_regime_possible(self) -> bool:
+        """'chosen down, rejected up' can happen only if some incentive can be negative (R5)."""
+        return not (self.d_w_sign.nonnegative and self.d_l_sign.nonnegative)
+
+    def evaluate(self, **values) -> dict[str, Any]:
+        """Numbers at a state: d_w, d_l, the three first-order changes and the regime name/code."""
+        out = {k: getattr(self, k)(**values) for k in
+               ("d_w", "d_l", "delta_chosen", "delta_rejected", "delta_margin")}
+        out["regime_code"] = _regimes.classify(out["delta_chosen"], out["delta_rejected"])
+        return out
+
+    def as_dict(self, latex: bool = False) -> dict[str, Any]:
+        """JSON-ready strings (or LaTeX) of every result."""
+        fmt = sp.latex if latex else str
+        d = {"loss": self.loss_name,
+             "hyperparameters": {k: str(v) for k, v in self.hyper.items()}}
+        for k in ("loss", "d_w", "d_l", "delta_chosen", "delta_rejected", "delta_margin", "delta_loss",
+                  "margin", "delta_z", "step_weight"):
+            f = getattr(self, k)
+            d[k if k != "loss" else "loss_expr"] = None if f is None else fmt(f.expr)
+        for k in ("chosen_rises", "rejected_falls", "chosen_threshold", "rejected_threshold"):
+            v = getattr(self, k)
+            d[k] = None if v is None else fmt(v)
+        d["d_w_sign"] = self.d_w_sign.as_dict()
+        d["d_l_sign"] = self.d_l_sign.as_dict()
+        d["fourth_regime_possible"] = self.fourth_regime_possible
+        return d
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def first_order(dw, dl):
+    """(Delta l_w, Delta l_l, Delta(l_w - l_l), Delta L) for incentives dw, dl (R3, R8, R10)."""
+    dcw = eta * (dw * G_ww - dl * G_wl)
+    dcl = eta * (dw * G_wl - dl * G_ll)
+    dmargin = eta * (dw * G_ww + dl * G_ll - (dw + dl) * G_wl)  # = dcw - dcl, in R10's form
+    dloss = -eta * (dw**2 * G_ww - 2 * dw * dl * G_wl + dl**2 * G_ll)
+    return dcw, dcl, dmargin, dloss
+
+
+def regime_piecewise(dcw, dcl):
+    """The five regimes as a Piecewise of the signs of the two changes (ties as in regimes.classify)."""
+    L = _LABELS
+    return sp.Piecewise(
+        (L["stationary"], sp.And(sp.Eq(dcw, 0), sp.Eq(dcl, 0))),
+        (L["chosen_up_rejected_down"], sp.And(dcw >= 0, dcl <= 0)),
+        (L["both_up"], sp.And(dcw >= 0, dcl > 0)),
+        (L["both_down"], sp.And(dcw < 0, dcl <= 0)),
+        (L["chosen_down_rejected_up"], True),
+    )
+
+
+def _strip_positive(expr):
+    """Divide out factors SymPy can prove positive (keeps the sign, shortens the condition)."""
+    expr = sp.factor_terms(expr)
+    if expr.is_Mul:
+        keep = [a for a in expr.args if not a.is_positive]
+        return sp.Mul(*keep) if keep else sp.S.One
+    return expr
+
+
+def _sample_states(free, n, rng):
+    """Random states covering typical and extreme values (margins up to |1e3|, lengths 1..4096)."""
+    vals = {}
+    for s in free:
+        name = str(s)
+        if name.startswith("n_"):
+            vals[s] = rng.choice([1, 2, 3, 5, 8, 16, 64, 512, 4096], size=n).astype(float)
+        elif name.startswith("ell"):
+            vals[s] = -np.concatenate([rng.exponential(5.0, n // 2), rng.uniform(0, 1e3, n - n // 2)])
+        elif s.is_positive:
+            vals[s] = rng.choice([0.01, 0.1, 0.5, 1.0, 2.0, 10.0], size=n)
+        elif s.is_nonnegative:
+            vals[s] = rng.choice([0.0, 0.1, 1.0, 5.0], size=n)
+        else:
+            vals[s] = rng.normal(0, 2.0, n)
+    return vals
+
+
+def sign_info(expr, names: dict, hyper_defaults: dict, n: int = 4000, seed: int = 0) -> SignInfo:
+    """Decide the sign of an incentive: a SymPy proof of >= 0, or a verified negative witness."""
+    cond = sp.StrictLessThan(_strip_positive(expr), 0)
+    # Indicators of hinges are >= 0: replace them by a nonnegative dummy before asking SymPy.
+    steps = {h: sp.Dummy("H", nonnegative=True) for h in expr.atoms(sp.Heaviside)}
+    if expr.xreplace(steps).is_nonnegative:
+        return SignInfo(True, "proved: every factor is nonnegative under the symbols' assumptions", cond)
+    # Search states (hyperparameters at their defaults) for a negative value, then verify exactly.
+    e = expr.subs({names[k]: sp.nsimplify(v) for k, v in hyper_defaults.items() if k in names})
+    proved_at_defaults = e.xreplace(steps).is_nonnegative
+    free = sorted(e.free_symbols, key=str)
+    rng = np.random.default_rng(seed)
+    samples = _sample_states(free, n, rng)
+    with np.errstate(all="ignore"):
+        vals = np.asarray(lambdify_numpy(free, e)(*[samples[s] for s in free]), dtype=float)
+    vals = np.broadcast_to(vals, (n,))
+    neg = np.flatnonzero(np.isfinite(vals) & (vals < 0))
+    inv = {v: k for k, v in names.items()}
+    for i in neg[:5]:
+        point = {s: sp.Rational(samples[s][i]).limit_denominator(10**6) for s in free}
+        exact = e.subs(point).rewrite(sp.exp).evalf(30)
+        if exact.is_real and exact < 0:
+            witness = {inv.get(s, str(s)): float(point[s]) for s in free}
+            witness["value"] = float(exact)
+            return SignInfo(False, "witness: exact evaluation at a state gives a negative value", cond, witness)
+    if proved_at_defaults:
+        return SignInfo(True, "proved at the default hyperparameters (other values not covered)", cond)
+    return SignInfo(None, f"no negative value in {n} sampled states (not proved symbolically)", cond)
+
+
+def _threshold(num, den):
+    """num/den simplified to a stable form (cancel, then factor) for printing and assertions."""
+    if den == 0:
+        return None
+    return sp.factor(sp.cancel(sp.together(num / den)))
+
+
+def _formula(expr, names: dict[str, sp.Symbol]) -> Formula:
+    free = expr.free_symbols
+    inv = {v: k for k, v in names.items()}
+    unknown = [s for s in free if s not in inv]
+    if unknown:
+        raise ValueError(f"unnamed symbols {unknown} in {expr}")
+    ordered = tuple(sorted(((inv[s], s) for s in free), key=lambda t: t[0]))
+    return Formula(expr, ordered)
+
+
+@functools.lru_cache(maxsize=512)
+def _derive_cached(spec, hp_items: tuple) -> Derivation:
+    hp = dict(hp_items)
+    L = spec.symbolic(**hp)
+    hyper_vals = spec.sym_hypers(**hp)
+    names: dict[str, sp.Symbol] = dict(PAIR_VARS)
+    names.update({"G_ww": G_ww, "G_wl": G_wl, "G_ll": G_ll, "eta": eta})
+    for k, v in hyper_vals.items():
+        if isinstance(v, sp.Symbol):
+            names[k] = v
+    ell_w, ell_l = PAIR_VARS["chosen_logps"], PAIR_VARS["rejected_logps"]
+
+    dw = -sp.diff(L, ell_w)
+    dl = sp.diff(L, ell_l)
+    dcw, dcl, dmargin, dloss = first_order(dw, dl)
+
+    margin = spec.symbolic_margin(**hp)
+    delta_z = step_weight = None
+    if margin is not None:
+        zw, zl = sp.diff(margin, ell_w), sp.diff(margin, ell_l)
+        delta_z = _formula(zw * dcw + zl * dcl, names)
+        # s = -m'(z) = d_w / (dz/dl_w) for margin-form losses (the NLL part, if any, is excluded
+        # by using the margin-only incentive).
+        if zw != 0:
+            L_margin_part = L - spec.symbolic_nll(**hp)
+            s = sp.cancel(-sp.diff(L_margin_part, ell_w) / zw)
+            step_weight = _formula(s, names)
+
+    defaults = {h.name: h.default for h in spec.hypers if not h.structural and h.name not in hp}
+    return Derivation(
+        loss_name=spec.name,
+        hyper={k: v for k, v in hyper_vals.items()},
+        loss=_formula(L, names),
+        d_w=_formula(dw, names),
+        d_l=_formula(dl, names),
+        delta_chosen=_formula(dcw, names),
+        delta_rejected=_formula(dcl, names),
+        delta_margin=_formula(dmargin, names),
+        delta_loss=_formula(dloss, names),
+        chosen_rises=sp.GreaterThan(dcw / eta, 0),
+        rejected_falls=sp.LessThan(dcl / eta, 0),
+        chosen_threshold=_threshold(dw, dl),
+        rejected_threshold=_threshold(dl, dw),
+        regime=regime_piecewise(dcw / eta, dcl / eta),
+        margin=None if margin is None else _formula(margin, names),
+        delta_z=delta_z,
+        step_weight=step_weight,
+        d_w_sign=sign_info(dw, names, defaults),
+        d_l_sign=sign_info(dl, names, defaults),
+    )
+
+
+def derive(spec, **hp) -> Derivation:
+    """Derive the first-order dynamics of one loss (cached per loss and hyperparameters).
+
+    spec: a loss definition (e.g. `entangle_sim.losses.get("sigmoid")`); hp: hyperparameters to
+    fix (numbers become exact rationals); the others stay symbols.
+    """
+    return _derive_cached(spec, tuple(sorted((k, _hashable(v)) for k, v in hp.items())))
+
+
+def _hashable(v):
+    return v if isinstance(v, (str, int, float, sp.Basic)) else float(v)
+
+
+def clear_cache() -> None:
+    """Forget cached derivations and compiled formulas (for cold-start benchmarks)."""
+    from .functions import _lambdify, _lambdify_np
+
+    _derive_cached.cache_clear()
+    _lambdify.cache_clear()
+    _lambdify_np.cache_clear()
