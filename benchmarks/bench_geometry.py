@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -136,10 +137,11 @@ def main(argv=None):
         res = {}
 
         # Baseline = the official code's method: per pair, one backward per response, flatten, dot.
-        @jax.jit
+        # `side` is static so each compiled function runs one response's forward + backward only
+        # (XLA drops the other response's dead forward).
+        @partial(jax.jit, static_argnums=2)
         def grad_flat(p, ex, side):
-            f = lambda q: jnp.where(side == 0, *(x[0] for x in policy.logps(q, ex)))  # noqa: E731
-            return ravel_pytree(jax.grad(f)(p))[0]
+            return ravel_pytree(jax.grad(lambda q: policy.logps(q, ex)[side][0])(p))[0]
 
         dot = jax.jit(lambda u, v: jnp.stack([u @ u, u @ v, v @ v]))
         examples = [batch.take(jnp.array([i])) for i in range(a.pairs)]
@@ -177,12 +179,10 @@ def main(argv=None):
         ex1 = jax.tree.map(lambda x: x[0], ex)
         T = a.resp_len
 
-        @jax.jit
+        # one forward + one backward of one response per token (t dynamic: compiled once per side)
+        @partial(jax.jit, static_argnums=1)
         def tok_grad_flat(p, side, t):
-            def f(q):
-                tw, tl = policy.token_logps(q, ex)
-                return jnp.where(side == 0, tw[0, t], tl[0, t])
-            return ravel_pytree(jax.grad(f)(p))[0]
+            return ravel_pytree(jax.grad(lambda q: policy.token_logps(q, ex)[side][0, t])(p))[0]
 
         cosm = jax.jit(lambda gw, gl: (gw @ gl.T) / jnp.maximum(
             jnp.linalg.norm(gw, axis=1)[:, None] * jnp.linalg.norm(gl, axis=1)[None, :], 1e-30))

@@ -86,7 +86,8 @@ class LogProbSeries(NamedTuple):
     """Chosen/rejected log-prob levels at N logged steps and their changes over M intervals.
 
     step, chosen, rejected: [N] float, steps increasing. chosen/rejected are means over the
-    logged batch or pairs (TRL logs sequence-summed log-probs). step_start, step_end,
+    logged batch (TRL logs sequence-summed log-probs); for ``pairs-jsonl`` the first step's mean
+    over pairs, then chained by the paired interval changes. step_start, step_end,
     delta_chosen, delta_rejected: [M]; for a series M = N - 1 and delta = level difference; for
     ``pairs-jsonl`` delta is the mean change of the pairs present at both ends of the interval.
     """
@@ -493,17 +494,22 @@ def _load_pairs(name: str, text: str) -> LogProbSeries:
     steps = ch["steps"]
     if len(steps) < 2:
         raise LogFormatError(f"{name}: records cover {len(steps)} step; need at least 2")
-    level_c = [pairs.chosen[pairs.step == s].mean() for s in steps]
-    level_r = [pairs.rejected[pairs.step == s].mean() for s in steps]
+    # Levels are chained from the paired changes (starting at the first step's mean), so pairs
+    # entering or leaving the log do not show up as movement; a gap restarts at the plain mean.
+    level_c = [pairs.chosen[pairs.step == steps[0]].mean()]
+    level_r = [pairs.rejected[pairs.step == steps[0]].mean()]
     dc, dr, s0, s1 = [], [], [], []
     for k in range(len(steps) - 1):
         sel = ch["interval"] == k
         if not sel.any():
             notes.add(f"no pair logged at both steps {_fmt_num(steps[k])} and "
                       f"{_fmt_num(steps[k + 1])}: interval skipped")
+            level_c.append(pairs.chosen[pairs.step == steps[k + 1]].mean())
+            level_r.append(pairs.rejected[pairs.step == steps[k + 1]].mean())
             continue
         s0.append(steps[k]); s1.append(steps[k + 1])
         dc.append(ch["delta_chosen"][sel].mean()); dr.append(ch["delta_rejected"][sel].mean())
+        level_c.append(level_c[-1] + dc[-1]); level_r.append(level_r[-1] + dr[-1])
     if not dc:
         raise LogFormatError(f"{name}: no pair appears at two consecutive steps")
     return LogProbSeries(name, "pairs-jsonl", None, np.asarray(steps, float),

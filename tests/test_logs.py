@@ -376,3 +376,13 @@ def test_unrecognised_json_lines_name_their_keys(tmp_path, capsys):
     p.write_text('{"step": 1, "loss": 0.7}\n{"step": 2, "loss": 0.6}\n')
     rc, _, err = _run(capsys, p)
     assert rc == 2 and "unrecognised JSON-lines log" in err and "step, loss" in err
+
+
+def test_pair_levels_follow_paired_changes_not_pair_turnover():
+    # pair 2 is absent at step 20: a plain mean would jump there although no pair moved so.
+    s = logs.load_log(PAIRS)
+    np.testing.assert_allclose(np.diff(s.chosen), s.delta_chosen)
+    np.testing.assert_allclose(np.diff(s.rejected), s.delta_rejected)
+    first = [json.loads(ln) for ln in PAIRS.read_text().splitlines()
+             if json.loads(ln)["step"] == 0]
+    assert s.chosen[0] == pytest.approx(sum(r["chosen_logp"] for r in first) / len(first))

@@ -1,4 +1,4 @@
-"""`entangle-sim analyze-log PATH`: co-movement regimes and condition checks from real training logs."""
+"""`entangle-sim analyze-log PATH`: co-movement regimes and condition checks from real run logs."""
 from __future__ import annotations
 
 import json

@@ -59,10 +59,9 @@ def _plot_grad(ax, s: dict) -> None:
     rows = s["condition"]["per_step"]
     step = np.asarray([r["step"] for r in rows], dtype=float)
     # Each checkpoint's prediction is shaded over the half-way points to its neighbours.
-    edges = np.concatenate([[step[0] - 0.5 * (step[1] - step[0]) if len(step) > 1 else step[0] - 0.5],
-                            0.5 * (step[1:] + step[:-1]),
-                            [step[-1] + 0.5 * (step[-1] - step[-2]) if len(step) > 1
-                             else step[0] + 0.5]])
+    half = 0.5 * (step[1] - step[0]) if len(step) > 1 else 0.5
+    half_end = 0.5 * (step[-1] - step[-2]) if len(step) > 1 else 0.5
+    edges = np.concatenate([[step[0] - half], 0.5 * (step[1:] + step[:-1]), [step[-1] + half_end]])
     for a, b, r in zip(edges[:-1], edges[1:], rows):
         ax.axvspan(a, b, color=REGIME_COLORS[r["predicted_regime"]], alpha=_SHADE_ALPHA, lw=0)
     rho = np.asarray([np.nan if r["rho"] is None else r["rho"] for r in rows], dtype=float)

@@ -112,7 +112,7 @@ def init(cfg: TransformerConfig, key: Array) -> PyTree:
 def _layer_norm(x, p, eps):
     mu = x.mean(-1, keepdims=True)
     var = jnp.mean((x - mu) ** 2, -1, keepdims=True)
-    return (x - mu) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
+    return (x - mu) * jax.lax.rsqrt(var + eps) * p["scale"][None, :] + p["bias"][None, :]
 
 
 def _check_lengths(cfg, P, T):
@@ -153,7 +153,7 @@ def _apply(cfg: TransformerConfig, params, prompt, response, mask, taps):
 
     def dense(name, a, W, b):
         inputs[name] = a
-        return tap(name, a @ W + b)
+        return tap(name, a @ W + b[None, :])
 
     h = tap("embed", params["embed"]["tok"][x] + params["embed"]["pos"][:S])   # [S, D]
     causal = jnp.tril(jnp.ones((S, S), bool))

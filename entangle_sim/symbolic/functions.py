@@ -170,7 +170,8 @@ class EntangleNumPyPrinter(NumPyPrinter):
 def _lambdify_np(args: tuple, expr: sp.Expr):
     import numpy
 
-    return sp.lambdify(args, expr, modules=[{"numpy": numpy}, "numpy"], printer=EntangleNumPyPrinter(
+    return sp.lambdify(args, expr, modules=[{"numpy": numpy, "functools": functools}, "numpy"],
+                       printer=EntangleNumPyPrinter(
         {"fully_qualified_modules": True, "inline": True, "allow_unknown_functions": True}), cse=True)
 
 

@@ -1,0 +1,254 @@
+"""Per-pair and per-token gradient geometry against brute force (one jax.grad per response / token)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from entangle_sim import geometry as geo
+from entangle_sim.policies import transformer as tr
+from entangle_sim.types import PairBatch, Policy
+
+from test_transformer import CFG, perturbed_params, random_batch, B, P, T_W, T_L
+
+# Required agreement is 1e-5 relative; in float64 every path differs from brute force only by
+# summation order (~1e-15 relative on these sizes), so 1e-10 is strict yet far from round-off.
+RTOL = 1e-10
+
+
+# ---------------------------------------------------------------------------------------------
+# models and brute force
+# ---------------------------------------------------------------------------------------------
+def simple_policy(vocab=11, d=5):
+    """Bag-of-prompt context -> tanh hidden -> softmax over the vocabulary, per response position."""
+
+    def init(key):
+        k = jax.random.split(key, 3)
+        return {"E": jax.random.normal(k[0], (vocab, d)), "W": jax.random.normal(k[1], (d, d)),
+                "b": jax.random.normal(k[2], (d,)), "unembed": {"U": jnp.ones((d, vocab)) * 0.1}}
+
+    def seq(params, prompt, resp, mask, taps=None):
+        ctx = params["E"][prompt].mean(0) + params["E"][jnp.concatenate([prompt[-1:], resp[:-1]])]  # [T, d]
+        z = ctx @ params["W"] + params["b"][None, :]
+        h = jnp.tanh(z if taps is None else z + taps["W"])
+        logits = h @ params["unembed"]["U"]
+        logits = logits if taps is None else logits + taps["U"]
+        tok = jnp.take_along_axis(jax.nn.log_softmax(logits), resp[:, None], -1)[:, 0]
+        return jnp.where(mask > 0, tok, 0.0), ctx, h
+
+    v = jax.vmap(lambda p, *a: seq(p, *a)[0], in_axes=(None, 0, 0, 0))
+
+    def token_logps(params, batch):
+        return (v(params, batch.prompt, batch.chosen, batch.chosen_mask),
+                v(params, batch.prompt, batch.rejected, batch.rejected_mask))
+
+    def factor_fn(params, prompt, resp, mask):
+        """Factored gradient: W, U dense (inputs x signals); E used twice by gather (mean of prompt rows
+        with weight 1/P at every position, and the previous token) -> two index factors."""
+        T = resp.shape[0]
+        taps = {"W": jnp.zeros((T, d)), "U": jnp.zeros((T, vocab))}
+
+        def f(b, taps):
+            tok, ctx, h = seq({**params, "b": b}, prompt, resp, mask, taps)
+            return tok.sum(), (ctx, h)
+
+        _, vjp, (ctx, h) = jax.vjp(f, params["b"], taps, has_aux=True)
+        gb, delta = vjp(1.0)
+        dctx = delta["W"] @ params["W"].T                      # signal at ctx [T, d]
+        prev = jnp.concatenate([prompt[-1:], resp[:-1]])
+        Pn = prompt.shape[0]
+        prompt_use = geo.Factor(prompt, jnp.broadcast_to(dctx.sum(0) / Pn, (Pn, d)))
+        return geo.GradFactors({"b": gb}, {"W": (geo.Factor(ctx, delta["W"]),),
+                                           "unembed/U": (geo.Factor(h, delta["U"]),),
+                                           "E": (prompt_use, geo.Factor(prev, dctx))})
+
+    return Policy("simple", init, token_logps), factor_fn
+
+
+def brute_force_gram(policy, params, batch, keep=lambda path: True):
+    """One jax.grad per response, flattened over the kept leaves, explicit dot products."""
+    paths = geo.param_paths(params)
+
+    @jax.jit
+    def grads(p, ex):
+        gw = jax.grad(lambda q: policy.logps(q, ex)[0][0])(p)
+        gl = jax.grad(lambda q: policy.logps(q, ex)[1][0])(p)
+        return gw, gl
+
+    def flat(g):
+        return np.concatenate([np.ravel(x) for x, path in zip(jax.tree.leaves(g), paths) if keep(path)])
+
+    out = []
+    for i in range(batch.size):
+        gw, gl = (flat(g) for g in grads(params, batch.take(jnp.array([i]))))
+        out.append((gw @ gw, gw @ gl, gl @ gl))
+    return np.array(out).T  # [3, B]
+
+
+def assert_gram_close(gram, ref, rtol=RTOL):
+    got = np.stack([gram.G_ww, gram.G_wl, gram.G_ll])
+    scale = np.abs(ref).max()  # G_wl can be ~0: compare relative to the pair's scale
+    np.testing.assert_allclose(got, ref, rtol=rtol, atol=rtol * scale)
+
+
+@pytest.fixture(scope="module")
+def tx():
+    policy = tr.make(CFG)
+    return policy, perturbed_params(CFG), random_batch()
+
+
+@pytest.fixture(scope="module")
+def tx_ref(tx):
+    return brute_force_gram(*tx)
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence-level Gram
+# ---------------------------------------------------------------------------------------------
+def test_pair_gram_transformer_vmap_and_layerwise(tx, tx_ref):
+    policy, params, batch = tx
+    assert_gram_close(geo.pair_gram(policy.logps, params, batch), tx_ref)
+    assert_gram_close(geo.pair_gram_layerwise(tr.grad_factors(CFG), params, batch), tx_ref)
+    # chunked (lax.map over chunks of 2 pairs, remainder 1) gives the same numbers
+    assert_gram_close(geo.pair_gram_layerwise(tr.grad_factors(CFG), params, batch, chunk_size=2), tx_ref)
+    assert_gram_close(geo.pair_gram(policy.logps, params, batch, chunk_size=2), tx_ref)
+
+
+def test_pair_gram_tied_transformer_layerwise():
+    """Tied read-out adds a dense use of embed/tok next to its gather: the cross terms must be exact."""
+    cfg = dataclasses.replace(CFG, tie_embeddings=True)
+    policy, params, batch = tr.make(cfg), perturbed_params(cfg), random_batch()
+    ref = brute_force_gram(policy, params, batch)
+    assert_gram_close(geo.pair_gram_layerwise(tr.grad_factors(cfg), params, batch), ref)
+    assert_gram_close(geo.pair_gram_layerwise(tr.grad_factors(cfg), params, batch, subset=["embed/tok"]),
+                      brute_force_gram(policy, params, batch, keep=lambda p: p == "embed/tok"))
+
+
+def test_pair_gram_simple_model():
+    policy, factor_fn = simple_policy()
+    params = policy.init(jax.random.key(0))
+    batch = random_batch(seed=5)
+    ref = brute_force_gram(policy, params, batch)
+    assert_gram_close(geo.pair_gram(policy.logps, params, batch), ref)
+    assert_gram_close(geo.pair_gram_layerwise(factor_fn, params, batch), ref)
+
+
+@pytest.mark.parametrize("subset,keep", [
+    (["unembed"], lambda p: p.startswith("unembed/")),
+    (["blocks/0/attn"], lambda p: p.startswith("blocks/0/attn/")),
+    ("embed", lambda p: p.startswith("embed/")),
+    (lambda p: p.endswith("scale"), lambda p: p.endswith("scale")),
+])
+def test_subset_selection(tx, subset, keep):
+    policy, params, batch = tx
+    assert any(keep(p) for p in geo.param_paths(params)) and not all(keep(p) for p in geo.param_paths(params))
+    ref = brute_force_gram(policy, params, batch, keep)
+    assert_gram_close(geo.pair_gram(policy.logps, params, batch, subset=subset), ref)
+    assert_gram_close(geo.pair_gram_layerwise(tr.grad_factors(CFG), params, batch, subset=subset), ref)
+
+
+def test_subset_prefix_is_path_aware_and_partitions(tx, tx_ref):
+    policy, params, batch = tx
+    pred = geo.subset_predicate(["blocks/0"])
+    assert pred("blocks/0/attn/W_o") and pred("blocks/0") and not pred("blocks/01/x") and not pred("embed/tok")
+    # Gram entries are additive over a partition of the parameters
+    part = [geo.pair_gram_layerwise(tr.grad_factors(CFG), params, batch, subset=s)
+            for s in (["blocks"], ["embed", "ln_f", "unembed"])]
+    assert_gram_close(jax.tree.map(lambda a, b: a + b, *part), tx_ref)
+    with pytest.raises(ValueError, match="selects no parameter"):
+        geo.pair_gram(policy.logps, params, batch, subset=["nope"])
+    with pytest.raises(ValueError):
+        geo.subset_predicate([])
+
+
+# ---------------------------------------------------------------------------------------------
+# token-level Gram
+# ---------------------------------------------------------------------------------------------
+def test_token_gram_matches_per_token_backward(tx, tx_ref):
+    policy, params, batch = tx
+
+    @jax.jit
+    def tok_grad(p, ex, t, side):  # one backward per token
+        return ravel_pytree(jax.grad(lambda q: policy.token_logps(q, ex)[side][0, t])(p))[0]
+
+    tg_batch = geo.token_gram(policy.token_logps, params, batch)
+    assert tg_batch.inner.shape == (B, T_W, T_L)
+    for b in range(B):
+        ex = batch.take(jnp.array([b]))
+        Gw = np.stack([tok_grad(params, ex, t, 0) for t in range(T_W)])
+        Gl = np.stack([tok_grad(params, ex, u, 1) for u in range(T_L)])
+        inner = Gw @ Gl.T
+        tg = geo.token_gram(policy.token_logps, params, jax.tree.map(lambda a: a[0], ex))
+        scale = np.abs(inner).max()
+        np.testing.assert_allclose(tg.inner, inner, rtol=RTOL, atol=RTOL * scale)
+        np.testing.assert_allclose(tg.norm_w, np.linalg.norm(Gw, axis=1), rtol=RTOL, atol=RTOL * scale)
+        # batched (vmapped) == single
+        np.testing.assert_allclose(tg_batch.inner[b], tg.inner, rtol=RTOL, atol=RTOL * scale)
+        # masked tokens: zero gradient rows, zero cosine; real ones: cosine in [-1, 1]
+        mw = np.asarray(batch.chosen_mask[b]) > 0
+        assert np.all(np.asarray(tg.inner)[~mw] == 0.0) and np.all(np.asarray(tg.cos)[~mw] == 0.0)
+        assert np.all(np.abs(tg.cos) <= 1 + 1e-12)
+        # R13: the token matrix sums to G_wl
+        np.testing.assert_allclose(np.sum(tg.inner), tx_ref[1, b], rtol=RTOL, atol=RTOL * np.abs(tx_ref).max())
+    sub = geo.token_gram(policy.token_logps, params, batch, subset=["unembed"])
+    np.testing.assert_allclose(sub.inner.sum((1, 2)), geo.pair_gram(policy.logps, params, batch, subset=["unembed"]).G_wl,
+                               rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# condition ratio and aggregates
+# ---------------------------------------------------------------------------------------------
+def linear_policy(a, b):
+    """l_w = <theta, a>, l_l = <theta, b>: g_w = a, g_l = b exactly."""
+    def token_logps(params, batch):
+        n = batch.prompt.shape[0]
+        return jnp.broadcast_to(params["theta"] @ a, (n, 1)), jnp.broadcast_to(params["theta"] @ b, (n, 1))
+    return Policy("linear", lambda key: {"theta": jnp.zeros(a.shape[0])}, token_logps)
+
+
+def test_rho_regression_rejected_half_of_condition1():
+    """|g_l| < |g_w| and G_ll < G_wl < G_ww: only rho_l > 1 (rejected rises, Case 3).
+
+    The official code's G_wl / min(G_ww, G_ww) = rho_w = 0.5 would report Case 1; rho must be 1.6.
+    """
+    a, b = jnp.array([2.0, 0.0]), jnp.array([1.0, 0.5])
+    policy = linear_policy(a, b)
+    one = PairBatch(*(jnp.zeros((1, 1)) for _ in range(5)))
+    g = geo.pair_gram(policy.logps, policy.init(None), one)
+    np.testing.assert_allclose([g.G_ww[0], g.G_wl[0], g.G_ll[0]], [4.0, 2.0, 1.25], rtol=1e-15)
+    official = g.G_wl / jnp.minimum(g.G_ww, g.G_ww)
+    assert float(official[0]) == 0.5 and float(g.rho_w[0]) == 0.5
+    np.testing.assert_allclose(g.rho_l, 1.6, rtol=1e-15)
+    np.testing.assert_allclose(g.rho, 1.6, rtol=1e-15)
+    assert geo.aggregate(g)["case1_fraction"] == 0.0
+    # mirrored pair: |g_w| < |g_l|, only rho_w > 1
+    g2 = geo.gram_stats(1.25, 2.0, 4.0)
+    np.testing.assert_allclose([g2.rho_w, g2.rho_l, g2.rho], [1.6, 0.5, 1.6], rtol=1e-15)
+    # negative G_wl: Case 1 for either sign, rho <= 0
+    assert float(geo.gram_stats(1.0, -0.5, 2.0).rho) == -0.25
+    # zero gradients give finite statistics
+    assert np.all(np.isfinite(geo.gram_stats(0.0, 0.0, 0.0)))
+
+
+def test_aggregate_labelled_and_correct():
+    G_ww, G_wl, G_ll = np.array([1.0, 4.0, 9.0]), np.array([0.5, 3.0, -1.0]), np.array([4.0, 1.0, 1.0])
+    agg = geo.aggregate(geo.gram_stats(jnp.array(G_ww), jnp.array(G_wl), jnp.array(G_ll)))
+    rw, rl = G_wl / G_ww, G_wl / G_ll
+    expect = {
+        "n_pairs": 3, "G_ww_mean": G_ww.mean(), "G_wl_mean": G_wl.mean(), "G_ll_mean": G_ll.mean(),
+        "norm_w_mean": np.sqrt(G_ww).mean(), "norm_l_mean": np.sqrt(G_ll).mean(),
+        "cos_mean": np.mean(G_wl / np.sqrt(G_ww * G_ll)),
+        "rho_w_mean_of_ratios": rw.mean(), "rho_l_mean_of_ratios": rl.mean(),
+        "rho_mean_of_ratios": np.maximum(rw, rl).mean(),
+        "rho_w_ratio_of_means": G_wl.mean() / G_ww.mean(), "rho_l_ratio_of_means": G_wl.mean() / G_ll.mean(),
+        "rho_ratio_of_means": max(G_wl.mean() / G_ww.mean(), G_wl.mean() / G_ll.mean()),
+        "cos_ratio_of_means": G_wl.mean() / np.sqrt(G_ww.mean() * G_ll.mean()),
+        "case1_fraction": 2 / 3,
+    }
+    assert set(agg) == set(expect)
+    for k, v in expect.items():
+        np.testing.assert_allclose(agg[k], v, rtol=1e-14, err_msg=k)  # float64 arithmetic, a few ops
+    # the two reductions really differ here (bug 2 of THEORY §7.3 is not cosmetic)
+    assert abs(agg["rho_mean_of_ratios"] - agg["rho_ratio_of_means"]) > 0.1
