@@ -40,8 +40,9 @@ class Sigmoid(sp.Function):
     def _eval_rewrite_as_exp(self, x, **kwargs):
         return 1 / (1 + sp.exp(-x))
 
-    def _latex(self, printer):
-        return r"\sigma\left(%s\right)" % printer._print(self.args[0])
+    def _latex(self, printer, exp=None):
+        tex = r"\sigma\left(%s\right)" % printer._print(self.args[0])
+        return tex if exp is None else r"%s^{%s}" % (tex, exp)
 
 
 class LogSigmoid(sp.Function):
@@ -66,8 +67,9 @@ class LogSigmoid(sp.Function):
     def _eval_rewrite_as_exp(self, x, **kwargs):
         return -sp.log(1 + sp.exp(-x))
 
-    def _latex(self, printer):
-        return r"\log\sigma\left(%s\right)" % printer._print(self.args[0])
+    def _latex(self, printer, exp=None):
+        tex = r"\log\sigma\left(%s\right)" % printer._print(self.args[0])
+        return tex if exp is None else r"\left(%s\right)^{%s}" % (tex, exp)
 
 
 class Log1mExp(sp.Function):
@@ -87,8 +89,9 @@ class Log1mExp(sp.Function):
     def _eval_rewrite_as_exp(self, x, **kwargs):
         return sp.log(1 - sp.exp(x))
 
-    def _latex(self, printer):
-        return r"\log\left(1 - e^{%s}\right)" % printer._print(self.args[0])
+    def _latex(self, printer, exp=None):
+        tex = r"\log\left(1 - e^{%s}\right)" % printer._print(self.args[0])
+        return tex if exp is None else r"\left(%s\right)^{%s}" % (tex, exp)
 
 
 def to_exp(expr: sp.Expr) -> sp.Expr:
