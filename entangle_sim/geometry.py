@@ -172,9 +172,17 @@ def _split(params: PyTree, sel: list[bool]):
 def _map_pairs(fn, batch, chunk_size):
     # lax.map(batch_size=c) vmaps within chunks of c pairs and loops over chunks: peak memory is
     # that of c pairs, not B.
-    if chunk_size is None or chunk_size >= batch.prompt.shape[0]:
+    B = batch.prompt.shape[0]
+    if chunk_size is None or chunk_size >= B:
         return jax.vmap(fn)(batch)
-    return jax.lax.map(fn, batch, batch_size=chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    # Pad to whole chunks by repeating the last pair (results sliced off) rather than
+    # lax.map(batch_size=...), which compiles the body a second time for the remainder.
+    n = -(-B // chunk_size)
+    idx = jnp.minimum(jnp.arange(n * chunk_size), B - 1).reshape(n, chunk_size)
+    out = jax.lax.map(jax.vmap(fn), jax.tree.map(lambda a: a[idx], batch))
+    return jax.tree.map(lambda a: a.reshape(n * chunk_size, *a.shape[2:])[:B], out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_deterministic_from_key(name):
     assert not all(np.array_equal(x, y) for x, y in zip(a1, a3))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**20), K=st.integers(2, 9), L=st.integers(0, 5), P=st.integers(1, 3))
 def test_token_task_structure(seed, K, L, P):
     key = jax.random.PRNGKey(seed)

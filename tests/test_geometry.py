@@ -30,7 +30,7 @@ def simple_policy(vocab=11, d=5):
                 "b": jax.random.normal(k[2], (d,)), "unembed": {"U": jnp.ones((d, vocab)) * 0.1}}
 
     def seq(params, prompt, resp, mask, taps=None):
-        ctx = params["E"][prompt].mean(0) + params["E"][jnp.concatenate([prompt[-1:], resp[:-1]])]  # [T, d]
+        ctx = params["E"][prompt].mean(0)[None, :] + params["E"][jnp.concatenate([prompt[-1:], resp[:-1]])]  # [T, d]
         z = ctx @ params["W"] + params["b"][None, :]
         h = jnp.tanh(z if taps is None else z + taps["W"])
         logits = h @ params["unembed"]["U"]

@@ -114,15 +114,15 @@ def test_lastlayer_causal_in_embeddings(trainable):
         assert np.all(np.asarray(jac[t, P + t:]) == 0.0), f"position {t} sees its own/later tokens"
         assert np.abs(np.asarray(jac[t, :P + t])).max() > 1e-6  # it does see the context
     # discrete version: changing tokens 2.. leaves positions 0, 1 leaves earlier log-probs bit-identical
-    pol = lastlayer.make(cfg)
+    f = jax.jit(lastlayer.make(cfg).token_logps)
     b = shared_suffix(jax.random.PRNGKey(5), 3, K, prompt_len=2, L=3)
-    tw1, _ = pol.token_logps(params, b)
-    tw2, _ = pol.token_logps(params, b._replace(chosen=b.chosen.at[:, 2:].set((b.chosen[:, 2:] + 1) % K)))
+    tw1, _ = f(params, b)
+    tw2, _ = f(params, b._replace(chosen=b.chosen.at[:, 2:].set((b.chosen[:, 2:] + 1) % K)))
     assert np.array_equal(np.asarray(tw1[:, :2]), np.asarray(tw2[:, :2]))  # before the change
     assert not np.allclose(tw1[:, 3], tw2[:, 3])  # position 3 sees the changed token 2
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**16), K_=st.integers(2, 7), scale=st.floats(0.1, 5.0))
 def test_softmax_gradient_is_onehot_minus_p(seed, K_, scale):
     """Tabular R14 with h = e_x: d log pi(a|x) / d logits = (e_a - p) on row x, 0 elsewhere (1e-12)."""

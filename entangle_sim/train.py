@@ -1,0 +1,281 @@
+"""Compiled trainer: any registered loss x any policy x any optax optimizer, one `lax.scan` per run,
+`vmap` over runs, sharded over devices when several are present (DESIGN.md §3.2, §4).
+
+At every step and for every pair it records what the theory predicted and what happened:
+
+    chosen_logps, rejected_logps, margin, loss            state before the step      [S, B]
+    G_ww, G_wl, G_ll                                       per-pair Gram (R3)         [S, B]
+    d_w, d_l                                               incentives, symbolic engine [S, B]
+    regime_pred                                            one-pair SGD regime (R4/R9) [S, B] int
+    pred_chosen, pred_rejected  one-pair SGD prediction eta/b (d_w G_ww - d_l G_wl), ...  [S, B]
+    lin_chosen, lin_rejected    first order of the actual update: J dtheta (any optimizer, batch)
+    real_chosen, real_rejected  realised change l(theta_{t+1}) - l(theta_t)
+
+`pred_*` is the per-pair theory of THEORY §3-4 (the symbolic engine at that state); `lin_*` is the
+exact first-order change of the real update, which includes cross-pair terms and the optimizer's
+preconditioning; the gap between them is what issue 5 studies. The reference model is the initial
+policy (r = 0 at step 0), as in DPO.
+
+Example:
+    >>> from entangle_sim import train, data
+    >>> gp = data.geometry_pairs(jax.random.PRNGKey(0), "linear", 8, K=6, target_cos=0.9, norm_ratio=2.0)
+    >>> cfg = train.TrainConfig(loss="sigmoid", optimizer="sgd", lr=0.05, steps=50)
+    >>> traj = train.train(gp.policy(), gp.params, gp.batch, cfg, jax.random.PRNGKey(1))
+    >>> train.summarize(traj)["regime_fractions"]["both_down"]    # R7: rejected norm dominates
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from . import losses, regimes
+from .symbolic import derive
+from .types import Array, PairBatch, Policy, PyTree
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Frozen and hashable (a static jit argument).
+
+    loss_params: tuple of (name, value) hyperparameters for the loss (defaults otherwise).
+    batch_size: pairs per step; 0 means the full batch. record: per-pair Gram and predictions
+    every step (one Jacobian per step); False keeps only log-probs and losses (fast sweeps).
+    """
+
+    loss: str = "sigmoid"
+    loss_params: tuple = ()
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    steps: int = 100
+    batch_size: int = 0
+    momentum: float = 0.9
+    weight_decay: float = 1e-2
+    record: bool = True
+
+    def __post_init__(self):
+        losses.get(self.loss)  # unknown loss -> ValueError with a suggestion
+        losses.get(self.loss).resolve(**dict(self.loss_params))
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if not (isinstance(self.steps, (int, np.integer)) and self.steps > 0):
+            raise ValueError(f"steps must be a positive integer, got {self.steps}")
+        if not np.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr must be positive and finite, got {self.lr}")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be >= 0 (0 = full batch), got {self.batch_size}")
+
+    @property
+    def hp(self) -> dict[str, Any]:
+        return losses.get(self.loss).resolve(**dict(self.loss_params))
+
+
+class Trajectory(NamedTuple):
+    """Per-step, per-pair records ([S, B]; a leading [R] axis for vmapped runs). See module doc."""
+
+    chosen_logps: Array
+    rejected_logps: Array
+    margin: Array
+    loss: Array
+    G_ww: Array
+    G_wl: Array
+    G_ll: Array
+    d_w: Array
+    d_l: Array
+    regime_pred: Array
+    pred_chosen: Array
+    pred_rejected: Array
+    lin_chosen: Array
+    lin_rejected: Array
+    real_chosen: Array
+    real_rejected: Array
+
+
+def make_optimizer(name: str, lr, *, momentum: float = 0.9, weight_decay: float = 1e-2):
+    """optax optimizer with an injectable (traceable, vmappable) learning rate."""
+    if name == "sgd":
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=lr)
+    if name == "momentum":
+        return optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=momentum)
+    if name == "adam":
+        return optax.inject_hyperparams(optax.adam)(learning_rate=lr)
+    if name == "adamw":
+        return optax.inject_hyperparams(optax.adamw)(learning_rate=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def _incentive_fn(spec, hp):
+    """(d_w, d_l) per pair from the symbolic engine (lambdified to JAX)."""
+    structural = {k: v for k, v in hp.items() if spec.hyper(k).structural or spec.hyper(k).keep_value}
+    der = derive(spec, **structural)
+    numeric = {k: v for k, v in hp.items() if not isinstance(v, str)}
+
+    def fn(lw, ll, rw, rl, nw, nl):
+        vals = dict(chosen_logps=lw, rejected_logps=ll, ref_chosen_logps=rw, ref_rejected_logps=rl,
+                    chosen_len=nw, rejected_len=nl, prompt_logps=jnp.zeros_like(lw),
+                    prompt_len=jnp.zeros_like(lw), **numeric)
+        dw = jnp.broadcast_to(der.d_w(**vals), lw.shape)
+        dl = jnp.broadcast_to(der.d_l(**vals), lw.shape)
+        return dw, dl
+
+    return fn
+
+
+def make_step(policy: Policy, batch: PairBatch, cfg: TrainConfig, ref_logps: tuple[Array, Array], hp=None):
+    """step(params, opt_state, key, lr) -> (params, opt_state, record): one optimizer step.
+
+    hp: loss hyperparameters (may hold traced values, e.g. a vmapped beta); default cfg.hp.
+    """
+    spec = losses.get(cfg.loss)
+    hp = cfg.hp if hp is None else hp
+    B = batch.size
+    b = B if cfg.batch_size in (0, None) or cfg.batch_size >= B else cfg.batch_size
+    nw, nl = batch.chosen_len, batch.rejected_len
+    ref_w, ref_l = ref_logps
+    incentives = _incentive_fn(spec, hp) if cfg.record else None
+
+    def total_loss(params, idx):
+        sub = batch.take(idx)
+        lw, ll = policy.logps(params, sub)
+        return spec.batch(lw, ll, ref_w[idx], ref_l[idx], sub.chosen_len, sub.rejected_len, **hp)
+
+    def step(params, opt_state, key, lr):
+        opt = make_optimizer(cfg.optimizer, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        idx = jnp.arange(B) if b == B else jax.random.choice(key, B, (b,), replace=False)
+        lw, ll = policy.logps(params, batch)
+        per_pair = spec(lw, ll, ref_w, ref_l, nw, nl, **hp)
+        grads = jax.grad(total_loss)(params, idx)
+        updates, new_opt_state = opt.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        lw1, ll1 = policy.logps(new_params, batch)
+        zeros = jnp.zeros_like(lw)
+        rec = dict(chosen_logps=lw, rejected_logps=ll, margin=lw - ll, loss=per_pair,
+                   real_chosen=lw1 - lw, real_rejected=ll1 - ll)
+        if cfg.record:
+            flat, unravel = ravel_pytree(params)
+
+            def logps_flat(f):
+                a, c = policy.logps(unravel(f), batch)
+                return jnp.concatenate([a, c])
+
+            J = jax.jacrev(logps_flat)(flat)           # [2B, P]: per-response gradients
+            Jw, Jl = J[:B], J[B:]
+            G_ww, G_wl, G_ll = (Jw * Jw).sum(1), (Jw * Jl).sum(1), (Jl * Jl).sum(1)
+            d_w, d_l = incentives(lw, ll, ref_w, ref_l, nw, nl)
+            eta = lr / b  # the batch mean gives each pair weight 1/b
+            pred_w = eta * (d_w * G_ww - d_l * G_wl)
+            pred_l = eta * (d_w * G_wl - d_l * G_ll)
+            lin = J @ ravel_pytree(updates)[0]
+            rec.update(G_ww=G_ww, G_wl=G_wl, G_ll=G_ll, d_w=d_w, d_l=d_l,
+                       regime_pred=regimes.classify(pred_w, pred_l), pred_chosen=pred_w,
+                       pred_rejected=pred_l, lin_chosen=lin[:B], lin_rejected=lin[B:])
+        else:
+            rec.update(G_ww=zeros, G_wl=zeros, G_ll=zeros, d_w=zeros, d_l=zeros,
+                       regime_pred=jnp.full(lw.shape, regimes.STATIONARY), pred_chosen=zeros,
+                       pred_rejected=zeros, lin_chosen=zeros, lin_rejected=zeros)
+        return new_params, new_opt_state, Trajectory(**rec)
+
+    return step
+
+
+def train(policy: Policy, params: PyTree, batch: PairBatch, cfg: TrainConfig, key: Array, *, lr=None,
+          hp=None) -> Trajectory:
+    """One run as a single `lax.scan` (jit it, or let `sweep` vmap it). Returns [S, B] records."""
+    lr = cfg.lr if lr is None else lr
+    ref = jax.lax.stop_gradient(policy.logps(params, batch))
+    step = make_step(policy, batch, cfg, ref, hp)
+    opt_state = make_optimizer(cfg.optimizer, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay).init(params)
+
+    def body(carry, k):
+        p, s = carry
+        p, s, rec = step(p, s, k, lr)
+        return (p, s), rec
+
+    _, traj = jax.lax.scan(body, (params, opt_state), jax.random.split(key, cfg.steps))
+    return traj
+
+
+def sweep(policy: Policy, batch: PairBatch, cfg: TrainConfig, key: Array, runs: int, *, params0=None,
+          lrs=None, hps: dict | None = None, init_noise: float = 0.0) -> Trajectory:
+    """`runs` runs vmapped in one compiled program; [R, S, B] records.
+
+    params0: shared initial parameters (default: `policy.init` of each run's key); init_noise adds
+    N(0, init_noise^2) to them per run. lrs: [R] learning rates; hps: loss hyperparameters as [R]
+    arrays (e.g. {'beta': betas}). With several devices the run axis is sharded over them
+    (jax.sharding), which needs runs % device_count == 0.
+    """
+    if runs < 1:
+        raise ValueError(f"runs must be >= 1, got {runs}")
+    keys = jax.random.split(key, runs)
+    lrs = jnp.full((runs,), cfg.lr) if lrs is None else jnp.asarray(lrs)
+    base_hp = {k: v for k, v in cfg.hp.items()}
+    hps = {k: jnp.asarray(v) for k, v in (hps or {}).items()}
+    for k in hps:
+        losses.get(cfg.loss).hyper(k)
+
+    def one(k, lr, hp_vals):
+        k_init, k_noise, k_train = jax.random.split(k, 3)
+        if params0 is None:
+            p = policy.init(k_init)
+        else:
+            leaves, tree = jax.tree.flatten(params0)
+            ks = jax.random.split(k_noise, len(leaves))
+            p = jax.tree.unflatten(tree, [x + init_noise * jax.random.normal(kk, x.shape, x.dtype)
+                                          for x, kk in zip(leaves, ks)])
+        return train(policy, p, batch, cfg, k_train, lr=lr, hp={**base_hp, **hp_vals})
+
+    fn = jax.jit(jax.vmap(one))
+    n_dev = jax.device_count()
+    if n_dev > 1 and runs % n_dev == 0:
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        mesh = Mesh(np.array(jax.devices()), ("runs",))
+        shard = NamedSharding(mesh, PartitionSpec("runs"))
+        keys, lrs = jax.device_put(keys, shard), jax.device_put(lrs, shard)
+        hps = {k: jax.device_put(v, shard) for k, v in hps.items()}
+    return fn(keys, lrs, hps)
+
+
+def summarize(traj: Trajectory, *, noise: float | None = None) -> dict[str, Any]:
+    """Agreement and regime statistics of a trajectory ([S, B] or [R, S, B]) as plain floats.
+
+    sign_agreement: fraction of (pair, step) changes whose realised sign equals the sign of the
+    first-order prediction of the actual update (lin_*), over changes with |prediction| > noise.
+    sign_agreement_one_pair: the same for the per-pair symbolic prediction (pred_*).
+    noise default: 100 x machine epsilon x (1 + |l|), the rounding of a log-prob difference.
+    """
+    t = jax.tree.map(np.asarray, traj)
+    eps = np.finfo(t.chosen_logps.dtype).eps
+    out: dict[str, Any] = {}
+    for name, pw, pl in (("sign_agreement", t.lin_chosen, t.lin_rejected),
+                         ("sign_agreement_one_pair", t.pred_chosen, t.pred_rejected)):
+        agree = total = 0
+        for pred, real, level in ((pw, t.real_chosen, t.chosen_logps), (pl, t.real_rejected, t.rejected_logps)):
+            thr = noise if noise is not None else 100 * eps * (1 + np.abs(level))
+            sel = np.abs(pred) > thr
+            agree += int((np.sign(pred[sel]) == np.sign(real[sel])).sum())
+            total += int(sel.sum())
+        out[name] = agree / total if total else float("nan")
+        out[name + "_n"] = total
+    out["regime_fractions"] = regimes.fractions(regimes.classify(t.real_chosen, t.real_rejected))
+    out["predicted_regime_fractions"] = regimes.fractions(t.regime_pred)
+    final_w = t.chosen_logps[..., -1, :] + t.real_chosen[..., -1, :]
+    final_l = t.rejected_logps[..., -1, :] + t.real_rejected[..., -1, :]
+    out["mean_delta_chosen"] = float(np.mean(final_w - t.chosen_logps[..., 0, :]))
+    out["mean_delta_rejected"] = float(np.mean(final_l - t.rejected_logps[..., 0, :]))
+    out["mean_delta_margin"] = out["mean_delta_chosen"] - out["mean_delta_rejected"]
+    out["final_loss"] = float(np.mean(t.loss[..., -1, :]))
+    err = np.abs(np.concatenate([(t.real_chosen - t.lin_chosen).ravel(), (t.real_rejected - t.lin_rejected).ravel()]))
+    out["first_order_max_abs_error"] = float(err.max()) if err.size else 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = t.G_wl / np.sqrt(t.G_ww * t.G_ll)
+    out["mean_cos_first_step"] = float(np.nanmean(cos[..., 0, :]))
+    out["mean_cos_last_step"] = float(np.nanmean(cos[..., -1, :]))
+    return out
