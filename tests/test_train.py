@@ -1,0 +1,188 @@
+"""Trainer: theory vs simulation (issue 3 §4), compile-once, vmap == loop, sharding, CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from entangle_sim import data, regimes, train
+from entangle_sim.cli import main
+from entangle_sim.simulate import SimConfig, run_sweep
+
+
+def _geometry(kind, cos, ratio, n=8, K=6, seed=0):
+    return data.geometry_pairs(jax.random.PRNGKey(seed), kind, n, K=K, target_cos=cos, norm_ratio=ratio)
+
+
+def test_tabular_one_pair_theory_matches_realised_signs():
+    """Tabular softmax, one prompt row per pair: no cross-pair terms, so the per-pair symbolic
+    prediction IS the first-order change of the batch step. Required: >= 99.9% sign agreement."""
+    gp = _geometry("softmax", cos=-0.3, ratio=1.5, n=32, K=8)
+    for loss in ("sigmoid", "simpo", "ipo", "dpop", "kto", "orpo"):
+        cfg = train.TrainConfig(loss=loss, optimizer="sgd", lr=0.01, steps=60)
+        traj = jax.jit(lambda p: train.train(gp.policy(), p, gp.batch, cfg, jax.random.PRNGKey(0)))(gp.params)
+        s = train.summarize(traj)
+        assert s["sign_agreement_one_pair"] >= 0.999 and s["sign_agreement"] >= 0.999, (loss, s)
+        # and the per-pair prediction equals the first order of the actual update (no cross terms):
+        np.testing.assert_allclose(traj.pred_chosen, traj.lin_chosen, rtol=1e-6, atol=1e-12)
+
+
+def test_first_order_error_shrinks_as_eta_squared_along_trajectories():
+    gp = _geometry("linear", cos=0.8, ratio=2.0)
+    errs = []
+    lrs = [0.04, 0.02, 0.01, 0.005]
+    for lr in lrs:
+        cfg = train.TrainConfig(loss="sigmoid", optimizer="sgd", lr=lr, steps=20)
+        t = train.train(gp.policy(), gp.params, gp.batch, cfg, jax.random.PRNGKey(0))
+        errs.append(float(jnp.abs(t.real_chosen - t.lin_chosen).max()))
+    slope = np.polyfit(np.log(lrs), np.log(errs), 1)[0]
+    assert 1.8 <= slope <= 2.2, (slope, errs)  # O(eta^2) remainder (R8) along 20-step trajectories
+
+
+def test_R7_initial_conditions_give_both_down_and_both_up():
+    """Fig. 1 analogue: rejected norm dominant + nearly parallel gradients -> both fall (Case 2);
+    chosen norm dominant -> both rise (Case 3). Linear policy, one-pair theory at step 0."""
+    for ratio, regime in ((2.0, "both_down"), (0.5, "both_up")):
+        gp = _geometry("linear", cos=0.95, ratio=ratio)
+        cfg = train.TrainConfig(loss="sigmoid", optimizer="sgd", lr=0.02, steps=30)
+        t = train.train(gp.policy(), gp.params, gp.batch, cfg, jax.random.PRNGKey(0))
+        first = regimes.fractions(t.regime_pred[0])
+        assert first[regime] == 1.0
+        real = regimes.fractions(regimes.classify(t.real_chosen[0], t.real_rejected[0]))
+        assert real[regime] >= 0.75, real  # cross-pair terms can flip a few pairs (issue 5)
+
+
+def test_dpop_and_rrhf_push_both_up_on_aligned_gradients():
+    """THEORY §4.3: DPOP (lambda = 50) with r_w < 0 and RRHF with its NLL put positively aligned
+    pairs in Case 3 (both up). DPOP's penalty acts only below the reference (r_w < 0), so the
+    reference sits 1 nat above the chosen log-prob, as after DPO has dragged it down."""
+    gp = _geometry("linear", cos=0.6, ratio=1.0)
+    pol = gp.policy()
+    lw0, ll0 = pol.logps(gp.params, gp.batch)
+    cfg = train.TrainConfig(loss="dpop", optimizer="sgd", lr=1e-3, steps=1)
+    step = train.make_step(pol, gp.batch, cfg, (lw0 + 1.0, ll0))
+    opt_state = train.make_optimizer("sgd", 1e-3).init(gp.params)
+    _, _, rec = step(gp.params, opt_state, jax.random.PRNGKey(0), 1e-3)
+    assert regimes.fractions(rec.regime_pred)["both_up"] == 1.0
+    assert regimes.fractions(regimes.classify(rec.real_chosen, rec.real_rejected))["both_up"] >= 0.75
+    cfg = train.TrainConfig(loss="rrhf", optimizer="sgd", lr=0.01, steps=40)
+    t = train.train(pol, gp.params, gp.batch, cfg, jax.random.PRNGKey(0))
+    fr = regimes.fractions(t.regime_pred[5:])  # once the ranking hinge is satisfied only the NLL acts
+    assert fr["both_up"] > 0.5, fr
+
+
+def test_step_compiles_once():
+    gp = _geometry("softmax", cos=-0.3, ratio=1.0)
+    cfg = train.TrainConfig(steps=5, lr=0.01)
+    fn = jax.jit(lambda p, k: train.train(gp.policy(), p, gp.batch, cfg, k))
+    fn(gp.params, jax.random.PRNGKey(0))
+    fn(gp.params + 0.1, jax.random.PRNGKey(1))
+    assert fn._cache_size() == 1
+
+
+def test_vmap_sweep_equals_loop_of_single_runs():
+    gp = _geometry("linear", cos=0.5, ratio=1.2, n=4)
+    cfg = train.TrainConfig(steps=10, lr=0.03, optimizer="adam", batch_size=2)
+    lrs = jnp.array([0.01, 0.03, 0.05])
+    betas = jnp.array([0.1, 0.5, 1.0])
+    swept = train.sweep(gp.policy(), gp.batch, cfg, jax.random.PRNGKey(3), 3, params0=gp.params, lrs=lrs,
+                        hps={"beta": betas})
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    for i in range(3):
+        k_train = jax.random.split(keys[i], 3)[2]
+        single = train.train(gp.policy(), gp.params, gp.batch, cfg, k_train, lr=lrs[i],
+                             hp={**cfg.hp, "beta": betas[i]})
+        np.testing.assert_allclose(swept.chosen_logps[i], single.chosen_logps, rtol=1e-10)
+        np.testing.assert_allclose(swept.G_wl[i], single.G_wl, rtol=1e-10)
+
+
+@pytest.mark.parametrize("opt", train.OPTIMIZERS)
+def test_every_optimizer_runs_and_first_order_tracks(opt):
+    gp = _geometry("linear", cos=0.2, ratio=1.0, n=4)
+    cfg = train.TrainConfig(steps=10, lr=1e-3, optimizer=opt)
+    s = train.summarize(train.train(gp.policy(), gp.params, gp.batch, cfg, jax.random.PRNGKey(0)))
+    assert s["sign_agreement"] >= 0.999
+
+
+def test_invalid_configs_raise():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        train.TrainConfig(optimizer="lion")
+    with pytest.raises(ValueError, match="steps"):
+        train.TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="did you mean"):
+        train.TrainConfig(loss="sigmod")
+    with pytest.raises(ValueError, match="K must be"):
+        SimConfig(K=1)
+    with pytest.raises(ValueError, match="L must be"):
+        SimConfig(policy="lastlayer", task="suffix", L=-1)
+    with pytest.raises(ValueError, match="needs --policy"):
+        SimConfig(policy="lastlayer", task="geometry")
+
+
+def test_sweep_resumes_from_chunks(tmp_path):
+    cfg = SimConfig(policy="softmax", task="geometry", cos=-0.3, norm_ratio=1.0, pairs=4,
+                    train=train.TrainConfig(steps=5, lr=0.01), init_noise=0.05)
+    full = run_sweep(cfg, 0, 6, out=tmp_path / "a", chunk=2, progress=False)
+    # simulate an interruption: drop the last chunk, rerun, and get identical results
+    os.remove(tmp_path / "a" / "chunk_0002.npz")
+    resumed = run_sweep(cfg, 0, 6, out=tmp_path / "a", chunk=2, progress=False)
+    np.testing.assert_array_equal(full.chosen_logps, resumed.chosen_logps)
+    assert full.chosen_logps.shape == (6, 5, 4)
+    with pytest.raises(ValueError, match="different configuration"):
+        run_sweep(SimConfig(policy="softmax", task="geometry", cos=-0.3, norm_ratio=1.0, pairs=5,
+                            train=train.TrainConfig(steps=5, lr=0.01)), 0, 6, out=tmp_path / "a", chunk=2)
+
+
+def test_simulate_cli_json(capsys, tmp_path):
+    code = main(["simulate", "--policy", "softmax", "--task", "geometry", "--cos", "-0.5", "--norm-ratio", "1",
+                 "--loss", "sigmoid", "--optimizer", "sgd", "--lr", "0.01", "--steps", "20", "--runs", "2",
+                 "--seed", "0", "--pairs", "4", "--json", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    s = json.loads(out)
+    assert {"sign_agreement", "regime_fractions", "mean_delta_chosen", "mean_delta_rejected"} <= set(s)
+    assert s["sign_agreement"] >= 0.999
+    assert s["regime_fractions"]["chosen_up_rejected_down"] == 1.0  # R15: tabular single token, Case 1
+    assert (tmp_path / "o" / "config.json").exists() and (tmp_path / "o" / "chunk_0000.npz").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["simulate", "--policy", "mlp"], "invalid choice"),
+    (["simulate", "--optimizer", "lion"], "invalid choice"),
+    (["simulate", "--steps", "0"], "--steps must be positive"),
+    (["simulate", "--K", "1"], "--K must be >= 2"),
+    (["simulate", "--policy", "lastlayer", "--task", "suffix", "--suffix-len", "-1"], "--suffix-len"),
+    (["simulate", "--loss", "dpoo"], "did you mean"),
+])
+def test_simulate_bad_input(capsys, argv, needle):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_sharded_sweep_on_four_virtual_devices():
+    """Runs are sharded over devices (XLA_FLAGS host device count 4) and match one device."""
+    code = r"""
+import jax, numpy as np
+jax.config.update("jax_enable_x64", True)
+from entangle_sim import data, train
+assert jax.device_count() == 4
+gp = data.geometry_pairs(jax.random.PRNGKey(0), "linear", 4, K=6, target_cos=0.5, norm_ratio=1.5)
+cfg = train.TrainConfig(steps=5, lr=0.02)
+t = train.sweep(gp.policy(), gp.batch, cfg, jax.random.PRNGKey(1), 8, params0=gp.params, init_noise=0.1)
+print(len(t.chosen_logps.sharding.device_set), float(np.asarray(t.chosen_logps).sum()))
+"""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    n_dev, total = r.stdout.split()
+    assert int(n_dev) == 4
+    env1 = {**env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    r1 = subprocess.run([sys.executable, "-c", code.replace("== 4", "== 1")], capture_output=True, text=True,
+                        env=env1)
+    assert r1.returncode == 0, r1.stderr
+    assert float(r1.stdout.split()[1]) == pytest.approx(float(total), rel=1e-12)
