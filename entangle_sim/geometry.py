@@ -101,7 +101,7 @@ def aggregate(gram: PairGram) -> dict[str, float]:
         "rho_mean_of_ratios": jnp.mean(gram.rho),
         "rho_w_ratio_of_means": agg.rho_w, "rho_l_ratio_of_means": agg.rho_l,
         "rho_ratio_of_means": agg.rho, "cos_ratio_of_means": agg.cos,
-        "case1_fraction": jnp.mean(gram.rho <= 1.0),
+        "case1_fraction": jnp.mean((gram.rho <= 1.0).astype(G_ww.dtype)),
     }
     return {k: (v if isinstance(v, int) else float(v)) for k, v in out.items()}
 

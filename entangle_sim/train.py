@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -141,47 +142,60 @@ def make_step(policy: Policy, batch: PairBatch, cfg: TrainConfig, ref_logps: tup
     ref_w, ref_l = ref_logps
     incentives = _incentive_fn(spec, hp) if cfg.record else None
 
+    full = b == B
+
     def total_loss(params, idx):
-        sub = batch.take(idx)
+        sub = batch if full else batch.take(idx)  # full batch: no gather
         lw, ll = policy.logps(params, sub)
-        return spec.batch(lw, ll, ref_w[idx], ref_l[idx], sub.chosen_len, sub.rejected_len, **hp)
+        rw, rl = (ref_w, ref_l) if full else (ref_w[idx], ref_l[idx])
+        return spec.batch(lw, ll, rw, rl, sub.chosen_len, sub.rejected_len, **hp), (lw, ll)
+
+    def lean_step(params, opt_state, key, lr):
+        # Only log-probs and losses: one forward + backward per step (realised changes are
+        # recovered after the scan from consecutive states).
+        opt = make_optimizer(cfg.optimizer, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        idx = jnp.arange(B) if full else jax.random.choice(key, B, (b,), replace=False)
+        if full:
+            (_, (lw, ll)), grads = jax.value_and_grad(total_loss, has_aux=True)(params, idx)
+        else:
+            grads = jax.grad(lambda p: total_loss(p, idx)[0])(params)
+            lw, ll = policy.logps(params, batch)
+        updates, new_opt_state = opt.update(grads, opt_state, params)
+        per_pair = spec(lw, ll, ref_w, ref_l, nw, nl, **hp)
+        return optax.apply_updates(params, updates), new_opt_state, (lw, ll, per_pair)
 
     def step(params, opt_state, key, lr):
         opt = make_optimizer(cfg.optimizer, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        idx = jnp.arange(B) if b == B else jax.random.choice(key, B, (b,), replace=False)
+        idx = jnp.arange(B) if full else jax.random.choice(key, B, (b,), replace=False)
         lw, ll = policy.logps(params, batch)
         per_pair = spec(lw, ll, ref_w, ref_l, nw, nl, **hp)
-        grads = jax.grad(total_loss)(params, idx)
+        grads = jax.grad(lambda p: total_loss(p, idx)[0])(params)
         updates, new_opt_state = opt.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         lw1, ll1 = policy.logps(new_params, batch)
-        zeros = jnp.zeros_like(lw)
         rec = dict(chosen_logps=lw, rejected_logps=ll, margin=lw - ll, loss=per_pair,
                    real_chosen=lw1 - lw, real_rejected=ll1 - ll)
-        if cfg.record:
-            flat, unravel = ravel_pytree(params)
+        flat, unravel = ravel_pytree(params)
 
-            def logps_flat(f):
-                a, c = policy.logps(unravel(f), batch)
-                return jnp.concatenate([a, c])
+        def logps_flat(f):
+            a, c = policy.logps(unravel(f), batch)
+            return jnp.concatenate([a, c])
 
-            J = jax.jacrev(logps_flat)(flat)           # [2B, P]: per-response gradients
-            Jw, Jl = J[:B], J[B:]
-            G_ww, G_wl, G_ll = (Jw * Jw).sum(1), (Jw * Jl).sum(1), (Jl * Jl).sum(1)
-            d_w, d_l = incentives(lw, ll, ref_w, ref_l, nw, nl)
-            eta = lr / b  # the batch mean gives each pair weight 1/b
-            pred_w = eta * (d_w * G_ww - d_l * G_wl)
-            pred_l = eta * (d_w * G_wl - d_l * G_ll)
-            lin = J @ ravel_pytree(updates)[0]
-            rec.update(G_ww=G_ww, G_wl=G_wl, G_ll=G_ll, d_w=d_w, d_l=d_l,
-                       regime_pred=regimes.classify(pred_w, pred_l), pred_chosen=pred_w,
-                       pred_rejected=pred_l, lin_chosen=lin[:B], lin_rejected=lin[B:])
-        else:
-            rec.update(G_ww=zeros, G_wl=zeros, G_ll=zeros, d_w=zeros, d_l=zeros,
-                       regime_pred=jnp.full(lw.shape, regimes.STATIONARY), pred_chosen=zeros,
-                       pred_rejected=zeros, lin_chosen=zeros, lin_rejected=zeros)
+        J = jax.jacrev(logps_flat)(flat)           # [2B, P]: per-response gradients
+        Jw, Jl = J[:B], J[B:]
+        G_ww, G_wl, G_ll = (Jw * Jw).sum(1), (Jw * Jl).sum(1), (Jl * Jl).sum(1)
+        d_w, d_l = incentives(lw, ll, ref_w, ref_l, nw, nl)
+        eta = lr / b  # the batch mean gives each pair weight 1/b
+        pred_w = eta * (d_w * G_ww - d_l * G_wl)
+        pred_l = eta * (d_w * G_wl - d_l * G_ll)
+        lin = J @ ravel_pytree(updates)[0]
+        rec.update(G_ww=G_ww, G_wl=G_wl, G_ll=G_ll, d_w=d_w, d_l=d_l,
+                   regime_pred=regimes.classify(pred_w, pred_l), pred_chosen=pred_w,
+                   pred_rejected=pred_l, lin_chosen=lin[:B], lin_rejected=lin[B:])
         return new_params, new_opt_state, Trajectory(**rec)
 
+    if not cfg.record:
+        return lean_step
     return step
 
 
@@ -198,8 +212,18 @@ def train(policy: Policy, params: PyTree, batch: PairBatch, cfg: TrainConfig, ke
         p, s, rec = step(p, s, k, lr)
         return (p, s), rec
 
-    _, traj = jax.lax.scan(body, (params, opt_state), jax.random.split(key, cfg.steps))
-    return traj
+    (p_final, _), traj = jax.lax.scan(body, (params, opt_state), jax.random.split(key, cfg.steps))
+    if cfg.record:
+        return traj
+    lw, ll, per_pair = traj
+    lw_f, ll_f = policy.logps(p_final, batch)
+    real_w = jnp.concatenate([lw[1:], lw_f[None]]) - lw
+    real_l = jnp.concatenate([ll[1:], ll_f[None]]) - ll
+    zeros = jnp.zeros_like(lw)
+    return Trajectory(chosen_logps=lw, rejected_logps=ll, margin=lw - ll, loss=per_pair, G_ww=zeros, G_wl=zeros,
+                      G_ll=zeros, d_w=zeros, d_l=zeros, regime_pred=jnp.full(lw.shape, regimes.STATIONARY),
+                      pred_chosen=zeros, pred_rejected=zeros, lin_chosen=zeros, lin_rejected=zeros,
+                      real_chosen=real_w, real_rejected=real_l)
 
 
 def sweep(policy: Policy, batch: PairBatch, cfg: TrainConfig, key: Array, runs: int, *, params0=None,
@@ -215,23 +239,10 @@ def sweep(policy: Policy, batch: PairBatch, cfg: TrainConfig, key: Array, runs: 
         raise ValueError(f"runs must be >= 1, got {runs}")
     keys = jax.random.split(key, runs)
     lrs = jnp.full((runs,), cfg.lr) if lrs is None else jnp.asarray(lrs)
-    base_hp = {k: v for k, v in cfg.hp.items()}
     hps = {k: jnp.asarray(v) for k, v in (hps or {}).items()}
     for k in hps:
         losses.get(cfg.loss).hyper(k)
-
-    def one(k, lr, hp_vals):
-        k_init, k_noise, k_train = jax.random.split(k, 3)
-        if params0 is None:
-            p = policy.init(k_init)
-        else:
-            leaves, tree = jax.tree.flatten(params0)
-            ks = jax.random.split(k_noise, len(leaves))
-            p = jax.tree.unflatten(tree, [x + init_noise * jax.random.normal(kk, x.shape, x.dtype)
-                                          for x, kk in zip(leaves, ks)])
-        return train(policy, p, batch, cfg, k_train, lr=lr, hp={**base_hp, **hp_vals})
-
-    fn = jax.jit(jax.vmap(one))
+    fn = _sweep_fn(policy, cfg, params0 is None)
     n_dev = jax.device_count()
     if n_dev > 1 and runs % n_dev == 0:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -240,7 +251,26 @@ def sweep(policy: Policy, batch: PairBatch, cfg: TrainConfig, key: Array, runs: 
         shard = NamedSharding(mesh, PartitionSpec("runs"))
         keys, lrs = jax.device_put(keys, shard), jax.device_put(lrs, shard)
         hps = {k: jax.device_put(v, shard) for k, v in hps.items()}
-    return fn(keys, lrs, hps)
+    return fn(keys, lrs, hps, batch, params0, jnp.asarray(init_noise))
+
+
+@functools.lru_cache(maxsize=64)
+def _sweep_fn(policy: Policy, cfg: TrainConfig, own_init: bool):
+    """The compiled, vmapped sweep for (policy, config): built once, reused across calls."""
+    base_hp = dict(cfg.hp)
+
+    def one(k, lr, hp_vals, batch, params0, init_noise):
+        k_init, k_noise, k_train = jax.random.split(k, 3)
+        if own_init:
+            p = policy.init(k_init)
+        else:
+            leaves, tree = jax.tree.flatten(params0)
+            ks = jax.random.split(k_noise, len(leaves))
+            p = jax.tree.unflatten(tree, [x + init_noise * jax.random.normal(kk, x.shape, x.dtype)
+                                          for x, kk in zip(leaves, ks)])
+        return train(policy, p, batch, cfg, k_train, lr=lr, hp={**base_hp, **hp_vals})
+
+    return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, None, None, None)))
 
 
 def summarize(traj: Trajectory, *, noise: float | None = None) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Tiny transformer policy (causality, normalisation, masking, batching) and the synthetic sentiment data."""
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,9 @@ def random_batch(seed=2, vocab=11):
 
 @pytest.fixture(scope="module")
 def setup():
-    return tr.make(CFG), perturbed_params(CFG), random_batch()
+    # jitted: eager op-by-op dispatch compiles every primitive separately and is far slower here
+    policy = tr.make(CFG)
+    return policy._replace(token_logps=jax.jit(policy.token_logps)), perturbed_params(CFG), random_batch()
 
 
 def test_config_validation():
@@ -87,16 +90,17 @@ def test_token_logps_normalised(setup):
         return jnp.stack([tr.sequence_token_logps(CFG, params, prompt, resp.at[t].set(v), ones)[t]
                           for t in range(T_W)])
 
-    lp = jax.vmap(all_t)(jnp.arange(CFG.vocab))  # [V, T]
+    lp = jax.jit(jax.vmap(all_t))(jnp.arange(CFG.vocab))  # [V, T]
     np.testing.assert_allclose(jax.scipy.special.logsumexp(lp, axis=0), 0.0, atol=TOL)
 
 
 def test_vmap_single_equals_batched(setup):
     policy, params, batch = setup
     tw, tl = policy.token_logps(params, batch)
+    single = jax.jit(partial(tr.sequence_token_logps, CFG))
     for b in range(B):
         np.testing.assert_allclose(
-            tr.sequence_token_logps(CFG, params, batch.prompt[b], batch.chosen[b], batch.chosen_mask[b]), tw[b],
+            single(params, batch.prompt[b], batch.chosen[b], batch.chosen_mask[b]), tw[b],
             rtol=0, atol=TOL)
         one = policy.token_logps(params, batch.take(jnp.array([b])))
         np.testing.assert_allclose(one[1][0], tl[b], rtol=0, atol=TOL)
@@ -117,13 +121,13 @@ def test_causal(tie):
     def f(e_tap):
         return tr.sequence_token_logps(cfg, params, prompt, resp, jnp.ones(T_W), {**taps, "embed": e_tap})
 
-    J = np.asarray(jax.jacrev(f)(taps["embed"]))  # [T, S, D]
+    J = np.asarray(jax.jit(jax.jacrev(f))(taps["embed"]))  # [T, S, D]
     norms = np.linalg.norm(J, axis=-1)            # [T, S]
     for t in range(T_W):
         assert np.all(norms[t, P + t:] == 0.0), f"token {t} depends on later positions"
         assert np.all(norms[t, : P + t] > 1e-8)
     # the summed response log-prob therefore has zero gradient w.r.t. positions after its last input
-    tw_last = jax.grad(lambda e: f(e)[: T_W - 1].sum())(taps["embed"])
+    tw_last = jax.jit(jax.grad(lambda e: f(e)[: T_W - 1].sum()))(taps["embed"])
     assert np.all(np.asarray(tw_last)[P + T_W - 2:] == 0.0)
 
 
@@ -183,5 +187,5 @@ def test_sentiment_feeds_transformer():
                                max_len=scfg.prompt_len + scfg.T)
     policy = tr.make(cfg)
     pairs = st.preference_pairs(scfg, jax.random.key(0), 4)
-    tw, tl = policy.token_logps(policy.init(jax.random.key(1)), pairs)
+    tw, tl = jax.jit(policy.token_logps)(policy.init(jax.random.key(1)), pairs)
     assert tw.shape == (4, scfg.T) and np.all(np.isfinite(tw)) and np.all(np.asarray(tl) < 0)

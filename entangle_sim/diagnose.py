@@ -1,0 +1,252 @@
+"""SFT -> preference optimisation on the synthetic sentiment task, with gradient-geometry logging
+(THEORY.md §5, §6.3: Figures 3, 4a, 4b on a CPU-sized transformer).
+
+Pipeline (`run_diagnose`):
+  1. SFT of a tiny decoder (policies.transformer) on "prompt -> label word" (paper: SFT on
+     "{prompt} {label}", no suffix; `sft_with_suffix=True` also teaches the suffix), optax adam.
+  2. Preference optimisation with a registered loss (`losses.get(cfg.loss).batch`), reference =
+     the SFT parameters, frozen. Fresh preference pairs each step (suffix mode '1t' / 'short' / 'long').
+  3. Every `log_every` PO steps (and at step 0), on a fixed eval set of pairs: mean chosen / rejected
+     log-probs, per-pair Gram via `geometry.pair_gram` aggregated with `geometry.aggregate`
+     (cos mean, rho mean-of-ratios and ratio-of-means, each labelled); at the end a token-level
+     cosine map via `geometry.token_gram` for eval pair 0.
+  4. Regimes: `regimes.classify` of the changes of the eval-set mean log-probs over consecutive
+     logged intervals, and per PO step of the training batch's mean log-probs across the update.
+
+>>> res = run_diagnose(DiagnoseConfig(suffix="long"))
+>>> res["summary"]["final_cosine"], res["summary"]["regime_fractions"]
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import geometry, losses, regimes, sentiment
+from .policies import transformer
+from .types import PairBatch
+
+SUFFIXES = sentiment.MODES
+
+
+@dataclasses.dataclass(frozen=True)
+class DiagnoseConfig:
+    """One diagnose setting (frozen, hashable). Defaults: a ~100k-parameter 2-layer decoder, vocab 32,
+    which runs one setting in well under a minute or two on 2 CPU cores.
+
+    loss_params: ((name, value), ...) hyperparameters for the loss (defaults of the registry otherwise).
+    """
+
+    suffix: str = "long"
+    loss: str = "sigmoid"
+    loss_params: tuple = ()
+    sft_steps: int = 200
+    po_steps: int = 200
+    sft_lr: float = 1e-3
+    po_lr: float = 1e-4
+    sft_batch: int = 64
+    po_batch: int = 32
+    log_every: int = 10
+    n_eval_pairs: int = 64
+    seed: int = 0
+    sft_with_suffix: bool = False
+    # transformer
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    # synthetic task (vocab = 4 + n_pos + n_neg + n_neutral + n_suffix_vocab = 32)
+    prompt_len: int = 8
+    short_len: int = 4
+    long_len: int = 16
+    n_pos_words: int = 4
+    n_neg_words: int = 4
+    n_neutral: int = 8
+    n_suffix_vocab: int = 12
+
+    def __post_init__(self):
+        if self.suffix not in SUFFIXES:
+            raise ValueError(f"suffix must be one of {SUFFIXES}, got {self.suffix!r}")
+        for name in ("po_steps", "log_every", "n_eval_pairs", "sft_batch", "po_batch"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"DiagnoseConfig.{name} must be a positive int, got {v!r}")
+        if not isinstance(self.sft_steps, int) or self.sft_steps < 0:
+            raise ValueError(f"DiagnoseConfig.sft_steps must be an int >= 0, got {self.sft_steps!r}")
+        if not (self.sft_lr > 0 and self.po_lr > 0):
+            raise ValueError("learning rates must be > 0")
+
+    @property
+    def sentiment(self) -> sentiment.SentimentConfig:
+        return sentiment.SentimentConfig(
+            mode=self.suffix, prompt_len=self.prompt_len, short_len=self.short_len, long_len=self.long_len,
+            n_pos_words=self.n_pos_words, n_neg_words=self.n_neg_words, n_neutral=self.n_neutral,
+            n_suffix_vocab=self.n_suffix_vocab)
+
+    @property
+    def transformer(self) -> transformer.TransformerConfig:
+        s = self.sentiment
+        max_len = s.prompt_len + 1 + max(s.short_len, s.long_len)
+        return transformer.TransformerConfig(vocab=s.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                                             n_heads=self.n_heads, max_len=max_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["loss_params"] = {k: v for k, v in self.loss_params}
+        return d
+
+
+def _sft_batch_fn(cfg: DiagnoseConfig):
+    scfg = cfg.sentiment if cfg.sft_with_suffix else dataclasses.replace(cfg.sentiment, mode="1t")
+
+    def fn(key):
+        d = sentiment.sft_data(scfg, key, cfg.sft_batch)
+        return d.prompt, d.response, d.response_mask
+    return fn
+
+
+def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Run SFT + preference optimisation and the geometry diagnostics.
+
+    progress: optional callback called with the number of steps just completed (e.g. `tqdm.update`);
+    total steps = sft_steps + po_steps.
+
+    Returns a dict with
+      'config'        cfg.to_dict()
+      'steps'         [K] PO steps at which the eval set was logged (0, log_every, ..., po_steps)
+      'chosen_logp', 'rejected_logp'   [K] eval-set mean summed log-probs
+      'geometry'      {aggregate key: [K]} from geometry.aggregate (cos_mean, rho_*_mean_of_ratios,
+                      rho_*_ratio_of_means, cos_ratio_of_means, case1_fraction, norms, ...)
+      'interval_regimes' [K-1] int codes of consecutive logged intervals
+      'step_regimes'  [po_steps] int codes per PO step (training batch, before vs after the update)
+      'token_cos', 'token_inner'  [T_w, T_l] token-level Gram of eval pair 0 at the final params
+      'chosen_tokens', 'rejected_tokens'  [T] token ids of that pair
+      'sft_loss'      [sft_steps] SFT token-mean NLL;  'po_loss' [po_steps]
+      'params', 'ref_params', 'eval_batch', 'policy'   for independent checks (not JSON)
+      'summary'       JSON-ready dict (see `summarize`)
+    """
+    spec = losses.get(cfg.loss)
+    hp = spec.resolve(**dict(cfg.loss_params))
+    tcfg = cfg.transformer
+    scfg = cfg.sentiment
+    policy = transformer.make(tcfg)
+    seq = jax.vmap(lambda p, x, y, m: transformer.sequence_token_logps(tcfg, p, x, y, m), in_axes=(None, 0, 0, 0))
+
+    k_init, k_sft, k_po, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
+    params = policy.init(k_init)
+
+    # ---------------------------------------------------------------- SFT
+    sft_batch = _sft_batch_fn(cfg)
+    sft_opt = optax.adam(cfg.sft_lr)
+
+    def sft_loss(p, prompt, resp, mask):
+        return -(seq(p, prompt, resp, mask).sum() / mask.sum())
+
+    @jax.jit
+    def sft_step(carry, key):
+        p, st = carry
+        loss, g = jax.value_and_grad(sft_loss)(p, *sft_batch(key))
+        upd, st = sft_opt.update(g, st, p)
+        return (optax.apply_updates(p, upd), st), loss
+
+    sft_losses = []
+    state = sft_opt.init(params)
+    for i in range(cfg.sft_steps):
+        (params, state), loss = sft_step((params, state), jax.random.fold_in(k_sft, i))
+        sft_losses.append(loss)
+        if progress is not None:
+            progress(1)
+    ref_params = params
+
+    # ---------------------------------------------------------------- preference optimisation
+    po_opt = optax.adam(cfg.po_lr)
+
+    def po_loss(p, batch, ref_w, ref_l):
+        lw, ll = policy.logps(p, batch)
+        loss = spec.batch(lw, ll, ref_w, ref_l, batch.chosen_len, batch.rejected_len, **hp)
+        return loss, (lw, ll)
+
+    @jax.jit
+    def po_step(p, st, key):
+        batch = sentiment.preference_pairs(scfg, key, cfg.po_batch)
+        ref_w, ref_l = policy.logps(ref_params, batch)
+        (loss, (lw, ll)), g = jax.value_and_grad(po_loss, has_aux=True)(p, batch, ref_w, ref_l)
+        upd, st = po_opt.update(g, st, p)
+        p = optax.apply_updates(p, upd)
+        lw2, ll2 = policy.logps(p, batch)
+        code = regimes.classify(lw2.mean() - lw.mean(), ll2.mean() - ll.mean())
+        return p, st, loss, code
+
+    eval_batch = sentiment.preference_pairs(scfg, k_eval, cfg.n_eval_pairs)
+    eval_logps = jax.jit(policy.logps)
+
+    log_steps, mean_w, mean_l, geo = [], [], [], []
+
+    def log(step, p):
+        lw, ll = eval_logps(p, eval_batch)
+        log_steps.append(step)
+        mean_w.append(float(lw.mean()))
+        mean_l.append(float(ll.mean()))
+        geo.append(geometry.aggregate(geometry.pair_gram(policy.logps, p, eval_batch)))
+
+    po_losses, step_codes = [], []
+    state = po_opt.init(params)
+    log(0, params)
+    for i in range(cfg.po_steps):
+        params, state, loss, code = po_step(params, state, jax.random.fold_in(k_po, i))
+        po_losses.append(loss)
+        step_codes.append(code)
+        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.po_steps:
+            log(i + 1, params)
+        if progress is not None:
+            progress(1)
+
+    ex = jax.tree.map(lambda a: a[0], eval_batch)
+    tg = geometry.token_gram(policy.token_logps, params, ex)
+
+    mean_w, mean_l = np.asarray(mean_w), np.asarray(mean_l)
+    res = {
+        "config": cfg.to_dict(),
+        "steps": np.asarray(log_steps),
+        "chosen_logp": mean_w,
+        "rejected_logp": mean_l,
+        "geometry": {k: np.asarray([g[k] for g in geo]) for k in geo[0]},
+        "interval_regimes": np.asarray(regimes.classify(np.diff(mean_w), np.diff(mean_l))),
+        "step_regimes": np.asarray(jnp.stack(step_codes)) if step_codes else np.zeros(0, int),
+        "token_cos": np.asarray(tg.cos), "token_inner": np.asarray(tg.inner),
+        "chosen_tokens": np.asarray(ex.chosen), "rejected_tokens": np.asarray(ex.rejected),
+        "sft_loss": np.asarray(jnp.stack(sft_losses)) if sft_losses else np.zeros(0),
+        "po_loss": np.asarray(jnp.stack(po_losses)),
+        "params": params, "ref_params": ref_params, "eval_batch": eval_batch, "policy": policy,
+    }
+    res["summary"] = summarize(res)
+    return res
+
+
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    """JSON-ready summary of a `run_diagnose` result."""
+    g = res["geometry"]
+    tc = res["token_cos"]
+    return {
+        "config": res["config"],
+        "steps": [int(s) for s in res["steps"]],
+        "final_cosine": float(g["cos_mean"][-1]),
+        "initial_cosine": float(g["cos_mean"][0]),
+        "cos_trajectory": [float(c) for c in g["cos_mean"]],
+        "cos_ratio_of_means_trajectory": [float(c) for c in g["cos_ratio_of_means"]],
+        "rho_mean_of_ratios_trajectory": [float(c) for c in g["rho_mean_of_ratios"]],
+        "rho_ratio_of_means_trajectory": [float(c) for c in g["rho_ratio_of_means"]],
+        "final_geometry": {k: float(v[-1]) for k, v in g.items()},
+        "chosen_logp_trajectory": [float(v) for v in res["chosen_logp"]],
+        "rejected_logp_trajectory": [float(v) for v in res["rejected_logp"]],
+        "delta_chosen": float(res["chosen_logp"][-1] - res["chosen_logp"][0]),
+        "delta_rejected": float(res["rejected_logp"][-1] - res["rejected_logp"][0]),
+        "regime_fractions": regimes.fractions(res["interval_regimes"]),
+        "step_regime_fractions": regimes.fractions(res["step_regimes"]),
+        "token_cos_contrastive": float(tc[0, 0]),
+        "token_cos_shared_diag_mean": float(np.mean(np.diag(tc)[1:])) if min(tc.shape) > 1 else None,
+        "final_sft_loss": float(res["sft_loss"][-1]) if len(res["sft_loss"]) else None,
+    }
