@@ -49,14 +49,15 @@ def test_independent_recomputation(res):
     lw0, _ = pol.logps(res["ref_params"], eb)
     np.testing.assert_allclose(res["chosen_logp"][0], float(lw0.mean()), rtol=1e-5)
     # final cosine: explicit per-pair gradients, no geometry module
-    ex = [jax.tree.map(lambda a: a[i:i + 1], eb) for i in range(eb.size)]
-    cs = []
-    for e in ex:
-        gw = jax.grad(lambda q: pol.logps(q, e)[0][0])(p)
-        gl = jax.grad(lambda q: pol.logps(q, e)[1][0])(p)
-        f = lambda t: jnp.concatenate([x.ravel() for x in jax.tree.leaves(t)])  # noqa: E731
-        a, b = f(gw), f(gl)
-        cs.append(float(a @ b / jnp.sqrt((a @ a) * (b @ b))))
+    flat = lambda t: jnp.concatenate([x.ravel() for x in jax.tree.leaves(t)])  # noqa: E731
+
+    @jax.jit
+    def cos_one(e):
+        gw = flat(jax.grad(lambda q: pol.logps(q, e)[0][0])(p))
+        gl = flat(jax.grad(lambda q: pol.logps(q, e)[1][0])(p))
+        return gw @ gl / jnp.sqrt((gw @ gw) * (gl @ gl))
+
+    cs = [float(cos_one(jax.tree.map(lambda a: a[i:i + 1], eb))) for i in range(eb.size)]
     assert res["summary"]["final_cosine"] == pytest.approx(np.mean(cs), abs=1e-4)
     # regimes of intervals follow the logged means
     exp = regimes.classify(np.diff(res["chosen_logp"]), np.diff(res["rejected_logp"]))

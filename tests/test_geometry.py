@@ -190,27 +190,23 @@ def test_token_gram_matches_per_token_backward(tx, tx_ref, tx_leaves):
     def tok_grad(p, ex, t, side):  # one backward per token
         return ravel_pytree(jax.grad(lambda q: policy.token_logps(q, ex)[side][0, t])(p))[0]
 
-    tg_batch = geo.token_gram(policy.token_logps, params, batch)
-    assert tg_batch.inner.shape == (B, T_W, T_L)
+    tg = geo.token_gram(policy.token_logps, params, batch)  # batched: vmap over pairs
+    assert tg.inner.shape == (B, T_W, T_L) and tg.cos.shape == (B, T_W, T_L)
     for b in range(B):
         ex = batch.take(jnp.array([b]))
         Gw = np.stack([tok_grad(params, ex, t, 0) for t in range(T_W)])
         Gl = np.stack([tok_grad(params, ex, u, 1) for u in range(T_L)])
         inner = Gw @ Gl.T
-        tg = geo.token_gram(policy.token_logps, params, jax.tree.map(lambda a: a[0], ex))
         scale = np.abs(inner).max()
-        np.testing.assert_allclose(tg.inner, inner, rtol=RTOL, atol=RTOL * scale)
-        np.testing.assert_allclose(tg.norm_w, np.linalg.norm(Gw, axis=1), rtol=RTOL, atol=RTOL * scale)
-        # batched (vmapped) == single
-        np.testing.assert_allclose(tg_batch.inner[b], tg.inner, rtol=RTOL, atol=RTOL * scale)
+        np.testing.assert_allclose(tg.inner[b], inner, rtol=RTOL, atol=RTOL * scale)
+        np.testing.assert_allclose(tg.norm_w[b], np.linalg.norm(Gw, axis=1), rtol=RTOL, atol=RTOL * scale)
+        np.testing.assert_allclose(tg.norm_l[b], np.linalg.norm(Gl, axis=1), rtol=RTOL, atol=RTOL * scale)
         # masked tokens: zero gradient rows, zero cosine; real ones: cosine in [-1, 1]
         mw = np.asarray(batch.chosen_mask[b]) > 0
-        assert np.all(np.asarray(tg.inner)[~mw] == 0.0) and np.all(np.asarray(tg.cos)[~mw] == 0.0)
-        assert np.all(np.abs(tg.cos) <= 1 + 1e-12)
+        assert np.all(np.asarray(tg.inner[b])[~mw] == 0.0) and np.all(np.asarray(tg.cos[b])[~mw] == 0.0)
+        assert np.all(np.abs(tg.cos[b]) <= 1 + 1e-12)
         # R13: the token matrix sums to G_wl
-        np.testing.assert_allclose(np.sum(tg.inner), tx_ref[1, b], rtol=RTOL, atol=RTOL * np.abs(tx_ref).max())
-    sub = geo.token_gram(policy.token_logps, params, batch, subset=["unembed"])
-    np.testing.assert_allclose(sub.inner.sum((1, 2)), tx_leaves["unembed/W"][1], rtol=RTOL)
+        np.testing.assert_allclose(np.sum(tg.inner[b]), tx_ref[1, b], rtol=RTOL, atol=RTOL * np.abs(tx_ref).max())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -186,3 +186,35 @@ print(len(t.chosen_logps.sharding.device_set), float(np.asarray(t.chosen_logps).
                         env=env1)
     assert r1.returncode == 0, r1.stderr
     assert float(r1.stdout.split()[1]) == pytest.approx(float(total), rel=1e-12)
+
+
+def test_distributed_sweep_two_local_processes_matches_single_process():
+    """jax.distributed across 2 CPU processes (gloo) gives the same trajectories as one process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = r"""
+import sys, jax
+pid, n, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+from entangle_sim import distributed
+if n > 1:
+    distributed.initialize("127.0.0.1:" + port, num_processes=n, process_id=pid)
+from entangle_sim import data, train
+gp = data.geometry_pairs(jax.random.PRNGKey(0), "linear", 4, K=6, target_cos=0.5, norm_ratio=1.5)
+cfg = train.TrainConfig(steps=5, lr=0.02)
+t = distributed.sweep(gp.policy(), gp.batch, cfg, jax.random.PRNGKey(1), 4, params0=gp.params, init_noise=0.1)
+print(jax.process_count(), repr(float(t.chosen_logps.sum())), flush=True)
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(i), "2", str(port)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    single = subprocess.run([sys.executable, "-c", code, "0", "1", "0"], capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr
+    n1, total1 = single.stdout.strip().splitlines()[-1].split()
+    for o in outs:  # the last stdout line is ours (gloo prints connection lines to stdout too)
+        n, total = o[0].strip().splitlines()[-1].split()
+        assert n == "2" and float(total) == float(total1)

@@ -131,13 +131,6 @@ def test_causal(tie):
     assert np.all(np.asarray(tw_last)[P + T_W - 2:] == 0.0)
 
 
-def test_jit_vmap_grad_compose(setup):
-    policy, params, batch = setup
-    g = jax.jit(jax.grad(lambda p: policy.logps(p, batch)[0].sum()))(params)
-    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(g))
-    assert float(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(g))) > 0
-
-
 # --------------------------------------------------------------------------------------------------
 # sentiment data
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,661 @@
+"""Mitigations of gradient entanglement and the geometry of preconditioned / batched updates
+(THEORY.md §8 R19, R20; ISSUE 5).
+
+Every method's plain-gradient update direction lies in the span of (effective) response gradients:
+
+    -grad L = J~^T c,   c = [a; -b] in R^{2B},   J~ [2B, P] rows g~_w,i then g~_l,i
+
+so one trainer (`train_mitigation`) records, per step and pair, with J [2B, P] the FULL response
+gradients (rows g_w,i then g_l,i):
+
+    G_ww, G_wl, G_ll         own-pair Gram of the full gradients                     (R3)
+    Ge_ww, Ge_wl, Ge_ll      own-pair Gram of the effective gradients g~ (masked for R20)
+    pair_pred_*              one-pair SGD theory:  eta (a_i <g_*,i, g~_w,i> - b_i <g_*,i, g~_l,i>)
+    batch_pred_*             batch theory:        eta J J~^T c     (2B x 2B Gram, cross-pair terms)
+    pc_pair_pred_*, pc_batch_pred_*   the same with the diagonal preconditioner P of the optimizer
+                             state (Adam: 1/(sqrt(v_hat)+eps)); zeros for SGD.   [issue 5 item 4]
+    lin_*                    J . (actual update), first order of the real step (any optimizer)
+    real_*                   realised change l(theta_{t+1}) - l(theta_t)
+
+Methods (`METHODS`):
+
+    baseline          the registered loss itself (e.g. DPO = 'sigmoid')
+    normalized        R19 pairwise normalized PO: -grad = sum_i w_i s_i (g_w/|g_w| - g_l/|g_l|),
+                      implemented as the surrogate  -sum_i w_i s_i (l_w,i / sg|g_w,i| - l_l,i / sg|g_l,i|)
+                      (sg = stop_gradient; norms from the per-example Jacobian). Why a surrogate: it
+                      is an ordinary differentiable loss, so it composes with every optax optimizer
+                      (Adam then sees the normalized gradient, exactly what a user would run) and with
+                      every policy, and jax.grad of it is checked against the formula in the tests.
+                      s_i = -m'(z_i) = d_l / h'_l for margin-form losses (h'_l = -dz/dl_l; the NLL of
+                      CPO-style losses sits on the chosen side only), (d_w + d_l)/2 otherwise; or 1.
+    normalized_sq     counterexample variant g/|g|^2 (no guarantee; THEORY §8.1)
+    normalized_batch  per-batch normalisation (THEORY §11.5): eta s_bar (u_w/|u_w| - u_l/|u_l|),
+                      u_* = sum_i w_i s_i g_*,i; guarantees only the batch aggregate
+    oracle_mask       R20 with m_t = 1 on tokens that differ between chosen and rejected, 0 elsewhere
+    learned_mask      R20 with free per-token masks m = sigmoid(u), l1 penalty lambda sum m (SGD on u)
+    dpop              comparator: DPOP loss (lambda_p = dpop_lambda) instead of the configured loss
+    nll               comparator: configured loss + alpha * NLL(chosen) token mean (RPO / CPO style)
+
+Per-pair losses are combined with weights w_i (1/b on the b pairs of the step's minibatch, 0
+elsewhere), which is TRL's batch mean for every non batch-coupled loss; batch-coupled ones (aot,
+sft, token-mean NLL totals) use the same per-pair mean form here.
+
+Example:
+    >>> gp = data.geometry_pairs(jax.random.PRNGKey(0), "linear", 8, K=6, target_cos=0.9, norm_ratio=2.0)
+    >>> cfg = MitigationConfig(method="normalized", lr=0.05, steps=30)
+    >>> rec = train_mitigation(gp.policy(), gp.params, gp.batch, cfg, jax.random.PRNGKey(1))
+    >>> summarize(rec)["ideal_fraction"]          # 1.0: Cases 2/3 disappear (R19)
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from . import geometry, losses, regimes
+from .train import OPTIMIZERS, TrainConfig, make_optimizer
+from .types import Array, PairBatch, Policy, PyTree
+
+METHODS = ("baseline", "normalized", "normalized_sq", "normalized_batch", "oracle_mask", "learned_mask",
+           "dpop", "nll")
+_JACOBIAN_METHODS = ("normalized", "normalized_sq", "normalized_batch")
+_MASK_METHODS = ("oracle_mask", "learned_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class MitigationConfig:
+    """One mitigation run (frozen, hashable).
+
+    method: one of METHODS. loss / loss_params / optimizer / lr / steps / batch_size: as TrainConfig.
+    weight: 'step' (s = -m'(z)) or 'unit' (s = 1) for the normalized methods.
+    nll_alpha: NLL weight of method 'nll'. dpop_lambda: lambda_p of method 'dpop'.
+    mask_l1, mask_lr, mask_init: l1 weight, SGD step on mask logits u, initial u (learned_mask).
+    record: per-step Jacobians / Grams / predictions (False: log-probs only, for timing).
+    """
+
+    method: str = "baseline"
+    loss: str = "sigmoid"
+    loss_params: tuple = ()
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    steps: int = 100
+    batch_size: int = 0
+    weight: str = "step"
+    nll_alpha: float = 1.0
+    dpop_lambda: float = 50.0
+    mask_l1: float = 0.02
+    mask_lr: float = 5.0
+    mask_init: float = 2.0
+    record: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown mitigation {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.weight not in ("step", "unit"):
+            raise ValueError(f"weight must be 'step' or 'unit', got {self.weight!r}")
+        TrainConfig(loss=self.effective_loss, loss_params=self.effective_loss_params, optimizer=self.optimizer,
+                    lr=self.lr, steps=self.steps, batch_size=self.batch_size)  # validates the shared fields
+        if self.mask_l1 < 0 or self.mask_lr <= 0 or self.nll_alpha < 0:
+            raise ValueError("need mask_l1 >= 0, mask_lr > 0, nll_alpha >= 0")
+
+    @property
+    def effective_loss(self) -> str:
+        return "dpop" if self.method == "dpop" else self.loss
+
+    @property
+    def effective_loss_params(self) -> tuple:
+        if self.method == "dpop":
+            beta = dict(self.loss_params).get("beta", 0.1)
+            return (("beta", beta), ("dpop_lambda", self.dpop_lambda))
+        return self.loss_params
+
+    @classmethod
+    def from_train_config(cls, cfg: TrainConfig, method: str, **kw) -> "MitigationConfig":
+        """The mitigation run matching a TrainConfig (loss, optimizer, lr, steps, batch size)."""
+        return cls(method=method, loss=cfg.loss, loss_params=cfg.loss_params, optimizer=cfg.optimizer,
+                   lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, **kw)
+
+
+class MitigationRecord(NamedTuple):
+    """Per-step, per-pair records, each [S, B] (see module docstring); masks [S, B, T]."""
+
+    chosen_logps: Array
+    rejected_logps: Array
+    loss: Array
+    G_ww: Array
+    G_wl: Array
+    G_ll: Array
+    Ge_ww: Array
+    Ge_wl: Array
+    Ge_ll: Array
+    pair_pred_chosen: Array
+    pair_pred_rejected: Array
+    batch_pred_chosen: Array
+    batch_pred_rejected: Array
+    pc_pair_pred_chosen: Array
+    pc_pair_pred_rejected: Array
+    pc_batch_pred_chosen: Array
+    pc_batch_pred_rejected: Array
+    lin_chosen: Array
+    lin_rejected: Array
+    real_chosen: Array
+    real_rejected: Array
+    mask_w: Array
+    mask_l: Array
+
+
+# ----------------------------------------------------------------------------------------------
+# masks (R20)
+# ----------------------------------------------------------------------------------------------
+def oracle_masks(batch: PairBatch) -> tuple[Array, Array]:
+    """R20 oracle masks (m_w [B, T_w], m_l [B, T_l]): 1 on real tokens that differ from the other
+    response at the same position (or have no counterpart), 0 on shared tokens and padding.
+
+    >>> m_w, m_l = oracle_masks(data.shared_suffix(key, 4, K=8, L=3))   # [[1,0,0,0], ...]
+    """
+    Tw, Tl = batch.chosen.shape[1], batch.rejected.shape[1]
+    T = max(Tw, Tl)
+    pad = lambda y, m: (jnp.pad(y, ((0, 0), (0, T - y.shape[1])), constant_values=-1),
+                        jnp.pad(m, ((0, 0), (0, T - m.shape[1]))))
+    yw, mw = pad(batch.chosen, batch.chosen_mask)
+    yl, ml = pad(batch.rejected, batch.rejected_mask)
+    same = (yw == yl) & (mw > 0) & (ml > 0)
+    return (jnp.where(same, 0.0, mw)[:, :Tw].astype(batch.chosen_mask.dtype),
+            jnp.where(same, 0.0, ml)[:, :Tl].astype(batch.rejected_mask.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# preconditioned geometry (issue 5 item 4)
+# ----------------------------------------------------------------------------------------------
+def _find_adam_state(opt_state):
+    found = []
+
+    def visit(x):
+        if isinstance(x, optax.ScaleByAdamState):
+            found.append(x)
+            return
+        if isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y)
+        elif hasattr(x, "_fields"):
+            for y in x:
+                visit(y)
+        elif isinstance(x, dict):
+            for y in x.values():
+                visit(y)
+
+    visit(opt_state)
+    return found[0] if found else None
+
+
+def adam_preconditioner(opt_state, eps: float | None = None, *, b2: float | None = None) -> PyTree:
+    """Diagonal preconditioner P = 1 / (sqrt(nu_hat) + eps) of an optax Adam/AdamW state (a pytree
+    like params). nu_hat = nu / (1 - b2^count) is the bias-corrected second moment.
+
+    Adam's update is -lr * mu_hat * P, so with mu_hat -> grad (b1 = 0 or the first step) it is the
+    preconditioned step delta_theta = -lr P grad L of THEORY-extension item 4. eps / b2 default to the
+    values stored by `optax.inject_hyperparams` (else 1e-8 / 0.999). Sign descent is the limit
+    nu = grad^2, eps -> 0 (P = 1/|grad|).
+
+    >>> P = adam_preconditioner(opt_state)            # after at least one update
+    """
+    st = _find_adam_state(opt_state)
+    if st is None:
+        raise ValueError("no optax ScaleByAdamState found in opt_state (use optimizer 'adam' or 'adamw')")
+    hyper = getattr(opt_state, "hyperparams", {}) or {}
+    eps = float(hyper.get("eps", 1e-8)) if eps is None else eps
+    b2 = hyper.get("b2", 0.999) if b2 is None else b2
+    count = jnp.maximum(st.count, 1)
+    corr = 1.0 - jnp.asarray(b2, jnp.result_type(float)) ** count
+    return jax.tree.map(lambda nu: 1.0 / (jnp.sqrt(nu / corr) + eps), st.nu)
+
+
+def preconditioned_gram(logp_fn, params: PyTree, batch: PairBatch, precond: PyTree) -> geometry.PairGram:
+    """Per-pair Gram in the metric of a diagonal preconditioner P (pytree like params, entries > 0):
+
+        G^P_ww = <g_w, P g_w>,  G^P_wl = <g_w, P g_l>,  G^P_ll = <g_l, P g_l>     each [B]
+
+    and cos / rho in that metric. With delta_theta = -eta P grad L the one-pair first-order changes
+    are eta (d_w G^P_ww - d_l G^P_wl), eta (d_w G^P_wl - d_l G^P_ll): every condition of R4/R9 holds
+    with G replaced by G^P (symbolic.mitigations.preconditioned_first_order). P = 1 gives pair_gram.
+
+    >>> pg = preconditioned_gram(policy.logps, params, batch, adam_preconditioner(opt_state))
+    """
+    sqrtP = jax.tree.map(jnp.sqrt, precond)
+
+    def one(ex):
+        ex = jax.tree.map(lambda a: a[None], ex)
+        gw = jax.grad(lambda p: logp_fn(p, ex)[0][0])(params)
+        gl = jax.grad(lambda p: logp_fn(p, ex)[1][0])(params)
+        gw = jax.tree.map(jnp.multiply, gw, sqrtP)
+        gl = jax.tree.map(jnp.multiply, gl, sqrtP)
+        dot = lambda x, y: sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
+        return dot(gw, gw), dot(gw, gl), dot(gl, gl)
+
+    return geometry.gram_stats(*jax.vmap(one)(batch))
+
+
+def batch_gram(logp_fn, params: PyTree, batch: PairBatch, precond: PyTree | None = None) -> Array:
+    """The 2B x 2B Gram J P J^T of all responses (rows/cols: chosen 0..B-1, then rejected 0..B-1).
+
+    Batch-level first order (issue 5 item 5): delta_l = -eta G dL/dl with l = [l_w; l_l] and
+    L the batch loss; the own-pair 2x2 blocks are the per-pair Gram, the rest are cross-pair terms.
+    """
+    flat, unravel = ravel_pytree(params)
+    J = jax.jacrev(lambda f: jnp.concatenate(logp_fn(unravel(f), batch)))(flat)
+    if precond is None:
+        return J @ J.T
+    return (J * ravel_pytree(precond)[0]) @ J.T
+
+
+def batch_first_order(G: Array, dL_dl: Array, eta) -> Array:
+    """delta_l [2B] = -eta G dL/dl (batch-level first order; G from `batch_gram`)."""
+    return -eta * G @ dL_dl
+
+
+def one_pair_first_order(G: Array, dL_dl: Array, eta) -> Array:
+    """The per-pair theory: the same product with every cross-pair block of G zeroed."""
+    B = G.shape[0] // 2
+    pair = jnp.concatenate([jnp.arange(B), jnp.arange(B)])
+    return -eta * jnp.where(pair[:, None] == pair[None, :], G, 0.0) @ dL_dl
+
+
+# ----------------------------------------------------------------------------------------------
+# the trainer
+# ----------------------------------------------------------------------------------------------
+def _step_weight(spec, hp, lw, ll, rw, rl, nw, nl, d_w, d_l):
+    """s_i = -m'(z_i) = d_l / h'_l (margin-form losses), else (d_w + d_l) / 2."""
+    if spec.margin is None:
+        return 0.5 * (d_w + d_l)
+
+    def z(a, c):
+        v = losses.PairVars(chosen_logps=a, rejected_logps=c, ref_chosen_logps=rw, ref_rejected_logps=rl,
+                            chosen_len=nw, rejected_len=nl, prompt_logps=jnp.zeros_like(a),
+                            prompt_len=jnp.zeros_like(a))
+        return spec.margin(v, losses.JAX, **hp).sum()
+
+    hl = -jax.grad(z, argnums=1)(lw, ll)
+    return jnp.where(hl != 0, d_l / jnp.where(hl != 0, hl, 1.0), 0.5 * (d_w + d_l))
+
+
+def _precond_vector(cfg: MitigationConfig, opt_state, P: int, dtype):
+    if cfg.optimizer in ("adam", "adamw"):
+        return ravel_pytree(adam_preconditioner(opt_state))[0]
+    return jnp.ones((P,), dtype)
+
+
+def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg: MitigationConfig):
+    """(init_state, step): step(state, key) -> (state, MitigationRecord row). State = (theta_flat,
+    mask logits u_w [B,T_w], u_l [B,T_l], opt_state). See module docstring for the records."""
+    spec = losses.get(cfg.effective_loss)
+    hp = spec.resolve(**dict(cfg.effective_loss_params))
+    B = batch.size
+    b = B if cfg.batch_size in (0, None) or cfg.batch_size >= B else cfg.batch_size
+    nw, nl = batch.chosen_len, batch.rejected_len
+    theta0, unravel = ravel_pytree(params0)
+    n_par = theta0.shape[0]
+    dtype = theta0.dtype
+    tok = lambda th: policy.token_logps(unravel(th), batch)
+    ref_tw, ref_tl = jax.lax.stop_gradient(tok(theta0))
+    om_w, om_l = oracle_masks(batch)
+    opt = make_optimizer(cfg.optimizer, cfg.lr)
+    method = cfg.method
+    learned = method == "learned_mask"
+
+    def masks(u_w, u_l):
+        if method == "oracle_mask":
+            return om_w, om_l
+        if learned:
+            return jax.nn.sigmoid(u_w) * batch.chosen_mask, jax.nn.sigmoid(u_l) * batch.rejected_mask
+        return batch.chosen_mask, batch.rejected_mask
+
+    def eff_logps(th, m_w, m_l):
+        tw, tl = tok(th)
+        return (m_w * tw).sum(-1), (m_l * tl).sum(-1)
+
+    def per_pair(lw, ll, m_w, m_l):
+        rw, rl = (m_w * ref_tw).sum(-1), (m_l * ref_tl).sum(-1)
+        L = spec(lw, ll, rw, rl, nw, nl, **hp)
+        if method == "nll":
+            L = L + cfg.nll_alpha * (-lw / nw)
+        return L, rw, rl
+
+    def objective(th, u_w, u_l, w):
+        m_w, m_l = masks(u_w, u_l)
+        lw, ll = eff_logps(th, m_w, m_l)
+        L = (w * per_pair(lw, ll, m_w, m_l)[0]).sum()
+        if learned:
+            L = L + cfg.mask_l1 * (w * (m_w.sum(-1) + m_l.sum(-1))).sum()
+        return L
+
+    def coefficients(lw_e, ll_e, m_w, m_l, w, Je):
+        """(a, b) with -grad_theta = sum_i a_i g~_w,i - b_i g~_l,i (and, for the normalized methods,
+        the stop-gradient weights of the surrogate)."""
+        gw, gl = jax.grad(lambda x, y: per_pair(x, y, m_w, m_l)[0].sum(), argnums=(0, 1))(lw_e, ll_e)
+        d_w, d_l = -gw, gl
+        if method not in _JACOBIAN_METHODS:
+            return w * d_w, w * d_l
+        _, rw, rl = per_pair(lw_e, ll_e, m_w, m_l)
+        s = jnp.ones_like(d_w) if cfg.weight == "unit" else _step_weight(spec, hp, lw_e, ll_e, rw, rl, nw, nl, d_w, d_l)
+        tiny = jnp.finfo(dtype).tiny
+        Jw, Jl = Je[:B], Je[B:]
+        sq_w, sq_l = (Jw * Jw).sum(1), (Jl * Jl).sum(1)
+        if method == "normalized":
+            return w * s / jnp.sqrt(jnp.maximum(sq_w, tiny)), w * s / jnp.sqrt(jnp.maximum(sq_l, tiny))
+        if method == "normalized_sq":
+            return w * s / jnp.maximum(sq_w, tiny), w * s / jnp.maximum(sq_l, tiny)
+        # normalized_batch
+        u_w, u_l = Jw.T @ (w * s), Jl.T @ (w * s)
+        s_bar = (w * s).sum()
+        return (s_bar * w * s / jnp.maximum(jnp.linalg.norm(u_w), tiny),
+                s_bar * w * s / jnp.maximum(jnp.linalg.norm(u_l), tiny))
+
+    def jac(th, m_w, m_l):
+        return jax.jacrev(lambda t: jnp.concatenate(eff_logps(t, m_w, m_l)))(th)
+
+    def init_state():
+        Tw, Tl = batch.chosen.shape[1], batch.rejected.shape[1]
+        u_w = jnp.full((B, Tw), cfg.mask_init, dtype)
+        u_l = jnp.full((B, Tl), cfg.mask_init, dtype)
+        return theta0, u_w, u_l, opt.init(theta0)
+
+    def step(state, key):
+        th, u_w, u_l, opt_state = state
+        idx = jax.random.choice(key, B, (b,), replace=False) if b < B else jnp.arange(B)
+        w = jnp.zeros((B,), dtype).at[idx].set(1.0 / b)
+        m_w, m_l = jax.lax.stop_gradient(masks(u_w, u_l))
+        need_jac = cfg.record or method in _JACOBIAN_METHODS
+        lw_e, ll_e = eff_logps(th, m_w, m_l)
+        Je = jac(th, m_w, m_l) if need_jac else None
+        if method in _JACOBIAN_METHODS:
+            a, bb = jax.lax.stop_gradient(coefficients(lw_e, ll_e, m_w, m_l, w, Je))
+
+            def surrogate(t):  # R19: -sum_i s_i (l_w / sg|g_w| - l_l / sg|g_l|) (weights folded into a, b)
+                x, y = eff_logps(t, m_w, m_l)
+                return -(a * x - bb * y).sum()
+
+            g_th = jax.grad(surrogate)(th)
+            g_uw = g_ul = None
+        else:
+            g_th, g_uw, g_ul = jax.grad(objective, argnums=(0, 1, 2))(th, u_w, u_l, w)
+        updates, new_opt_state = opt.update(g_th, opt_state, th)
+        th1 = optax.apply_updates(th, updates)
+        if learned:
+            u_w, u_l = u_w - cfg.mask_lr * g_uw, u_l - cfg.mask_lr * g_ul
+        tw, tl = tok(th)
+        lw, ll = tw.sum(-1), tl.sum(-1)
+        tw1, tl1 = tok(th1)
+        loss_val = per_pair(lw_e, ll_e, m_w, m_l)[0]
+        zeros = jnp.zeros_like(lw)
+        rec = dict(chosen_logps=lw, rejected_logps=ll, loss=loss_val, real_chosen=tw1.sum(-1) - lw,
+                   real_rejected=tl1.sum(-1) - ll, mask_w=m_w, mask_l=m_l)
+        if not cfg.record:
+            rec.update({k: zeros for k in MitigationRecord._fields if k not in rec})
+            return (th1, u_w, u_l, new_opt_state), MitigationRecord(**rec)
+        if method in _JACOBIAN_METHODS:
+            a_c, b_c = a, bb
+        else:
+            a_c, b_c = jax.lax.stop_gradient(coefficients(lw_e, ll_e, m_w, m_l, w, Je))
+        J = jac(th, jnp.ones_like(m_w) * batch.chosen_mask, jnp.ones_like(m_l) * batch.rejected_mask) \
+            if method in _MASK_METHODS else Je
+        c = jnp.concatenate([a_c, -b_c])
+        eta = cfg.lr
+        Pv = _precond_vector(cfg, new_opt_state, n_par, dtype)
+        own = jnp.concatenate([jnp.arange(B), jnp.arange(B)])
+        same = own[:, None] == own[None, :]
+        out = {}
+        for tag, G in (("", J @ Je.T), ("pc_", (J * Pv) @ Je.T)):
+            bp = eta * G @ c
+            pp = eta * jnp.where(same, G, 0.0) @ c
+            out[tag + "batch_pred_chosen"], out[tag + "batch_pred_rejected"] = bp[:B], bp[B:]
+            out[tag + "pair_pred_chosen"], out[tag + "pair_pred_rejected"] = pp[:B], pp[B:]
+        if cfg.optimizer not in ("adam", "adamw"):
+            out.update({k: zeros for k in out if k.startswith("pc_")})
+        Jw, Jl, Ew, El = J[:B], J[B:], Je[:B], Je[B:]
+        lin = J @ updates
+        rec.update(out, G_ww=(Jw * Jw).sum(1), G_wl=(Jw * Jl).sum(1), G_ll=(Jl * Jl).sum(1),
+                   Ge_ww=(Ew * Ew).sum(1), Ge_wl=(Ew * El).sum(1), Ge_ll=(El * El).sum(1),
+                   lin_chosen=lin[:B], lin_rejected=lin[B:])
+        return (th1, u_w, u_l, new_opt_state), MitigationRecord(**rec)
+
+    return init_state, step
+
+
+def train_mitigation(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array
+                     ) -> MitigationRecord:
+    """One run as a single `lax.scan` (jitted). Returns [S, B] records (masks [S, B, T]).
+
+    Reference = the initial policy (r = 0 at step 0), as in `train.train`.
+    """
+    return _compiled_run(policy, params, batch, cfg)(key)
+
+
+def _compiled_run(policy, params, batch, cfg):
+    init_state, step = make_mitigation_step(policy, params, batch, cfg)
+
+    @jax.jit
+    def run(key):
+        state = init_state()
+        _, rec = jax.lax.scan(step, state, jax.random.split(key, cfg.steps))
+        return rec
+
+    return run
+
+
+def timed_run(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array
+              ) -> tuple[MitigationRecord, float]:
+    """(records, wall seconds per step of the compiled run, compile time excluded)."""
+    run = jax.jit(_compiled_run(policy, params, batch, cfg)).lower(key).compile()
+    t0 = time.perf_counter()
+    rec = jax.block_until_ready(run(key))
+    return rec, (time.perf_counter() - t0) / cfg.steps
+
+
+# ----------------------------------------------------------------------------------------------
+# summaries
+# ----------------------------------------------------------------------------------------------
+def _flip(a_w, a_l, b_w, b_l) -> np.ndarray:
+    return regimes.classify(np.asarray(a_w), np.asarray(a_l)) != regimes.classify(np.asarray(b_w), np.asarray(b_l))
+
+
+def _sign_agree(pw, pl, rw, rl, lw, ll) -> tuple[float, int]:
+    eps = np.finfo(np.asarray(pw).dtype).eps
+    agree = total = 0
+    for p, r, lev in ((pw, rw, lw), (pl, rl, ll)):
+        p, r = np.asarray(p), np.asarray(r)
+        sel = np.abs(p) > 100 * eps * (1 + np.abs(np.asarray(lev)))
+        agree += int((np.sign(p[sel]) == np.sign(r[sel])).sum())
+        total += int(sel.sum())
+    return (agree / total if total else float("nan")), total
+
+
+def summarize(rec: MitigationRecord) -> dict[str, Any]:
+    """Plain-float statistics of one run ([S, B] records).
+
+    ideal_fraction            realised (step, pair) changes with chosen up and rejected down
+    delta_chosen/_rejected    mean over pairs of l(final) - l(initial)
+    preference_accuracy       fraction of pairs with r_w > r_l at the end (TRL rewards/accuracies;
+                              r = l - l_init; reference = initial policy)
+    rho_first / rho_last, rho_eff_first / rho_eff_last     mean over pairs of rho (full / effective
+                              gradients; R20 changes the effective one)
+    pair_pred_ideal_fraction  one-pair SGD theory in the ideal regime (R19: 1.0)
+    batch_vs_pair_flip        fraction of (step, pair) whose batch-level predicted regime differs
+                              from the one-pair prediction (item 5)
+    sgd_vs_precond_flip       fraction whose one-pair regime with P differs from the SGD one (item 4;
+                              NaN without an Adam preconditioner)
+    sign_agreement_lin / _batch_pred / _pc_batch_pred / _pc_pair_pred   realised vs predicted signs
+    """
+    t = jax.tree.map(np.asarray, rec)
+    out: dict[str, Any] = {}
+    codes = regimes.classify(t.real_chosen, t.real_rejected)
+    out["ideal_fraction"] = float(np.mean(codes == regimes.CHOSEN_UP_REJECTED_DOWN))
+    out["regime_fractions"] = regimes.fractions(codes)
+    fw = t.chosen_logps[-1] + t.real_chosen[-1]
+    fl = t.rejected_logps[-1] + t.real_rejected[-1]
+    out["delta_chosen"] = float(np.mean(fw - t.chosen_logps[0]))
+    out["delta_rejected"] = float(np.mean(fl - t.rejected_logps[0]))
+    out["preference_accuracy"] = float(np.mean((fw - t.chosen_logps[0]) > (fl - t.rejected_logps[0])))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.maximum(t.G_wl / t.G_ww, t.G_wl / t.G_ll)
+        rho_e = np.maximum(t.Ge_wl / t.Ge_ww, t.Ge_wl / t.Ge_ll)
+    out["rho_first"], out["rho_last"] = float(np.nanmean(rho[0])), float(np.nanmean(rho[-1]))
+    out["rho_eff_first"], out["rho_eff_last"] = float(np.nanmean(rho_e[0])), float(np.nanmean(rho_e[-1]))
+    pp = regimes.classify(t.pair_pred_chosen, t.pair_pred_rejected)
+    out["pair_pred_ideal_fraction"] = float(np.mean(pp == regimes.CHOSEN_UP_REJECTED_DOWN))
+    out["batch_vs_pair_flip"] = float(np.mean(_flip(t.pair_pred_chosen, t.pair_pred_rejected,
+                                                     t.batch_pred_chosen, t.batch_pred_rejected)))
+    has_pc = bool(np.any(t.pc_pair_pred_chosen != 0))
+    out["sgd_vs_precond_flip"] = float(np.mean(_flip(t.pair_pred_chosen, t.pair_pred_rejected, t.pc_pair_pred_chosen,
+                                                      t.pc_pair_pred_rejected))) if has_pc else float("nan")
+    for name, pw, pl in (("lin", t.lin_chosen, t.lin_rejected), ("batch_pred", t.batch_pred_chosen, t.batch_pred_rejected),
+                         ("pair_pred", t.pair_pred_chosen, t.pair_pred_rejected),
+                         ("pc_batch_pred", t.pc_batch_pred_chosen, t.pc_batch_pred_rejected),
+                         ("pc_pair_pred", t.pc_pair_pred_chosen, t.pc_pair_pred_rejected)):
+        if name.startswith("pc_") and not has_pc:
+            out["sign_agreement_" + name] = float("nan")
+            continue
+        out["sign_agreement_" + name] = _sign_agree(pw, pl, t.real_chosen, t.real_rejected, t.chosen_logps,
+                                                    t.rejected_logps)[0]
+    out["mask_fraction_last"] = float(np.mean(np.concatenate([t.mask_w[-1].ravel(), t.mask_l[-1].ravel()])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# settings and the comparison runner (item 6)
+# ----------------------------------------------------------------------------------------------
+SETTINGS = ("tabular", "linear", "lastlayer-1t", "lastlayer-short", "lastlayer-long", "transformer-long")
+DEFAULT_LR = {"tabular": 0.5, "linear": 0.5, "lastlayer-1t": 2.0, "lastlayer-short": 2.0,
+              "lastlayer-long": 2.0, "transformer-long": 0.5}
+
+
+def build_setting(name: str, key: Array, *, pairs: int = 8, sft_steps: int = 150):
+    """(policy, params, batch) of a comparison setting.
+
+    tabular           softmax bandit, geometry pairs cos = -0.3, |g_l|/|g_w| = 1.5 (R15: always Case 1)
+    linear            linear-softmax geometry pairs cos = 0.9, ratio 2 (R7: 'both down' under DPO)
+    lastlayer-*       Setting A, K = 8, d = 8, prompt 2: '1t' (R15), shared suffix L = 4 / 16 (R17)
+    transformer-long  tiny decoder (1 layer, d_model 32) on the sentiment task, long suffix (16),
+                      after `sft_steps` Adam SFT steps on "prompt -> label word + suffix"
+    """
+    from . import data
+    from .policies import lastlayer
+
+    if name == "tabular":
+        gp = data.geometry_pairs(key, "softmax", pairs, K=6, target_cos=-0.3, norm_ratio=1.5)
+        return gp.policy(), gp.params, gp.batch
+    if name == "linear":
+        gp = data.geometry_pairs(key, "linear", pairs, K=6, target_cos=0.9, norm_ratio=2.0, d=4)
+        return gp.policy(), gp.params, gp.batch
+    if name.startswith("lastlayer-"):
+        k_data, k_init = jax.random.split(key)
+        kind = name.split("-", 1)[1]
+        if kind == "1t":
+            batch = data.one_token(k_data, pairs, K=8, prompt_len=2)
+        else:
+            batch = data.shared_suffix(k_data, pairs, K=8, prompt_len=2, L=4 if kind == "short" else 16)
+        pol = lastlayer.make(lastlayer.LastLayerConfig(K=8, d=8))
+        return pol, pol.init(k_init), batch
+    if name == "transformer-long":
+        return _transformer_setting(key, pairs, sft_steps)
+    raise ValueError(f"unknown setting {name!r}; valid: {', '.join(SETTINGS)}")
+
+
+def _transformer_setting(key, pairs, sft_steps, mode="long"):
+    from . import sentiment
+    from .policies import transformer
+
+    scfg = sentiment.SentimentConfig(mode=mode, prompt_len=6, short_len=4, long_len=16, n_pos_words=4,
+                                     n_neg_words=4, n_neutral=8, n_suffix_vocab=12)
+    tcfg = transformer.TransformerConfig(vocab=scfg.vocab_size, d_model=32, n_layers=1, n_heads=2,
+                                         max_len=scfg.prompt_len + scfg.T)
+    pol = transformer.make(tcfg)
+    k_init, k_sft, k_pairs = jax.random.split(key, 3)
+    params = pol.init(k_init)
+    opt = optax.adam(3e-3)
+
+    def sft_loss(p, k):
+        d = sentiment.sft_data(scfg, k, 32)
+        tok = jax.vmap(lambda x, y, m: transformer.sequence_token_logps(tcfg, p, x, y, m))(
+            d.prompt, d.response, d.response_mask)
+        return -tok.sum() / d.response_mask.sum()
+
+    @jax.jit
+    def sft(p):
+        def body(carry, k):
+            p, s = carry
+            g = jax.grad(sft_loss)(p, k)
+            u, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, u), s), None
+        return jax.lax.scan(body, (p, opt.init(p)), jax.random.split(k_sft, sft_steps))[0][0]
+
+    if sft_steps > 0:
+        params = sft(params)
+    return pol, params, sentiment.preference_pairs(scfg, k_pairs, pairs)
+
+
+COMPARISON_METHODS = ("baseline", "normalized", "normalized_batch", "oracle_mask", "learned_mask", "dpop", "nll")
+
+
+def run_comparison(settings=SETTINGS, methods=COMPARISON_METHODS, *, steps: int = 40, pairs: int = 8,
+                   seed: int = 0, optimizer: str = "sgd", lr: dict | float | None = None, loss: str = "sigmoid",
+                   loss_params: tuple = (), sft_steps: int = 150, keep_records: bool = False,
+                   progress=None) -> dict[str, Any]:
+    """Method x setting comparison (issue 5 item 6). Returns {'rows': [...], 'records': {...}}; each row:
+    setting, method, optimizer, ideal_fraction, delta_chosen, delta_rejected, preference_accuracy,
+    sec_per_step (compiled, recorded step), rho/rho_eff, batch_vs_pair_flip, sgd_vs_precond_flip,
+    sign agreements. lr: per-setting dict (default DEFAULT_LR) or one float."""
+    rows, recs = [], {}
+    key = jax.random.PRNGKey(seed)
+    for si, setting in enumerate(settings):
+        pol, params, batch = build_setting(setting, jax.random.fold_in(key, si), pairs=pairs, sft_steps=sft_steps)
+        eta = (lr if isinstance(lr, (int, float)) else (lr or DEFAULT_LR).get(setting, 0.1))
+        if optimizer in ("adam", "adamw") and not isinstance(lr, (int, float)):
+            eta = 0.01 * eta
+        for method in methods:
+            cfg = MitigationConfig(method=method, loss=loss, loss_params=loss_params, optimizer=optimizer,
+                                   lr=float(eta), steps=steps)
+            rec, sec = timed_run(pol, params, batch, cfg, jax.random.fold_in(key, 1000 + si))
+            s = summarize(rec)
+            row = {"setting": setting, "method": method, "optimizer": optimizer, "lr": float(eta),
+                   "sec_per_step": sec, **{k: v for k, v in s.items() if k != "regime_fractions"}}
+            rows.append(row)
+            if keep_records:
+                recs[(setting, method)] = jax.tree.map(np.asarray, rec)
+            if progress:
+                progress(row)
+    return {"rows": rows, "records": recs}
+
+
+TABLE_COLUMNS = (("setting", "{}"), ("method", "{}"), ("ideal_fraction", "{:.3f}"), ("delta_chosen", "{:+.3f}"),
+                 ("delta_rejected", "{:+.3f}"), ("preference_accuracy", "{:.2f}"), ("sec_per_step", "{:.2e}"),
+                 ("rho_first", "{:.2f}"), ("rho_eff_first", "{:.2f}"), ("batch_vs_pair_flip", "{:.3f}"),
+                 ("sgd_vs_precond_flip", "{:.3f}"))
+
+
+def format_table(rows, columns=TABLE_COLUMNS) -> str:
+    """Markdown table of comparison rows."""
+    head = "| " + " | ".join(c for c, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(f.format(r[c]) if r.get(c) is not None else "" for c, f in columns) + " |"
+            for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def run_with_mitigation(policy: Policy, params: PyTree, batch: PairBatch, cfg: TrainConfig, mitigation: str,
+                        key: Array, **kw) -> tuple[MitigationRecord, dict[str, Any]]:
+    """Hook for `entangle-sim simulate --mitigation NAME`: run `cfg` (loss, optimizer, lr, steps,
+    batch size) with a mitigation and return (records [S, B], summary dict). mitigation 'none' or
+    'baseline' is the plain loss; kw go to MitigationConfig (weight, nll_alpha, mask_l1, ...).
+
+    >>> rec, summary = run_with_mitigation(pol, params, batch, TrainConfig(lr=0.05, steps=50), "normalized", key)
+    """
+    method = "baseline" if mitigation in (None, "none") else mitigation
+    mcfg = MitigationConfig.from_train_config(cfg, method, **kw)
+    rec = train_mitigation(policy, params, batch, mcfg, key)
+    return rec, summarize(rec)
