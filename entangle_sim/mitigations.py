@@ -209,7 +209,7 @@ def adam_preconditioner(opt_state, eps: float | None = None, *, b2: float | None
     if st is None:
         raise ValueError("no optax ScaleByAdamState found in opt_state (use optimizer 'adam' or 'adamw')")
     hyper = getattr(opt_state, "hyperparams", {}) or {}
-    eps = float(hyper.get("eps", 1e-8)) if eps is None else eps
+    eps = hyper.get("eps", 1e-8) if eps is None else eps
     b2 = hyper.get("b2", 0.999) if b2 is None else b2
     count = jnp.maximum(st.count, 1)
     corr = 1.0 - jnp.asarray(b2, jnp.result_type(float)) ** count
@@ -446,6 +446,18 @@ def _compiled_run(policy, params, batch, cfg):
         return rec
 
     return run
+
+
+def train_per_pair(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array
+                   ) -> MitigationRecord:
+    """Each pair trained ALONE from the same initial params (vmapped over pairs, one compilation):
+    the setting of the one-pair theory (no cross-pair terms). Returns records [B, S, 1]."""
+    def one(ex):
+        sub = jax.tree.map(lambda x: x[None], ex)
+        init_state, step = make_mitigation_step(policy, params, sub, cfg)
+        return jax.lax.scan(step, init_state(), jax.random.split(key, cfg.steps))[1]
+
+    return jax.jit(jax.vmap(one))(batch)
 
 
 def timed_run(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import data, results
 from .policies import lastlayer, softmax
-from .train import TrainConfig, Trajectory, sweep, train
+from .train import TrainConfig, Trajectory, pretrain_sft, sweep, train
 
 POLICIES = ("softmax", "linear", "lastlayer", "lastlayer-embed")
 TASKS = ("geometry", "1t", "suffix", "prefix", "edit")
@@ -40,6 +40,8 @@ class SimConfig:
     edit_k: int = 2
     decay: float = 0.5
     init_noise: float = 0.0
+    sft_steps: int = 0
+    sft_lr: float = 0.05
     train: TrainConfig = TrainConfig()
 
     def __post_init__(self):
@@ -57,6 +59,8 @@ class SimConfig:
             raise ValueError(f"suffix/prefix length L must be >= 0, got L={self.L}")
         if self.pairs < 1:
             raise ValueError(f"pairs must be >= 1, got {self.pairs}")
+        if self.sft_steps < 0:
+            raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps}")
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -65,7 +69,17 @@ class SimConfig:
 
 
 def build(cfg: SimConfig, key):
-    """(policy, initial params, batch) for a config, deterministic in `key`."""
+    """(policy, initial params, batch) for a config, deterministic in `key`.
+
+    With sft_steps > 0 the initial params are an SFT warm start on the chosen responses.
+    """
+    pol, params, batch = _build_raw(cfg, key)
+    if cfg.sft_steps > 0:
+        params = pretrain_sft(pol, params, batch, steps=cfg.sft_steps, lr=cfg.sft_lr)
+    return pol, params, batch
+
+
+def _build_raw(cfg: SimConfig, key):
     if cfg.task == "geometry":
         gp = data.geometry_pairs(key, cfg.policy, cfg.pairs, cfg.K, cfg.cos, cfg.norm_ratio, d=cfg.d)
         return gp.policy(), gp.params, gp.batch
@@ -113,7 +127,7 @@ def run_sweep(cfg: SimConfig, seed: int, runs: int, *, out=None, chunk: int | No
         if path is not None and path.exists():
             parts.append(Trajectory(**results.load_npz(path)))
             continue
-        params0 = params if cfg.task == "geometry" else None
+        params0 = params if (cfg.task == "geometry" or cfg.sft_steps > 0) else None
         traj = sweep(pol, batch, cfg.train, jax.random.fold_in(key, i + 1), n, params0=params0,
                      init_noise=cfg.init_noise)
         traj = jax.tree.map(np.asarray, traj)

@@ -226,6 +226,28 @@ def train(policy: Policy, params: PyTree, batch: PairBatch, cfg: TrainConfig, ke
                       real_chosen=real_w, real_rejected=real_l)
 
 
+def pretrain_sft(policy: Policy, params: PyTree, batch: PairBatch, *, steps: int = 100, lr: float = 0.05,
+                 optimizer: str = "adam") -> PyTree:
+    """Supervised warm start on the chosen responses (TRL `sft` loss), as one compiled scan.
+
+    Preference optimisation in practice starts from an SFT model in which the chosen responses
+    are already likely; the reference model is then this SFT policy (THEORY §6.3).
+    """
+    cfg = TrainConfig(loss="sft", optimizer=optimizer, lr=lr, steps=steps, record=False)
+    step = make_step(policy, batch, cfg, jax.lax.stop_gradient(policy.logps(params, batch)))
+    opt_state = make_optimizer(optimizer, lr).init(params)
+
+    @jax.jit
+    def run(p, s):
+        def body(c, k):
+            p, s = c
+            p, s, _ = step(p, s, k, lr)
+            return (p, s), None
+        return jax.lax.scan(body, (p, s), jax.random.split(jax.random.PRNGKey(0), steps))[0][0]
+
+    return run(params, opt_state)
+
+
 def sweep(policy: Policy, batch: PairBatch, cfg: TrainConfig, key: Array, runs: int, *, params0=None,
           lrs=None, hps: dict | None = None, init_noise: float = 0.0) -> Trajectory:
     """`runs` runs vmapped in one compiled program; [R, S, B] records.

@@ -218,3 +218,19 @@ print(jax.process_count(), repr(float(t.chosen_logps.sum())), flush=True)
     for o in outs:  # the last stdout line is ours (gloo prints connection lines to stdout too)
         n, total = o[0].strip().splitlines()[-1].split()
         assert n == "2" and float(total) == float(total1)
+
+
+def test_R17_shared_suffix_after_sft_cosine_grows_and_chosen_falls_more():
+    """Paper §6.3 claims on the last-layer toy (SFT warm start, then DPO; reference = SFT model):
+    one differing token -> negative cosine; a longer shared suffix -> higher cosine and a larger
+    fall of the chosen log-prob (R17: the common mode dominates)."""
+    res = {}
+    for L in (0, 16):
+        cfg = SimConfig(policy="lastlayer", task="suffix", L=L, pairs=16, K=8, d=8, sft_steps=100,
+                        train=train.TrainConfig(loss="sigmoid", optimizer="sgd", lr=0.5, steps=60))
+        s = train.summarize(run_sweep(cfg, 0, 1, progress=False))
+        res[L] = s
+    assert res[0]["mean_cos_first_step"] < 0 < res[16]["mean_cos_first_step"]
+    assert res[16]["mean_cos_first_step"] > 0.7
+    assert res[16]["mean_delta_chosen"] < res[0]["mean_delta_chosen"]
+    assert res[16]["regime_fractions"]["both_down"] > 0.5

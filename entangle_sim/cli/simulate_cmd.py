@@ -28,6 +28,7 @@ def register(sub) -> None:
     p.add_argument("--norm-ratio", type=float, default=2.0, help="geometry task: initial |g_l|/|g_w|")
     p.add_argument("--batch-size", type=int, default=0, help="pairs per step (0: full batch)")
     p.add_argument("--init-noise", type=float, default=0.0)
+    p.add_argument("--sft-steps", type=int, default=0, help="SFT warm start on chosen responses first")
     p.add_argument("--out", default=None, help="write trajectories (npz + config.json); resumes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
@@ -52,7 +53,8 @@ def run(args) -> int:
     tcfg = TrainConfig(loss=spec.name, loss_params=tuple(sorted(params.items())), optimizer=args.optimizer,
                        lr=args.lr, steps=args.steps, batch_size=args.batch_size)
     cfg = SimConfig(policy=args.policy, task=args.task, pairs=args.pairs, K=args.K, d=args.d, cos=args.cos,
-                    norm_ratio=args.norm_ratio, L=args.suffix_len, init_noise=args.init_noise, train=tcfg)
+                    norm_ratio=args.norm_ratio, L=args.suffix_len, init_noise=args.init_noise,
+                    sft_steps=args.sft_steps, train=tcfg)
     traj = run_sweep(cfg, args.seed, args.runs, out=args.out)
     summary = {"config": cfg.as_dict(), "runs": args.runs, "seed": args.seed, **summarize(traj)}
     if args.out:
