@@ -251,7 +251,7 @@ def batch_gram(logp_fn, params: PyTree, batch: PairBatch, precond: PyTree | None
     J = jax.jacrev(lambda f: jnp.concatenate(logp_fn(unravel(f), batch)))(flat)
     if precond is None:
         return J @ J.T
-    return (J * ravel_pytree(precond)[0]) @ J.T
+    return (J * ravel_pytree(precond)[0][None, :]) @ J.T
 
 
 def batch_first_order(G: Array, dL_dl: Array, eta) -> Array:
@@ -410,7 +410,7 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
         own = jnp.concatenate([jnp.arange(B), jnp.arange(B)])
         same = own[:, None] == own[None, :]
         out = {}
-        for tag, G in (("", J @ Je.T), ("pc_", (J * Pv) @ Je.T)):
+        for tag, G in (("", J @ Je.T), ("pc_", (J * Pv[None, :]) @ Je.T)):
             bp = eta * G @ c
             pp = eta * jnp.where(same, G, 0.0) @ c
             out[tag + "batch_pred_chosen"], out[tag + "batch_pred_rejected"] = bp[:B], bp[B:]
@@ -542,8 +542,8 @@ def summarize(rec: MitigationRecord) -> dict[str, Any]:
 # settings and the comparison runner (item 6)
 # ----------------------------------------------------------------------------------------------
 SETTINGS = ("tabular", "linear", "lastlayer-1t", "lastlayer-short", "lastlayer-long", "transformer-long")
-DEFAULT_LR = {"tabular": 0.5, "linear": 0.5, "lastlayer-1t": 2.0, "lastlayer-short": 2.0,
-              "lastlayer-long": 2.0, "transformer-long": 0.5}
+DEFAULT_LR = {"tabular": 0.5, "linear": 0.5, "lastlayer-1t": 0.5, "lastlayer-short": 0.5,
+              "lastlayer-long": 0.5, "transformer-long": 0.5}
 
 
 def build_setting(name: str, key: Array, *, pairs: int = 8, sft_steps: int = 150):

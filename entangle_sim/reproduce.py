@@ -42,17 +42,17 @@ MAP_STATE = dict(chosen_logps=-21.0, rejected_logps=-24.0, ref_chosen_logps=-20.
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(grid=24, fig1_pairs=4, fig1_steps=20, algo_pairs=4, algo_steps=20, lr=0.5,
-                 suffix_Ls=(0, 2, 8), suffix_pairs=4, suffix_steps=10, heat_L=4,
+                 suffix_Ls=(0, 2, 8), suffix_pairs=4, suffix_steps=10, heat_L=4, sft_steps=20,
                  diag=dict(sft_steps=2, po_steps=2, log_every=1, n_eval_pairs=4, d_model=16, n_layers=1,
                            n_heads=2, sft_batch=8, po_batch=4, long_len=6),
                  report=dict(points=64, r15_draws=2000, r4_pairs=64, r9_draws=32, grams=2000, r19_pairs=200)),
     "quick": dict(grid=81, fig1_pairs=16, fig1_steps=200, algo_pairs=16, algo_steps=200, lr=0.5,
-                  suffix_Ls=(0, 1, 2, 4, 8, 16, 32), suffix_pairs=16, suffix_steps=100, heat_L=8,
+                  suffix_Ls=(0, 1, 2, 4, 8, 16, 32), suffix_pairs=16, suffix_steps=60, heat_L=8, sft_steps=100,
                   diag=dict(sft_steps=100, po_steps=60, log_every=10, n_eval_pairs=16),
                   report=dict(points=1000, r15_draws=20000, r4_pairs=256, r9_draws=200, grams=20000,
                               r19_pairs=1000)),
     "full": dict(grid=201, fig1_pairs=32, fig1_steps=400, algo_pairs=32, algo_steps=400, lr=0.5,
-                 suffix_Ls=(0, 1, 2, 4, 8, 16, 32, 64), suffix_pairs=32, suffix_steps=200, heat_L=12,
+                 suffix_Ls=(0, 1, 2, 4, 8, 16, 32, 64), suffix_pairs=32, suffix_steps=120, heat_L=12, sft_steps=100,
                  diag=dict(),  # DiagnoseConfig defaults
                  report=dict(points=5000, r15_draws=20000, r4_pairs=1024, r9_draws=500, grams=100000,
                              r19_pairs=1000)),
@@ -205,7 +205,7 @@ def build_table1(p, seed) -> dict[str, Any]:
     return {"rho_w": ax, "rho_l": ax, "code": code.astype(int), "regimes": list(regimes.REGIMES)}
 
 
-def regime_grid(name: str, state: dict, n: int, *, cos_range=(-1.0, 1.0), ratio_range=(0.1, 10.0)):
+def regime_grid(name: str, state: dict, n: int, *, cos_range=(-1.0, 1.0), ratio_range=(0.1, 10.0), hp=None):
     """Regime codes of loss `name` on the plane (cos, r = |g_l|/|g_w|) at a pair state.
 
     G_ww = 1, G_ll = r^2, G_wl = cos r; first-order changes from the symbolic engine's
@@ -213,7 +213,8 @@ def regime_grid(name: str, state: dict, n: int, *, cos_range=(-1.0, 1.0), ratio_
     ratio [n] (log-spaced), code [n, n] (rows = ratio), delta_chosen, delta_rejected [n, n]."""
     from . import regimes
 
-    spec, der, hp = derivation(name)
+    spec, der, hp0 = derivation(name)
+    hp = {**hp0, **{k: float(v) for k, v in (hp or {}).items()}}
     cos = np.linspace(*cos_range, n)
     ratio = np.geomspace(*ratio_range, n)
     C, R = np.meshgrid(cos, ratio, indexing="xy")
@@ -225,6 +226,28 @@ def regime_grid(name: str, state: dict, n: int, *, cos_range=(-1.0, 1.0), ratio_
             "delta_chosen": dcw, "delta_rejected": dcl,
             "chosen_threshold": str(der.chosen_threshold), "rejected_threshold": str(der.rejected_threshold),
             "d_w": float(np.asarray(der.d_w(**vals)).ravel()[0]), "d_l": float(np.asarray(der.d_l(**vals)).ravel()[0])}
+
+
+def explore(loss: str, *, beta: float | None = None, chosen_len: float = 10.0, rejected_len: float = 15.0,
+            cos: float = 0.9, ratio: float = 2.0, n: int = 61, state: dict | None = None):
+    """Conditions explorer: (regime-map data of one loss at the given beta and lengths, the
+    first-order prediction at the point (cos, |g_l|/|g_w|) with G_ww = 1, eta = 1)."""
+    from . import regimes
+
+    spec, der, hp0 = derivation(loss)
+    hp = dict(hp0)
+    if beta is not None and "beta" in hp:
+        hp["beta"] = float(beta)
+    st = dict(state or MAP_STATE, chosen_len=float(chosen_len), rejected_len=float(rejected_len))
+    grid = regime_grid(loss, st, n, hp=hp)
+    maps = {"losses": [loss], "cos": grid["cos"], "ratio": grid["ratio"], "code": grid["code"][None],
+            "chosen_threshold": [grid["chosen_threshold"]], "rejected_threshold": [grid["rejected_threshold"]],
+            "d_w": [grid["d_w"]], "d_l": [grid["d_l"]], "state": st}
+    ev = der.evaluate(**st, **hp, G_ww=1.0, G_wl=cos * ratio, G_ll=ratio ** 2, eta=1.0)
+    pred = {k: float(ev[k]) for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "delta_margin")}
+    pred["regime"] = regimes.REGIMES[int(ev["regime_code"])]
+    pred["hyperparameters"] = hp
+    return maps, pred
 
 
 def _build_maps(names, p):
@@ -273,7 +296,7 @@ def build_condition_table(p, seed):
 def _sim(loss, cos, ratio, pairs, steps, lr, seed, K=8, d=8):
     import jax
 
-    from . import simulate, train
+    from . import regimes, simulate, train
     from .train import TrainConfig
 
     cfg = simulate.SimConfig(policy="linear", task="geometry", pairs=pairs, K=K, d=d, cos=cos, norm_ratio=ratio,
@@ -284,8 +307,7 @@ def _sim(loss, cos, ratio, pairs, steps, lr, seed, K=8, d=8):
     lw = np.concatenate([t.chosen_logps, t.chosen_logps[-1:] + t.real_chosen[-1:]]).mean(1)
     ll = np.concatenate([t.rejected_logps, t.rejected_logps[-1:] + t.real_rejected[-1:]]).mean(1)
     return {"chosen": lw, "rejected": ll, "step": np.arange(steps + 1),
-            "pred_regime_first": {k: float(v) for k, v in __import__("entangle_sim").regimes.fractions(
-                t.regime_pred[0]).items()},
+            "pred_regime_first": regimes.fractions(t.regime_pred[0]),
             "predicted_regime_fractions": s["predicted_regime_fractions"],
             "regime_fractions": s["regime_fractions"], "mean_delta_chosen": s["mean_delta_chosen"],
             "mean_delta_rejected": s["mean_delta_rejected"], "mean_delta_margin": s["mean_delta_margin"],
@@ -352,11 +374,12 @@ def build_suffix_cos(p, seed):
 
 
 def build_suffix_dynamics(p, seed):
-    """Fig. 3 toy analogue on the last-layer model: DPO on '1t' (L = 0), short and long shared
-    suffixes; mean chosen / rejected log-probs over SGD steps."""
+    """Fig. 3 toy analogue on the last-layer model: SFT warm start on the chosen responses, then DPO
+    (reference = SFT policy, SGD) on '1t' (L = 0), short and long shared suffixes; mean chosen /
+    rejected log-prob changes over steps."""
     import jax
 
-    from . import simulate, train
+    from . import simulate
     from .train import TrainConfig
 
     Ls = p["suffix_Ls"]
@@ -364,33 +387,36 @@ def build_suffix_dynamics(p, seed):
     runs = {}
     for L in chosen_L:
         cfg = simulate.SimConfig(policy="lastlayer", task="suffix", pairs=p["suffix_pairs"], K=8, d=8, L=int(L),
-                                 train=TrainConfig(loss="sigmoid", optimizer="sgd", lr=0.1,
+                                 sft_steps=p["sft_steps"],
+                                 train=TrainConfig(loss="sigmoid", optimizer="sgd", lr=0.5,
                                                    steps=p["suffix_steps"], record=False))
         tr = jax.tree.map(np.asarray, simulate.run(cfg, jax.random.PRNGKey(seed)))
         lw = np.concatenate([tr.chosen_logps, tr.chosen_logps[-1:] + tr.real_chosen[-1:]])
         ll = np.concatenate([tr.rejected_logps, tr.rejected_logps[-1:] + tr.real_rejected[-1:]])
-        s = train.summarize(tr)
         runs[f"L={int(L)}"] = {"chosen": (lw - lw[0]).mean(1), "rejected": (ll - ll[0]).mean(1),
                                "step": np.arange(lw.shape[0]), "L": int(L),
-                               "mean_delta_chosen": s["mean_delta_chosen"],
-                               "mean_delta_rejected": s["mean_delta_rejected"]}
-    return {"runs": runs, "order": list(runs)}
+                               "mean_delta_chosen": float((lw[-1] - lw[0]).mean()),
+                               "mean_delta_rejected": float((ll[-1] - ll[0]).mean())}
+    return {"runs": runs, "order": list(runs), "sft_steps": p["sft_steps"]}
 
 
 def build_token_heatmap(p, seed):
-    """Token x token gradient cosines (Fig. 4b toy analogue): Setting A, one shared-suffix pair."""
+    """Token x token gradient cosines (Fig. 4b toy analogue): Setting A after an SFT warm start on
+    the chosen responses, one shared-suffix pair."""
     import jax
 
-    from . import data, geometry
+    from . import geometry, simulate
 
-    K, L = 8, p["heat_L"]
-    _, pol, params = _lastlayer(K, 8, seed + 1)
-    b = data.shared_suffix(jax.random.PRNGKey(seed + 3), 1, K, prompt_len=2, L=L)
+    L = p["heat_L"]
+    cfg = simulate.SimConfig(policy="lastlayer", task="suffix", pairs=4, K=8, d=8, L=L, sft_steps=p["sft_steps"])
+    pol, params, b = simulate.build(cfg, jax.random.fold_in(jax.random.PRNGKey(seed), 0))
     ex = jax.tree.map(lambda a: a[0], b)
     tg = jax.tree.map(np.asarray, geometry.token_gram(pol.token_logps, params, ex))
+    diag = np.diag(tg.cos)[1:]
     return {"cos": tg.cos, "inner": tg.inner, "chosen_tokens": np.asarray(ex.chosen),
-            "rejected_tokens": np.asarray(ex.rejected), "L": L,
-            "contrastive_cos": float(tg.cos[0, 0]), "shared_diag_mean": float(np.mean(np.diag(tg.cos)[1:]))}
+            "rejected_tokens": np.asarray(ex.rejected), "L": L, "sft_steps": p["sft_steps"],
+            "contrastive_cos": float(tg.cos[0, 0]), "shared_diag_mean": float(np.mean(diag)),
+            "shared_diag_max": float(np.max(diag))}
 
 
 # ---------------------------------------------------------------- transformer (diagnose), optional

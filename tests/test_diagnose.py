@@ -99,10 +99,15 @@ def test_cli_errors(capsys):
     assert main(["diagnose", "--suffix", "xl"]) == 2
 
 
-def test_cli_json(monkeypatch, capsys, tmp_path):
+def test_cli_json(res, monkeypatch, capsys, tmp_path):
+    # The pipeline itself is covered above; reuse its result so the CLI test costs no compile.
     import entangle_sim.diagnose as d
-    real = d.DiagnoseConfig
-    monkeypatch.setattr(d, "DiagnoseConfig", lambda **kw: real(**{**TINY, **kw}))
+    seen = {}
+
+    def fake(cfg, progress=None):
+        seen["cfg"] = cfg
+        return res
+    monkeypatch.setattr(d, "run_diagnose", fake)
     out = tmp_path / "o"
     assert main(["diagnose", "--task", "sentiment", "--suffix", "1t", "--steps", "2", "--json",
                  "--out", str(out)]) == 0
@@ -110,6 +115,7 @@ def test_cli_json(monkeypatch, capsys, tmp_path):
     for k in ("final_cosine", "regime_fractions", "delta_chosen", "delta_rejected", "cos_trajectory", "steps"):
         assert k in s
     assert set(s["regime_fractions"]) == set(regimes.REGIMES)
-    assert s["steps"] == [0, 2]
+    assert s["steps"] == [0, 2, 4]
+    assert seen["cfg"].po_steps == 2 and seen["cfg"].suffix == "1t"
     for f in ("summary.json", "logps.png", "logps.pdf", "geometry.png", "token_heatmap.pdf", "arrays.npz"):
         assert (out / f).exists()

@@ -5,6 +5,7 @@ For every registered loss at random states (margins |z| up to 1e3, lengths 1..40
   reference incentives  ==  SymPy d_w, d_l  ==  jax.grad  ==  finite differences.
 """
 import math
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -58,7 +59,7 @@ def _cases():
 def test_loss_and_incentives_match_reference(name, extra):
     spec = losses.get(name)
     hp = spec.resolve(**extra)
-    state = _states(400, seed=hash(name) % 2**32)
+    state = _states(400, seed=zlib.crc32(name.encode()))
     if extra.get("alpha", 0) != 0:
         # AlphaPO's u = (1 - e^{-alpha lbar})/alpha is exponential in the mean log-prob: keep
         # lbar >= -50 so the float64 reference does not overflow (an inherent property of the loss).
@@ -95,7 +96,7 @@ def test_incentives_match_finite_differences(name):
     """Richardson-extrapolated central differences (error O(h^4)) of the JAX loss, float64."""
     spec = losses.get(name)
     hp = spec.resolve()
-    state = _states(60, seed=1 + hash(name) % 2**31)
+    state = _states(60, seed=1 + zlib.crc32(name.encode()))
     lw, ll, rw0, rl0, nw, nl = state
     h = 1e-3
     f = jax.jit(lambda a, b: spec(a, b, rw0, rl0, nw, nl))
@@ -108,6 +109,10 @@ def test_incentives_match_finite_differences(name):
     dw_ad, dl_ad = (np.asarray(x) for x in losses.incentives(spec, *state))
     keep = np.array([kinks(name, *[s[i] for s in state], hp) > 10 * h for i in range(len(lw))])
     keep &= (lw < -3 * h) & (ll < -3 * h)  # the stencil must stay inside the domain l <= 0
+    if name == "orpo":
+        # ORPO's odds have a log singularity at l = 0 (p = 1); the O(h^4) truncation term grows as
+        # (h / distance)^4, so the stencil keeps 100 h away from it.
+        keep &= np.minimum(-lw / nw, -ll / nl) * np.minimum(nw, nl) > 100 * h
     loss_scale = np.abs(np.asarray(f(lw, ll)))
     # Tolerance: 1e-9 relative + the FD floor set by rounding, ~ 2 eps |L| / h (eps = 2.2e-16),
     # and the O(h^4) truncation term (scale-free losses with beta = 0.1 have tiny 5th derivatives).

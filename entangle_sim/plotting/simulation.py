@@ -68,7 +68,7 @@ def plot_algorithms(data, *, ax=None):
         dw, dl = _curves(a, run)
         lab = data["labels"].get(name, name)
         summary.append(f"{lab} {regime_word(dw, dl)}")
-        a.set_title(f"{lab}: {regime_word(dw, dl)} (Δ {dw:+.2f} / {dl:+.2f})", fontsize=9)
+        a.set_title(f"{lab}: {regime_word(dw, dl)} (Δ {dw:+.3g} / {dl:+.3g})", fontsize=9)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Six losses, one toy setting (cos {data['cos']:g}, |g_l|/|g_w| = {data['ratio']:g}): "
                  + "; ".join(summary), fontsize=8)
@@ -85,7 +85,7 @@ def plot_suffix_dynamics(data, *, ax=None):
         run = data["runs"][key]
         dw, dl = _curves(a, run, relative=False)  # already relative to step 0
         words.append(f"{key}: {regime_word(dw, dl)}")
-        a.set_title(f"suffix {key}: {regime_word(dw, dl)}\n(Δchosen {dw:+.2f}, Δrejected {dl:+.2f})", fontsize=9)
+        a.set_title(f"suffix {key}: {regime_word(dw, dl)}\n(Δchosen {dw:+.3g}, Δrejected {dl:+.3g})", fontsize=9)
     axes[0].legend(fontsize=7)
     fig.suptitle("DPO on the last-layer toy model by shared-suffix length — " + "; ".join(words), fontsize=9)
     return fig
@@ -134,7 +134,7 @@ def plot_transformer_logps(data, *, ax=None):
         a.axhline(0.0, color=COLORS["neutral"], lw=0.8)
         dw, dl = float(cw[-1] - cw[0]), float(cl[-1] - cl[0])
         words.append(f"{sfx}: {regime_word(dw, dl)}")
-        a.set_title(f"{sfx}: {regime_word(dw, dl)} (Δ {dw:+.2f} / {dl:+.2f})", fontsize=9)
+        a.set_title(f"{sfx}: {regime_word(dw, dl)} (Δ {dw:+.3g} / {dl:+.3g})", fontsize=9)
         a.set_xlabel("preference-optimisation step")
         a.set_ylabel("Δ mean summed log-prob (nats)")
     axes[0].legend(fontsize=7)

@@ -55,7 +55,7 @@ def _legend_handles(codes):
                if i in present]
     if -1 in present:
         handles.append(Patch(facecolor=INFEASIBLE, edgecolor=COLORS["neutral"], hatch="///",
-                             label="no Gram matrix (|cos| > 1)"))
+                             label="no Gram matrix (cos² > 1 or signs differ)"))
     return handles
 
 
@@ -78,7 +78,8 @@ def plot_table1_regions(data, *, ax=None):
     n4 = int(np.sum(code == REGIMES.index("chosen_down_rejected_up")))
     ax.set_title("DPO: chosen falls iff ρ_w > 1, rejected rises iff ρ_l > 1;\n"
                  f"ρ_w ρ_l = cos² ≤ 1, so no point has both (4th-regime cells: {n4})")
-    ax.legend(handles=_legend_handles(code), fontsize=7, loc="upper right")
+    ax.legend(handles=_legend_handles(code), fontsize=7, loc="upper right", frameon=True, facecolor="white",
+              framealpha=1.0)
     ax.grid(False)
     return fig
 
@@ -114,11 +115,20 @@ def plot_regime_maps(data, *, ax=None):
             a.set_ylabel("|g_l|/|g_w| (norm ratio)")
         a.set_xlabel("cos(g_w, g_l)")
     st = data["state"]
-    fig.suptitle("Where each loss moves chosen/rejected log-probs (first order, default hyperparameters) at "
+    # The finding, computed: majority regime in the rejected-dominant, nearly parallel corner.
+    corner = (cos[None, :] > 0.9) & (ratio[:, None] > 3.0)
+    groups: dict[str, list[str]] = {}
+    for i, name in enumerate(names):
+        vals = codes[i][corner]
+        if vals.size:
+            r = REGIMES[int(np.bincount(vals[vals >= 0], minlength=len(REGIMES)).argmax())]
+            groups.setdefault(REGIME_LABELS[r].split(" (")[0], []).append(ALGO_LABELS.get(name, name))
+    finding = "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
+    fig.suptitle("First-order regime per loss (default hyperparameters) at "
                  f"ℓ_w={st['chosen_logps']:g}, ℓ_l={st['rejected_logps']:g}, ref=({st['ref_chosen_logps']:g}, "
                  f"{st['ref_rejected_logps']:g}), n=({st['chosen_len']:g}, {st['rejected_len']:g})\n"
-                 "Above the diagonal band (rejected norm dominant, cos → 1) most losses put both ↓",
-                 fontsize=9)
+                 f"Rejected-dominant, nearly parallel gradients (cos > 0.9, |g_l|/|g_w| > 3) — {finding}",
+                 fontsize=9 if n <= 6 else 8, wrap=True)
     fig.legend(handles=_legend_handles(codes), loc="outside lower center", ncol=4, fontsize=7)
     return fig
 
@@ -135,11 +145,10 @@ def plot_condition_table(data, *, ax=None):
              for r in rows]
     cols = ["loss", "chosen ↑ iff G_wl ≤ t_w·G_ww ; t_w =", "rejected ↓ iff G_wl ≤ t_l·G_ll ; t_l =",
             "d_w / d_l sign", "4th regime"]
-    table = ax.table(cellText=cells, colLabels=cols, loc="center", cellLoc="left",
+    table = ax.table(cellText=cells, colLabels=cols, cellLoc="left", bbox=[0, 0, 1, 1],
                      colWidths=[0.1, 0.34, 0.34, 0.13, 0.09])
     table.auto_set_font_size(False)
     table.set_fontsize(7)
-    table.scale(1.0, 1.25)
     for (i, j), cell in table.get_celld().items():
         cell.set_edgecolor("#CCCCCC")
         if i == 0:
@@ -147,8 +156,11 @@ def plot_condition_table(data, *, ax=None):
         elif j == 4 and rows[i - 1]["fourth_regime_possible"]:
             cell.set_facecolor(REGIME_COLORS["chosen_down_rejected_up"])
     n4 = sum(r["fourth_regime_possible"] for r in rows)
-    ax.set_title(f"Conditions of {len(rows)} losses (symbolic engine): the 4th regime (chosen ↓, rejected ↑) is "
-                 f"reachable for {n4} losses, exactly those with an incentive that can be negative", fontsize=9)
+    neg = sum(r["fourth_regime_possible"] and "can be < 0" in (r["d_w_sign"] + r["d_l_sign"]) for r in rows)
+    und = [r["loss"] for r in rows if r["fourth_regime_possible"] and "can be < 0" not in (r["d_w_sign"] + r["d_l_sign"])]
+    ax.set_title(f"Conditions of {len(rows)} losses (symbolic engine): the 4th regime (chosen ↓, rejected ↑) is not "
+                 f"excluded for {n4} losses — {neg} have an incentive that can be negative"
+                 + (f", {len(und)} an undecided sign ({', '.join(und)})" if und else ""), fontsize=9)
     return fig
 
 

@@ -1,0 +1,26 @@
+"""Shared driver of the fig_*.py scripts: run, cache, save (the package does the work)."""
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(name: str) -> None:
+    from entangle_sim import reproduce
+
+    p = argparse.ArgumentParser(description=reproduce.FIGURES[name].title)
+    p.add_argument("--preset", default="full", choices=list(reproduce.PRESETS))
+    p.add_argument("--out", default=str(HERE / "out"))
+    p.add_argument("--cache", default=str(HERE / "cache"))
+    p.add_argument("--seed", type=int, default=reproduce.SEED)
+    a = p.parse_args()
+    if not reproduce.FIGURES[name].is_available:
+        print(f"{name}: skipped: not available ({reproduce.FIGURES[name].requires} is not present)")
+        return
+    fig, _ = reproduce.render(name, a.preset, cache_dir=a.cache, seed=a.seed)
+    for path in reproduce.save_figure(fig, a.out, name):
+        print(path)

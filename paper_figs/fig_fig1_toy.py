@@ -1,0 +1,8 @@
+"""Fig. 1 analogue (both down / both up): load-or-run (cached by config hash in paper_figs/cache/) -> plot -> PNG + PDF.
+
+Usage: python paper_figs/fig_fig1_toy.py [--preset tiny|quick|full] [--out paper_figs/out]
+"""
+from _common import main
+
+if __name__ == "__main__":
+    main("fig1_toy")
