@@ -53,7 +53,10 @@ class DiagnoseConfig:
     log_every: int = 10
     n_eval_pairs: int = 64
     seed: int = 0
-    sft_with_suffix: bool = False
+    # SFT also on the shared suffix. In the paper the suffix is fluent text that GPT-2 already
+    # assigns a reasonable probability; our suffix is random tokens, which only become "fluent"
+    # if SFT shows them. Without this, PO spends its steps raising the suffix (chosen rises).
+    sft_with_suffix: bool = True
     # transformer
     d_model: int = 64
     n_layers: int = 2

@@ -45,16 +45,19 @@ PRESETS: dict[str, dict[str, Any]] = {
                  suffix_Ls=(0, 2, 8), suffix_pairs=4, suffix_steps=10, heat_L=4, sft_steps=20,
                  diag=dict(sft_steps=2, po_steps=2, log_every=1, n_eval_pairs=4, d_model=16, n_layers=1,
                            n_heads=2, sft_batch=8, po_batch=4, long_len=6),
-                 report=dict(points=64, r15_draws=2000, r4_pairs=64, r9_draws=32, grams=2000, r19_pairs=200)),
+                 report=dict(points=64, r15_draws=2000, r17_Ls=(0, 2, 8, 32), r4_pairs=64, r9_draws=32,
+                             grams=2000, r19_pairs=200)),
     "quick": dict(grid=81, fig1_pairs=16, fig1_steps=200, algo_pairs=16, algo_steps=200, lr=0.5,
                   suffix_Ls=(0, 1, 2, 4, 8, 16, 32), suffix_pairs=16, suffix_steps=60, heat_L=8, sft_steps=100,
                   diag=dict(sft_steps=100, po_steps=60, log_every=10, n_eval_pairs=16),
-                  report=dict(points=1000, r15_draws=20000, r4_pairs=256, r9_draws=200, grams=20000,
+                  report=dict(points=1000, r15_draws=20000, r17_Ls=(0, 1, 2, 4, 8, 16, 32, 64), r4_pairs=256,
+                              r9_draws=200, grams=20000,
                               r19_pairs=1000)),
     "full": dict(grid=201, fig1_pairs=32, fig1_steps=400, algo_pairs=32, algo_steps=400, lr=0.5,
                  suffix_Ls=(0, 1, 2, 4, 8, 16, 32, 64), suffix_pairs=32, suffix_steps=120, heat_L=12, sft_steps=100,
                  diag=dict(),  # DiagnoseConfig defaults
-                 report=dict(points=5000, r15_draws=20000, r4_pairs=1024, r9_draws=500, grams=100000,
+                 report=dict(points=5000, r15_draws=20000, r8_all=True, r17_Ls=(0, 1, 2, 4, 8, 16, 32, 64),
+                             r4_pairs=1024, r9_draws=500, grams=100000,
                              r19_pairs=1000)),
 }
 

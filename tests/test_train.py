@@ -234,3 +234,15 @@ def test_R17_shared_suffix_after_sft_cosine_grows_and_chosen_falls_more():
     assert res[16]["mean_cos_first_step"] > 0.7
     assert res[16]["mean_delta_chosen"] < res[0]["mean_delta_chosen"]
     assert res[16]["regime_fractions"]["both_down"] > 0.5
+
+
+def test_simulate_cli_with_mitigation(capsys):
+    """`--mitigation normalized` (R19) on the both-down toy: the per-pair theory says ideal."""
+    code = main(["simulate", "--policy", "softmax", "--task", "geometry", "--cos", "-0.3", "--norm-ratio", "1",
+                 "--mitigation", "normalized", "--steps", "10", "--runs", "1", "--pairs", "4", "--lr", "0.05",
+                 "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    s = json.loads(out)
+    assert s["mitigation"] == "normalized" and s["pair_pred_ideal_fraction"] == 1.0
+    assert main(["simulate", "--mitigation", "foo"]) == 2

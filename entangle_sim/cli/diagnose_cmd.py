@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--loss", default="sigmoid", help="registered loss (see `entangle-sim losses`)")
     p.add_argument("--steps", type=int, default=None, help="preference-optimisation steps (default preset)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-sft-suffix", action="store_true",
+                   help="SFT on prompt + label word only (the paper's literal SFT data)")
     p.add_argument("--out", default=None, help="write figures (PNG+PDF), summary.json, arrays.npz here")
     p.add_argument("--json", action="store_true", help="print the JSON summary")
     p.set_defaults(func=run)
@@ -30,7 +32,8 @@ def run(args) -> int:
         if args.steps <= 0:
             raise CLIError(f"--steps must be a positive integer, got {args.steps}")
         kw["po_steps"] = args.steps
-    cfg = DiagnoseConfig(suffix=args.suffix, loss=spec.name, seed=args.seed, **kw)
+    cfg = DiagnoseConfig(suffix=args.suffix, loss=spec.name, seed=args.seed,
+                         sft_with_suffix=not args.no_sft_suffix, **kw)
 
     show = sys.stderr.isatty()
     bar = None

@@ -55,7 +55,7 @@ def reproduce(out, *, preset: str = "full", cache=None, only=None, report: bool 
         if n not in rp.FIGURES:
             raise CLIError(f"unknown figure {n!r}; valid: {', '.join(rp.FIGURES)}")
     show = sys.stderr.isatty() if progress is None else progress
-    done, skipped = [], []
+    done, skipped, timings = [], [], {}
     steps = len(names) + (1 if report else 0)
     bar = tqdm(total=steps, desc="reproduce", unit="item", disable=not show)
     for n in names:
@@ -65,9 +65,11 @@ def reproduce(out, *, preset: str = "full", cache=None, only=None, report: bool 
             skipped.append(f"{n}: skipped: not available ({fig_def.requires} is not present)")
             bar.update(1)
             continue
+        t1 = time.perf_counter()
         fig, _ = rp.render(n, preset, cache_dir=cache, seed=seed)
         rp.save_figure(fig, out, n)
         plt.close(fig)
+        timings[n] = round(time.perf_counter() - t1, 1)
         done.append(n)
         bar.update(1)
     rows = rp.condition_rows()
@@ -79,6 +81,7 @@ def reproduce(out, *, preset: str = "full", cache=None, only=None, report: bool 
         rep = report_mod.run_report(preset, cache_dir=cache, seed=seed)
         rep["skipped_figures"] = skipped
         rep["figures"] = done
+        rep["figure_timings_s"] = timings
         report_mod.write_report(rep, out)
         summary = rep["summary"]
         bar.update(1)
@@ -93,7 +96,7 @@ def reproduce(out, *, preset: str = "full", cache=None, only=None, report: bool 
     if summary:
         log(f"  report: {summary['pass']} pass, {summary['fail']} fail, {summary['not_available']} not available "
             f"-> {out / 'report.md'}")
-    return {"figures": done, "skipped": skipped, "seconds": secs, "summary": summary}
+    return {"figures": done, "skipped": skipped, "seconds": secs, "summary": summary, "timings_s": timings}
 
 
 def run(args) -> int:

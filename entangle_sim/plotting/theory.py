@@ -156,8 +156,9 @@ def plot_condition_table(data, *, ax=None):
         elif j == 4 and rows[i - 1]["fourth_regime_possible"]:
             cell.set_facecolor(REGIME_COLORS["chosen_down_rejected_up"])
     n4 = sum(r["fourth_regime_possible"] for r in rows)
-    neg = sum(r["fourth_regime_possible"] and "can be < 0" in (r["d_w_sign"] + r["d_l_sign"]) for r in rows)
-    und = [r["loss"] for r in rows if r["fourth_regime_possible"] and "can be < 0" not in (r["d_w_sign"] + r["d_l_sign"])]
+    negative = [r["fourth_regime_possible"] and "can be < 0" in (r["d_w_sign"] + r["d_l_sign"]) for r in rows]
+    neg = sum(negative)
+    und = [r["loss"] for r, ng in zip(rows, negative) if r["fourth_regime_possible"] and not ng]
     ax.set_title(f"Conditions of {len(rows)} losses (symbolic engine): the 4th regime (chosen ↓, rejected ↑) is not "
                  f"excluded for {n4} losses — {neg} have an incentive that can be negative"
                  + (f", {len(und)} an undecided sign ({', '.join(und)})" if und else ""), fontsize=9)
