@@ -24,6 +24,7 @@ key-path string. Key paths join dict keys / list indices / attribute names with 
 """
 from __future__ import annotations
 
+
 from functools import partial
 from typing import Callable, NamedTuple, Sequence, Union
 
@@ -357,7 +358,12 @@ def token_gram(token_logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]]
 
     >>> tg = token_gram(policy.token_logps, params, batch.take(jnp.arange(1)))   # inner [1, T_w, T_l]
     """
-    subset = _freeze_subset(subset)
+    return _token_gram_jit(token_logp_fn, params, example_or_batch, _freeze_subset(subset))
+
+
+@partial(jax.jit, static_argnums=(0, 3))
+def _token_gram_jit(token_logp_fn, params, example_or_batch, subset):
+    # Compiled once per (model function, subset, shapes): the eager version re-dispatched every op.
     if example_or_batch.prompt.ndim == 1:
         return _token_gram_one(token_logp_fn, params, example_or_batch, subset)
     return jax.vmap(lambda ex: _token_gram_one(token_logp_fn, params, ex, subset))(example_or_batch)
