@@ -33,6 +33,8 @@ Methods (`METHODS`):
                       u_* = sum_i w_i s_i g_*,i; guarantees only the batch aggregate
     oracle_mask       R20 with m_t = 1 on tokens that differ between chosen and rejected, 0 elsewhere
     learned_mask      R20 with free per-token masks m = sigmoid(u), l1 penalty lambda sum m (SGD on u)
+    feature_mask      R20 with m_t = sigmoid(v . h_t + c) from the hidden state h_t predicting token t
+                      (THEORY §8.2; h_t stop-gradient, from `build_setting(..., with_features=True)`)
     dpop              comparator: DPOP loss (lambda_p = dpop_lambda) instead of the configured loss
     nll               comparator: configured loss + alpha * NLL(chosen) token mean (RPO / CPO style)
 
@@ -44,7 +46,14 @@ Example:
     >>> gp = data.geometry_pairs(jax.random.PRNGKey(0), "linear", 8, K=6, target_cos=0.9, norm_ratio=2.0)
     >>> cfg = MitigationConfig(method="normalized", lr=0.05, steps=30)
     >>> rec = train_mitigation(gp.policy(), gp.params, gp.batch, cfg, jax.random.PRNGKey(1))
-    >>> summarize(rec)["ideal_fraction"]          # 1.0: Cases 2/3 disappear (R19)
+    >>> summarize(rec)["pair_pred_ideal_fraction"]   # 1.0: one-pair first order always ideal (R19)
+    >>> summarize(rec)["ideal_fraction"]             # 0.0 here: the 8 pairs share 4 parameters, and the
+    ...                                              # cross-pair terms (batch_vs_pair_flip) decide the realised regime
+    >>> rec = train_per_pair(gp.policy(), gp.params, gp.batch, cfg, jax.random.PRNGKey(1))   # each pair alone
+
+Comparison (`run_comparison`, CLI `entangle-sim mitigate`): every setting gets one lr per optimizer from
+`calibrate_lr` (baseline's first step moves log-probs by 0.05 on average), shared by all methods;
+instability of a method at that lr (DPOP) is reported in the 'diverged' / 'max_step_change' columns.
 """
 from __future__ import annotations
 
@@ -63,9 +72,9 @@ from .train import OPTIMIZERS, TrainConfig, make_optimizer
 from .types import Array, PairBatch, Policy, PyTree
 
 METHODS = ("baseline", "normalized", "normalized_sq", "normalized_batch", "oracle_mask", "learned_mask",
-           "dpop", "nll")
+           "feature_mask", "dpop", "nll")
 _JACOBIAN_METHODS = ("normalized", "normalized_sq", "normalized_batch")
-_MASK_METHODS = ("oracle_mask", "learned_mask")
+_MASK_METHODS = ("oracle_mask", "learned_mask", "feature_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +84,8 @@ class MitigationConfig:
     method: one of METHODS. loss / loss_params / optimizer / lr / steps / batch_size: as TrainConfig.
     weight: 'step' (s = -m'(z)) or 'unit' (s = 1) for the normalized methods.
     nll_alpha: NLL weight of method 'nll'. dpop_lambda: lambda_p of method 'dpop'.
-    mask_l1, mask_lr, mask_init: l1 weight, SGD step on mask logits u, initial u (learned_mask).
+    mask_l1, mask_lr, mask_init: l1 weight, SGD step on mask logits u, initial u (learned_mask);
+    feature_lr: SGD step on (v, c) of feature_mask (m_t = sigmoid(v . h_t + c); same mask_l1, mask_init).
     record: per-step Jacobians / Grams / predictions (False: log-probs only, for timing).
     """
 
@@ -89,8 +99,19 @@ class MitigationConfig:
     weight: str = "step"
     nll_alpha: float = 1.0
     dpop_lambda: float = 50.0
-    mask_l1: float = 0.02
-    mask_lr: float = 5.0
+    # R20 learned-mask defaults, from the sweep on lastlayer-long (40 steps, calibrated lr, float64;
+    # reproduce with `mask_sweep()`; table in the issue-5 report). The l1 gradient on a mask logit is
+    # w_i l1 sigmoid'(u) ~ (1/8)(0.01)(0.1) = 1e-4 per step, so mask_lr ~ 1e3 is what moves a logit by
+    # O(1) in tens of steps; the old (l1 0.02, lr 5) moved it by ~1e-3 in total and the masks stayed at
+    # sigmoid(2) = 0.88. Free masks: (0.01, 3000) is the only grid point where the mean mask on shared
+    # tokens fell below 0.2 while the contrastive tokens kept a higher mask (0.22 vs 0.14); larger l1
+    # kills the contrastive token too (its DPO pull is beta s |r_t| ~ 0.05 |r_t|). Feature mask: its
+    # (v, c) gradient sums over all tokens and features, hence its own step; 3.0 gives shared 0.02 vs
+    # contrastive 0.07, larger steps collapse every mask. Neither reaches the oracle (1 / 0) on
+    # lastlayer-long; on transformer-long the same defaults give ~0.5 / ~0.0.
+    mask_l1: float = 0.01
+    mask_lr: float = 3000.0
+    feature_lr: float = 3.0
     mask_init: float = 2.0
     record: bool = True
 
@@ -101,8 +122,8 @@ class MitigationConfig:
             raise ValueError(f"weight must be 'step' or 'unit', got {self.weight!r}")
         TrainConfig(loss=self.effective_loss, loss_params=self.effective_loss_params, optimizer=self.optimizer,
                     lr=self.lr, steps=self.steps, batch_size=self.batch_size)  # validates the shared fields
-        if self.mask_l1 < 0 or self.mask_lr <= 0 or self.nll_alpha < 0:
-            raise ValueError("need mask_l1 >= 0, mask_lr > 0, nll_alpha >= 0")
+        if self.mask_l1 < 0 or self.mask_lr <= 0 or self.feature_lr <= 0 or self.nll_alpha < 0:
+            raise ValueError("need mask_l1 >= 0, mask_lr > 0, feature_lr > 0, nll_alpha >= 0")
 
     @property
     def effective_loss(self) -> str:
@@ -153,6 +174,7 @@ class MitigationRecord(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # masks (R20)
 # ----------------------------------------------------------------------------------------------
+@jax.jit
 def oracle_masks(batch: PairBatch) -> tuple[Array, Array]:
     """R20 oracle masks (m_w [B, T_w], m_l [B, T_l]): 1 on real tokens that differ from the other
     response at the same position (or have no counterpart), 0 on shared tokens and padding.
@@ -290,9 +312,12 @@ def _precond_vector(cfg: MitigationConfig, opt_state, P: int, dtype):
     return jnp.ones((P,), dtype)
 
 
-def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg: MitigationConfig):
+def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg: MitigationConfig,
+                         features=None):
     """(init_state, step): step(state, key) -> (state, MitigationRecord row). State = (theta_flat,
-    mask logits u_w [B,T_w], u_l [B,T_l], opt_state). See module docstring for the records."""
+    mask parameters, opt_state); mask parameters = logits (u_w [B,T_w], u_l [B,T_l]) for the free masks,
+    (v [D], c) for 'feature_mask' (needs `features(params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D])`,
+    e.g. `setting_features`). See module docstring for the records."""
     spec = losses.get(cfg.effective_loss)
     hp = spec.resolve(**dict(cfg.effective_loss_params))
     B = batch.size
@@ -307,12 +332,22 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
     opt = make_optimizer(cfg.optimizer, cfg.lr)
     method = cfg.method
     learned = method == "learned_mask"
+    feature = method == "feature_mask"
+    trains_mask = learned or feature
 
-    def masks(u_w, u_l):
+    if feature and features is None:
+        raise ValueError("method 'feature_mask' needs features(params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D])")
+
+    def masks(mp, th):
         if method == "oracle_mask":
             return om_w, om_l
         if learned:
-            return jax.nn.sigmoid(u_w) * batch.chosen_mask, jax.nn.sigmoid(u_l) * batch.rejected_mask
+            return jax.nn.sigmoid(mp[0]) * batch.chosen_mask, jax.nn.sigmoid(mp[1]) * batch.rejected_mask
+        if feature:  # m_t = sigmoid(v . h_t + c), h_t the token's hidden state (stop-gradient: the mask gates)
+            h_w, h_l = jax.lax.stop_gradient(features(unravel(th), batch))
+            v, c0 = mp
+            return (jax.nn.sigmoid(h_w @ v + c0) * batch.chosen_mask,
+                    jax.nn.sigmoid(h_l @ v + c0) * batch.rejected_mask)
         return batch.chosen_mask, batch.rejected_mask
 
     def eff_logps(th, m_w, m_l):
@@ -326,11 +361,11 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
             L = L + cfg.nll_alpha * (-lw / nw)
         return L, rw, rl
 
-    def objective(th, u_w, u_l, w):
-        m_w, m_l = masks(u_w, u_l)
+    def objective(th, mp, w, th_mask):
+        m_w, m_l = masks(mp, th_mask)
         lw, ll = eff_logps(th, m_w, m_l)
         L = (w * per_pair(lw, ll, m_w, m_l)[0]).sum()
-        if learned:
+        if trains_mask:
             L = L + cfg.mask_l1 * (w * (m_w.sum(-1) + m_l.sum(-1))).sum()
         return L
 
@@ -361,15 +396,18 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
 
     def init_state():
         Tw, Tl = batch.chosen.shape[1], batch.rejected.shape[1]
-        u_w = jnp.full((B, Tw), cfg.mask_init, dtype)
-        u_l = jnp.full((B, Tl), cfg.mask_init, dtype)
-        return theta0, u_w, u_l, opt.init(theta0)
+        if feature:   # v = 0, c = mask_init: starts at the same mask sigmoid(mask_init) as the free masks
+            D = jax.eval_shape(lambda: features(params0, batch))[0].shape[-1]
+            mp = (jnp.zeros((D,), dtype), jnp.asarray(cfg.mask_init, dtype))
+        else:
+            mp = (jnp.full((B, Tw), cfg.mask_init, dtype), jnp.full((B, Tl), cfg.mask_init, dtype))
+        return theta0, mp, opt.init(theta0)
 
     def step(state, key):
-        th, u_w, u_l, opt_state = state
+        th, mp, opt_state = state
         idx = jax.random.choice(key, B, (b,), replace=False) if b < B else jnp.arange(B)
         w = jnp.zeros((B,), dtype).at[idx].set(1.0 / b)
-        m_w, m_l = jax.lax.stop_gradient(masks(u_w, u_l))
+        m_w, m_l = jax.lax.stop_gradient(masks(mp, th))
         need_jac = cfg.record or method in _JACOBIAN_METHODS
         lw_e, ll_e = eff_logps(th, m_w, m_l)
         Je = jac(th, m_w, m_l) if need_jac else None
@@ -381,13 +419,14 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
                 return -(a * x - bb * y).sum()
 
             g_th = jax.grad(surrogate)(th)
-            g_uw = g_ul = None
+            g_mp = None
         else:
-            g_th, g_uw, g_ul = jax.grad(objective, argnums=(0, 1, 2))(th, u_w, u_l, w)
+            g_th, g_mp = jax.grad(objective, argnums=(0, 1))(th, mp, w, th)
         updates, new_opt_state = opt.update(g_th, opt_state, th)
         th1 = optax.apply_updates(th, updates)
-        if learned:
-            u_w, u_l = u_w - cfg.mask_lr * g_uw, u_l - cfg.mask_lr * g_ul
+        if trains_mask:   # plain SGD on the mask parameters (logits u, or (v, c) of the feature mask)
+            mlr = cfg.feature_lr if feature else cfg.mask_lr
+            mp = jax.tree.map(lambda x, g: x - mlr * g, mp, g_mp)
         tw, tl = tok(th)
         lw, ll = tw.sum(-1), tl.sum(-1)
         tw1, tl1 = tok(th1)
@@ -397,7 +436,7 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
                    real_rejected=tl1.sum(-1) - ll, mask_w=m_w, mask_l=m_l)
         if not cfg.record:
             rec.update({k: zeros for k in MitigationRecord._fields if k not in rec})
-            return (th1, u_w, u_l, new_opt_state), MitigationRecord(**rec)
+            return (th1, mp, new_opt_state), MitigationRecord(**rec)
         if method in _JACOBIAN_METHODS:
             a_c, b_c = a, bb
         else:
@@ -422,22 +461,23 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
         rec.update(out, G_ww=(Jw * Jw).sum(1), G_wl=(Jw * Jl).sum(1), G_ll=(Jl * Jl).sum(1),
                    Ge_ww=(Ew * Ew).sum(1), Ge_wl=(Ew * El).sum(1), Ge_ll=(El * El).sum(1),
                    lin_chosen=lin[:B], lin_rejected=lin[B:])
-        return (th1, u_w, u_l, new_opt_state), MitigationRecord(**rec)
+        return (th1, mp, new_opt_state), MitigationRecord(**rec)
 
     return init_state, step
 
 
-def train_mitigation(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array
-                     ) -> MitigationRecord:
+def train_mitigation(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array,
+                     features=None) -> MitigationRecord:
     """One run as a single `lax.scan` (jitted). Returns [S, B] records (masks [S, B, T]).
 
-    Reference = the initial policy (r = 0 at step 0), as in `train.train`.
+    Reference = the initial policy (r = 0 at step 0), as in `train.train`. features: see
+    `make_mitigation_step` (only 'feature_mask' uses it).
     """
-    return _compiled_run(policy, params, batch, cfg)(key)
+    return _compiled_run(policy, params, batch, cfg, features)(key)
 
 
-def _compiled_run(policy, params, batch, cfg):
-    init_state, step = make_mitigation_step(policy, params, batch, cfg)
+def _compiled_run(policy, params, batch, cfg, features=None):
+    init_state, step = make_mitigation_step(policy, params, batch, cfg, features)
 
     @jax.jit
     def run(key):
@@ -448,25 +488,67 @@ def _compiled_run(policy, params, batch, cfg):
     return run
 
 
-def train_per_pair(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array
-                   ) -> MitigationRecord:
+def train_per_pair(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array,
+                   features=None) -> MitigationRecord:
     """Each pair trained ALONE from the same initial params (vmapped over pairs, one compilation):
     the setting of the one-pair theory (no cross-pair terms). Returns records [B, S, 1]."""
     def one(ex):
         sub = jax.tree.map(lambda x: x[None], ex)
-        init_state, step = make_mitigation_step(policy, params, sub, cfg)
+        init_state, step = make_mitigation_step(policy, params, sub, cfg, features)
         return jax.lax.scan(step, init_state(), jax.random.split(key, cfg.steps))[1]
 
     return jax.jit(jax.vmap(one))(batch)
 
 
-def timed_run(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array
-              ) -> tuple[MitigationRecord, float]:
-    """(records, wall seconds per step of the compiled run, compile time excluded)."""
-    run = jax.jit(_compiled_run(policy, params, batch, cfg)).lower(key).compile()
-    t0 = time.perf_counter()
-    rec = jax.block_until_ready(run(key))
-    return rec, (time.perf_counter() - t0) / cfg.steps
+def timed_run(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array,
+              features=None, repeats: int = 1) -> tuple[MitigationRecord, float]:
+    """(records, wall seconds per step of the compiled run, compile time excluded; the minimum over
+    `repeats` executions, which is the least noisy estimate on shared cores)."""
+    run = _compiled_run(policy, params, batch, cfg, features).lower(key).compile()
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        rec = jax.block_until_ready(run(key))
+        best = min(best, time.perf_counter() - t0)
+    return rec, best / cfg.steps
+
+
+def calibrate_lr(policy: Policy, params: PyTree, batch: PairBatch, *, optimizer: str = "sgd", target: float = 0.05,
+                 loss: str = "sigmoid", loss_params: tuple = ()) -> float:
+    """Step size rule of the comparison ('auto'): the lr at which the FIRST step of the plain loss
+    (baseline DPO by default), to first order, changes the response log-probs by `target` on average:
+
+        lr = target / mean_{i, y in {w, l}} |<g_y,i, u>|,   u = -grad L (sgd, momentum),
+                                                            u = -sign(grad L) (adam/adamw: first step, eps -> 0)
+
+    Why: the toy settings and the transformer have gradient scales that differ by orders of magnitude,
+    so one lr is either negligible on one or explosive on another (the transformer at lr 0.5 moved
+    log-probs by ~10 per step and DPOP overflowed). Calibrating on the BASELINE, once per (setting,
+    optimizer), and giving every method that same lr keeps the comparison fair: a method that moves
+    log-probs by far more per step than the baseline (DPOP, whose gradient is (1 + lambda_p) x larger
+    once r_w < 0) shows that as instability in the table instead of being hidden by its own lr.
+    target 0.05 puts a step at O(0.01-0.1) per log-prob (first order stays accurate; 40 steps move
+    log-probs by O(1)).
+    """
+    spec = losses.get(loss)
+    hp = spec.resolve(**dict(loss_params))
+    flat, unravel = ravel_pytree(params)
+    lp = lambda f: jnp.concatenate(policy.logps(unravel(f), batch))
+    B = batch.size
+    def L(f, ref):
+        v = lp(f)
+        return spec(v[:B], v[B:], ref[:B], ref[B:], batch.chosen_len, batch.rejected_len, **hp).mean()
+
+    @jax.jit   # one compilation instead of many eager ones
+    def first_step_scale(f):
+        g = jax.grad(L)(f, jax.lax.stop_gradient(lp(f)))
+        u = -jnp.sign(g) if optimizer in ("adam", "adamw") else -g
+        return jnp.mean(jnp.abs(jax.jvp(lp, (f,), (u,))[1]))
+
+    scale = float(first_step_scale(flat))
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError("calibrate_lr: the baseline's first step does not move the log-probs")
+    return target / scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -487,7 +569,7 @@ def _sign_agree(pw, pl, rw, rl, lw, ll) -> tuple[float, int]:
     return (agree / total if total else float("nan")), total
 
 
-def summarize(rec: MitigationRecord) -> dict[str, Any]:
+def summarize(rec: MitigationRecord, batch: PairBatch | None = None) -> dict[str, Any]:
     """Plain-float statistics of one run ([S, B] records).
 
     ideal_fraction            realised (step, pair) changes with chosen up and rejected down
@@ -502,9 +584,21 @@ def summarize(rec: MitigationRecord) -> dict[str, Any]:
     sgd_vs_precond_flip       fraction whose one-pair regime with P differs from the SGD one (item 4;
                               NaN without an Adam preconditioner)
     sign_agreement_lin / _batch_pred / _pc_batch_pred / _pc_pair_pred   realised vs predicted signs
+    diverged                  some log-prob became non-finite or a single step moved one by > 50 nats
+    max_step_change           max over (step, pair, response) of |realised one-step change| (finite ones)
+    mask_fraction_last        mean final mask over all real tokens
+    mask_on_oracle / mask_off_oracle   (with `batch`) mean final mask on the tokens the oracle keeps
+                              (contrastive) / drops (shared); a mask is 'sparse like the oracle' when
+                              off -> 0 while on stays large
     """
     t = jax.tree.map(np.asarray, rec)
     out: dict[str, Any] = {}
+    steps_abs = np.abs(np.concatenate([t.real_chosen.ravel(), t.real_rejected.ravel()]))
+    finite = bool(np.all(np.isfinite(steps_abs)) and np.all(np.isfinite(t.chosen_logps))
+                  and np.all(np.isfinite(t.rejected_logps)))
+    out["max_step_change"] = float(np.max(steps_abs[np.isfinite(steps_abs)])) if np.any(np.isfinite(steps_abs)) \
+        else float("nan")
+    out["diverged"] = bool(not finite or out["max_step_change"] > 50.0)
     codes = regimes.classify(t.real_chosen, t.real_rejected)
     out["ideal_fraction"] = float(np.mean(codes == regimes.CHOSEN_UP_REJECTED_DOWN))
     out["regime_fractions"] = regimes.fractions(codes)
@@ -534,7 +628,15 @@ def summarize(rec: MitigationRecord) -> dict[str, Any]:
             continue
         out["sign_agreement_" + name] = _sign_agree(pw, pl, t.real_chosen, t.real_rejected, t.chosen_logps,
                                                     t.rejected_logps)[0]
-    out["mask_fraction_last"] = float(np.mean(np.concatenate([t.mask_w[-1].ravel(), t.mask_l[-1].ravel()])))
+    if batch is not None:
+        real = np.concatenate([np.asarray(batch.chosen_mask).ravel(), np.asarray(batch.rejected_mask).ravel()]) > 0
+        om = np.concatenate([np.asarray(x).ravel() for x in oracle_masks(batch)]) > 0
+        last = np.concatenate([t.mask_w[-1].ravel(), t.mask_l[-1].ravel()])
+        out["mask_fraction_last"] = float(np.mean(last[real]))
+        out["mask_on_oracle"] = float(np.mean(last[real & om])) if np.any(real & om) else float("nan")
+        out["mask_off_oracle"] = float(np.mean(last[real & ~om])) if np.any(real & ~om) else float("nan")
+    else:
+        out["mask_fraction_last"] = float(np.mean(np.concatenate([t.mask_w[-1].ravel(), t.mask_l[-1].ravel()])))
     return out
 
 
@@ -542,12 +644,13 @@ def summarize(rec: MitigationRecord) -> dict[str, Any]:
 # settings and the comparison runner (item 6)
 # ----------------------------------------------------------------------------------------------
 SETTINGS = ("tabular", "linear", "lastlayer-1t", "lastlayer-short", "lastlayer-long", "transformer-long")
-DEFAULT_LR = {"tabular": 0.5, "linear": 0.5, "lastlayer-1t": 0.5, "lastlayer-short": 0.5,
-              "lastlayer-long": 0.5, "transformer-long": 0.5}
+LR_TARGET = 0.05     # calibrate_lr target: mean first-step |Delta log-prob| of the baseline
 
 
-def build_setting(name: str, key: Array, *, pairs: int = 8, sft_steps: int = 150):
-    """(policy, params, batch) of a comparison setting.
+def build_setting(name: str, key: Array, *, pairs: int = 8, sft_steps: int = 150, with_features: bool = False):
+    """(policy, params, batch) of a comparison setting; with_features=True appends `features`
+    (params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D]), the hidden state that predicts each response
+    token (the h_t of THEORY §8.2's m_t = sigmoid(v . h_t)), or None where there is none (tabular, linear).
 
     tabular           softmax bandit, geometry pairs cos = -0.3, |g_l|/|g_w| = 1.5 (R15: always Case 1)
     linear            linear-softmax geometry pairs cos = 0.9, ratio 2 (R7: 'both down' under DPO)
@@ -558,24 +661,33 @@ def build_setting(name: str, key: Array, *, pairs: int = 8, sft_steps: int = 150
     from . import data
     from .policies import lastlayer
 
+    feats = None
     if name == "tabular":
         gp = data.geometry_pairs(key, "softmax", pairs, K=6, target_cos=-0.3, norm_ratio=1.5)
-        return gp.policy(), gp.params, gp.batch
-    if name == "linear":
+        out = gp.policy(), gp.params, gp.batch
+    elif name == "linear":
         gp = data.geometry_pairs(key, "linear", pairs, K=6, target_cos=0.9, norm_ratio=2.0, d=4)
-        return gp.policy(), gp.params, gp.batch
-    if name.startswith("lastlayer-"):
+        out = gp.policy(), gp.params, gp.batch
+    elif name.startswith("lastlayer-") and name.split("-", 1)[1] in ("1t", "short", "long"):
         k_data, k_init = jax.random.split(key)
         kind = name.split("-", 1)[1]
         if kind == "1t":
             batch = data.one_token(k_data, pairs, K=8, prompt_len=2)
         else:
             batch = data.shared_suffix(k_data, pairs, K=8, prompt_len=2, L=4 if kind == "short" else 16)
-        pol = lastlayer.make(lastlayer.LastLayerConfig(K=8, d=8))
-        return pol, pol.init(k_init), batch
-    if name == "transformer-long":
-        return _transformer_setting(key, pairs, sft_steps)
-    raise ValueError(f"unknown setting {name!r}; valid: {', '.join(SETTINGS)}")
+        lcfg = lastlayer.LastLayerConfig(K=8, d=8)
+        pol = lastlayer.make(lcfg)
+        out = pol, pol.init(k_init), batch
+
+        def feats(p, bt):
+            fp = lastlayer.features_and_probs(lcfg, p, bt)
+            return fp.h_w, fp.h_l
+    elif name == "transformer-long":
+        *out, feats = _transformer_setting(key, pairs, sft_steps)
+        out = tuple(out)
+    else:
+        raise ValueError(f"unknown setting {name!r}; valid: {', '.join(SETTINGS)}")
+    return (*out, feats) if with_features else out
 
 
 def _transformer_setting(key, pairs, sft_steps, mode="long"):
@@ -608,34 +720,57 @@ def _transformer_setting(key, pairs, sft_steps, mode="long"):
 
     if sft_steps > 0:
         params = sft(params)
-    return pol, params, sentiment.preference_pairs(scfg, k_pairs, pairs)
+
+    def feats(p, bt):   # final (layer-normed) hidden state at the positions predicting each response token
+        one = lambda x, y, m: transformer._apply(tcfg, p, x, y, m, None)[2]
+        return (jax.vmap(one)(bt.prompt, bt.chosen, bt.chosen_mask),
+                jax.vmap(one)(bt.prompt, bt.rejected, bt.rejected_mask))
+
+    return pol, params, sentiment.preference_pairs(scfg, k_pairs, pairs), feats
 
 
-COMPARISON_METHODS = ("baseline", "normalized", "normalized_batch", "oracle_mask", "learned_mask", "dpop", "nll")
+COMPARISON_METHODS = ("baseline", "normalized", "normalized_batch", "oracle_mask", "learned_mask", "feature_mask",
+                      "dpop", "nll")
 
 
 def run_comparison(settings=SETTINGS, methods=COMPARISON_METHODS, *, steps: int = 40, pairs: int = 8,
                    seed: int = 0, optimizer: str = "sgd", lr: dict | float | None = None, loss: str = "sigmoid",
-                   loss_params: tuple = (), sft_steps: int = 150, keep_records: bool = False,
-                   progress=None) -> dict[str, Any]:
+                   loss_params: tuple = (), sft_steps: int = 150, lr_target: float = LR_TARGET,
+                   keep_records: bool = False, progress=None, **method_kw) -> dict[str, Any]:
     """Method x setting comparison (issue 5 item 6). Returns {'rows': [...], 'records': {...}}; each row:
-    setting, method, optimizer, ideal_fraction, delta_chosen, delta_rejected, preference_accuracy,
-    sec_per_step (compiled, recorded step), rho/rho_eff, batch_vs_pair_flip, sgd_vs_precond_flip,
-    sign agreements. lr: per-setting dict (default DEFAULT_LR) or one float."""
+    setting, method, optimizer, lr, lr_rule, ideal_fraction, delta_chosen, delta_rejected,
+    preference_accuracy, sec_per_step (compiled, recorded step; min of 2 runs), rho/rho_eff,
+    batch_vs_pair_flip, sgd_vs_precond_flip, sign agreements, diverged, max_step_change, mask stats.
+
+    lr: None = `calibrate_lr` per (setting, optimizer) on the baseline, shared by every method (the
+    documented rule; instability of a method at that lr is reported, not tuned away); a float = that
+    lr everywhere; a dict = per setting. method_kw go to every MitigationConfig (e.g. mask_l1).
+    'feature_mask' on a setting without hidden states (tabular, linear) gives a row with note 'n/a'.
+    """
     rows, recs = [], {}
     key = jax.random.PRNGKey(seed)
     for si, setting in enumerate(settings):
-        pol, params, batch = build_setting(setting, jax.random.fold_in(key, si), pairs=pairs, sft_steps=sft_steps)
-        eta = (lr if isinstance(lr, (int, float)) else (lr or DEFAULT_LR).get(setting, 0.1))
-        if optimizer in ("adam", "adamw") and not isinstance(lr, (int, float)):
-            eta = 0.01 * eta
+        pol, params, batch, feats = build_setting(setting, jax.random.fold_in(key, si), pairs=pairs,
+                                                  sft_steps=sft_steps, with_features=True)
+        if lr is None:
+            eta, rule = calibrate_lr(pol, params, batch, optimizer=optimizer, target=lr_target, loss=loss,
+                                     loss_params=loss_params), f"auto(target={lr_target:g})"
+        elif isinstance(lr, (int, float)):
+            eta, rule = float(lr), "fixed"
+        else:
+            eta, rule = float(lr[setting]), "per-setting"
         for method in methods:
+            base = {"setting": setting, "method": method, "optimizer": optimizer, "lr": float(eta), "lr_rule": rule}
+            if method == "feature_mask" and feats is None:
+                rows.append({**base, "note": "n/a (no hidden states)"})
+                if progress:
+                    progress(rows[-1])
+                continue
             cfg = MitigationConfig(method=method, loss=loss, loss_params=loss_params, optimizer=optimizer,
-                                   lr=float(eta), steps=steps)
-            rec, sec = timed_run(pol, params, batch, cfg, jax.random.fold_in(key, 1000 + si))
-            s = summarize(rec)
-            row = {"setting": setting, "method": method, "optimizer": optimizer, "lr": float(eta),
-                   "sec_per_step": sec, **{k: v for k, v in s.items() if k != "regime_fractions"}}
+                                   lr=float(eta), steps=steps, **method_kw)
+            rec, sec = timed_run(pol, params, batch, cfg, jax.random.fold_in(key, 1000 + si), feats, repeats=2)
+            s = summarize(rec, batch)
+            row = {**base, "sec_per_step": sec, **{k: v for k, v in s.items() if k != "regime_fractions"}}
             rows.append(row)
             if keep_records:
                 recs[(setting, method)] = jax.tree.map(np.asarray, rec)
@@ -644,10 +779,42 @@ def run_comparison(settings=SETTINGS, methods=COMPARISON_METHODS, *, steps: int 
     return {"rows": rows, "records": recs}
 
 
-TABLE_COLUMNS = (("setting", "{}"), ("method", "{}"), ("ideal_fraction", "{:.3f}"), ("delta_chosen", "{:+.3f}"),
-                 ("delta_rejected", "{:+.3f}"), ("preference_accuracy", "{:.2f}"), ("sec_per_step", "{:.2e}"),
-                 ("rho_first", "{:.2f}"), ("rho_eff_first", "{:.2f}"), ("batch_vs_pair_flip", "{:.3f}"),
-                 ("sgd_vs_precond_flip", "{:.3f}"))
+def mask_sweep(setting: str = "lastlayer-long", methods=("learned_mask", "feature_mask"), *,
+               grid=None, steps: int = 40, pairs: int = 8, seed: int = 0, progress=None) -> list[dict]:
+    """The R20 mask sweep behind the MitigationConfig defaults: for each method and (mask_l1, step) in
+    `grid[method]` one run on `setting` at the calibrated lr (same keys as `run_comparison`), plus the
+    baseline and oracle rows. Rows: method, mask_l1, mask_step, mask_on_oracle, mask_off_oracle,
+    ideal_fraction, delta_chosen, delta_rejected, preference_accuracy, rho_eff_last."""
+    grid = grid or {"learned_mask": [(l1, lr) for l1 in (0.003, 0.01, 0.03, 0.1) for lr in (100.0, 1000.0, 3000.0)],
+                    "feature_mask": [(l1, lr) for l1 in (0.001, 0.003, 0.01, 0.03) for lr in (0.3, 1.0, 3.0)]}
+    si = SETTINGS.index(setting)
+    key = jax.random.PRNGKey(seed)
+    pol, params, batch, feats = build_setting(setting, jax.random.fold_in(key, si), pairs=pairs, with_features=True)
+    eta = calibrate_lr(pol, params, batch)
+    runs = [("baseline", None, None), ("oracle_mask", None, None)]
+    runs += [(m, l1, lr) for m in methods for l1, lr in grid[m]]
+    rows = []
+    for m, l1, lr in runs:
+        kw = {} if l1 is None else {"mask_l1": l1, ("feature_lr" if m == "feature_mask" else "mask_lr"): lr}
+        rec = train_mitigation(pol, params, batch, MitigationConfig(method=m, lr=eta, steps=steps, **kw),
+                               jax.random.fold_in(key, 1000 + si), feats)
+        s = summarize(rec, batch)
+        row = {"setting": setting, "method": m, "mask_l1": l1, "mask_step": lr, "lr": eta,
+               **{k: s[k] for k in ("mask_on_oracle", "mask_off_oracle", "ideal_fraction", "delta_chosen",
+                                    "delta_rejected", "preference_accuracy", "rho_eff_last")}}
+        rows.append(row)
+        if progress:
+            progress(row)
+    return rows
+
+
+TABLE_COLUMNS = (("setting", "{}"), ("method", "{}"), ("optimizer", "{}"), ("lr", "{:.3g}"),
+                 ("ideal_fraction", "{:.3f}"), ("delta_chosen", "{:+.3f}"), ("delta_rejected", "{:+.3f}"),
+                 ("preference_accuracy", "{:.2f}"), ("sec_per_step", "{:.2e}"), ("rho_first", "{:.2f}"),
+                 ("rho_eff_first", "{:.2f}"), ("rho_eff_last", "{:.2f}"), ("batch_vs_pair_flip", "{:.3f}"),
+                 ("sgd_vs_precond_flip", "{:.3f}"), ("sign_agreement_pc_pair_pred", "{:.3f}"),
+                 ("diverged", "{}"), ("max_step_change", "{:.3g}"), ("mask_on_oracle", "{:.2f}"),
+                 ("mask_off_oracle", "{:.2f}"), ("note", "{}"))
 
 
 def format_table(rows, columns=TABLE_COLUMNS) -> str:

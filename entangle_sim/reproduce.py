@@ -45,17 +45,26 @@ PRESETS: dict[str, dict[str, Any]] = {
                  suffix_Ls=(0, 2, 8), suffix_pairs=4, suffix_steps=10, heat_L=4, sft_steps=20,
                  diag=dict(sft_steps=2, po_steps=2, log_every=1, n_eval_pairs=4, d_model=16, n_layers=1,
                            n_heads=2, sft_batch=8, po_batch=4, long_len=6),
+                 mitig=dict(settings=("tabular", "lastlayer-short"), methods=("baseline", "normalized", "oracle_mask"),
+                            steps=3, pairs=2, sft_steps=0),
                  report=dict(points=64, r15_draws=2000, r17_Ls=(0, 2, 8, 32), r4_pairs=64, r9_draws=32,
                              grams=2000, r19_pairs=200)),
     "quick": dict(grid=81, fig1_pairs=16, fig1_steps=200, algo_pairs=16, algo_steps=200, lr=0.5,
                   suffix_Ls=(0, 1, 2, 4, 8, 16, 32), suffix_pairs=16, suffix_steps=60, heat_L=8, sft_steps=100,
                   diag=dict(sft_steps=100, po_steps=60, log_every=10, n_eval_pairs=16),
+                  mitig=dict(settings=("linear", "lastlayer-long"),
+                             methods=("baseline", "normalized", "oracle_mask", "learned_mask"), steps=40, pairs=8,
+                             sft_steps=0),
                   report=dict(points=1000, r15_draws=20000, r17_Ls=(0, 1, 2, 4, 8, 16, 32, 64), r4_pairs=256,
                               r9_draws=200, grams=20000,
                               r19_pairs=1000)),
     "full": dict(grid=201, fig1_pairs=32, fig1_steps=400, algo_pairs=32, algo_steps=400, lr=0.5,
                  suffix_Ls=(0, 1, 2, 4, 8, 16, 32, 64), suffix_pairs=32, suffix_steps=120, heat_L=12, sft_steps=100,
                  diag=dict(),  # DiagnoseConfig defaults
+                 mitig=dict(settings=("tabular", "linear", "lastlayer-1t", "lastlayer-short", "lastlayer-long",
+                                      "transformer-long"),
+                            methods=("baseline", "normalized", "normalized_batch", "oracle_mask", "learned_mask",
+                                     "dpop", "nll"), steps=40, pairs=8, sft_steps=150),
                  report=dict(points=5000, r15_draws=20000, r8_all=True, r17_Ls=(0, 1, 2, 4, 8, 16, 32, 64),
                              r4_pairs=1024, r9_draws=500, grams=100000,
                              r19_pairs=1000)),
@@ -137,10 +146,40 @@ def _json_default(x):
     return str(x)
 
 
+_SKIP_FINGERPRINT = ("plotting", "cli", "report.py", "reproduce.py", "logs.py", "distributed.py")
+# Optional modules enter the fingerprint only of the figures that use them.
+_OPTIONAL_CODE = ("diagnose.py", "sentiment.py", "mitigations.py", "symbolic/mitigations.py",
+                  "policies/transformer.py")
+
+
+def code_fingerprint(extra: tuple = ()) -> str:
+    """Hash of the package's computational source files (not plotting / CLI / report code): a change
+    to the science invalidates cached results, a change to a figure's look does not. Optional
+    modules (`_OPTIONAL_CODE`) are included only when named in `extra`."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).as_posix()
+        if rel.split("/")[0] in _SKIP_FINGERPRINT or (rel in _OPTIONAL_CODE and rel not in extra):
+            continue
+        h.update(rel.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_CODE_OF = {"transformer_logps": ("diagnose.py", "sentiment.py", "policies/transformer.py"),
+            "mitigations": _OPTIONAL_CODE}
+
+
 def cache_key(name: str, preset_name: str, seed: int = SEED) -> str:
-    """Configuration hash of one figure's data: figure, preset parameters, seed, package version."""
-    return results.config_hash({"figure": name, "preset": preset(preset_name), "seed": seed,
-                                "version": __version__})
+    """Configuration hash of one figure's data: the preset parameters its builder reads, the seed,
+    the package version and the fingerprint of the code it runs."""
+    p = preset(preset_name)
+    keys = FIGURES[name].uses if name in FIGURES and FIGURES[name].uses else tuple(sorted(p))
+    return results.config_hash({"figure": name, "preset": {k: p[k] for k in keys if k in p}, "seed": seed,
+                                "version": __version__, "code": code_fingerprint(_CODE_OF.get(name, ()))})
 
 
 def cache_path(cache_dir, name: str, preset_name: str, seed: int = SEED) -> Path:
@@ -444,6 +483,17 @@ def build_transformer(p, seed):
     return out
 
 
+def build_mitigations(p, seed):
+    """Mitigation comparison (THEORY §8, R19/R20): `mitigations.run_comparison` rows, SGD, DPO."""
+    from . import mitigations
+
+    kw = dict(p["mitig"])
+    res = mitigations.run_comparison(settings=tuple(kw.pop("settings")), methods=tuple(kw.pop("methods")),
+                                     seed=seed, **kw)
+    rows = [{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in r.items()} for r in res["rows"]]
+    return {"rows": rows}
+
+
 # ----------------------------------------------------------------------------------------------
 # registry
 
@@ -456,6 +506,7 @@ class Figure:
     title: str
     theory: str
     requires: str | None = None  # optional module that must be importable
+    uses: tuple = ()  # preset keys the builder reads (the cache key covers exactly these)
 
     @property
     def is_available(self) -> bool:
@@ -498,7 +549,18 @@ FIGURES: dict[str, Figure] = {f.name: f for f in [
     Figure("transformer_heatmap", build_transformer, _plot("simulation", "plot_transformer_heatmap"),
            "Fig. 4b analogue: token-level gradient cosines, long suffix", "§6.3, R13",
            requires="entangle_sim.diagnose"),
+    Figure("mitigations", build_mitigations, _plot("simulation", "plot_mitigation_comparison"),
+           "Mitigation comparison: normalized GD and token masks vs plain DPO", "R19, R20, §8",
+           requires="entangle_sim.mitigations"),
 ]}
+
+_USES = {"table1_regions": ("grid",), "regime_maps": ("grid",), "regime_maps_all": ("grid",),
+         "condition_table": ("-",), "fig1_toy": ("fig1_pairs", "fig1_steps", "lr"),
+         "algorithms": ("algo_pairs", "algo_steps", "lr"), "suffix_cos": ("suffix_Ls", "suffix_pairs"),
+         "suffix_dynamics": ("suffix_Ls", "suffix_pairs", "suffix_steps", "sft_steps"),
+         "token_heatmap": ("heat_L", "sft_steps"), "transformer_logps": ("diag",), "transformer_cos": ("diag",),
+         "transformer_heatmap": ("diag",), "mitigations": ("mitig",)}
+FIGURES = {n: dataclasses.replace(f, uses=_USES[n]) for n, f in FIGURES.items()}
 
 # Figures sharing one builder share one cache file (the transformer runs are computed once).
 DATA_OF = {"transformer_cos": "transformer_logps", "transformer_heatmap": "transformer_logps"}

@@ -41,8 +41,10 @@ def test_surrogate_gradient_is_the_normalized_formula(toy):
     cfg = M.MitigationConfig(method="normalized", lr=0.1, steps=1)
     init, step = M.make_mitigation_step(pol, params, batch, cfg)
     (th1, *_), _ = jax.jit(step)(init(), jax.random.PRNGKey(0))
-    gw = jax.vmap(lambda ex: jax.grad(lambda p: pol.logps(p, jax.tree.map(lambda a: a[None], ex))[0][0])(params))(batch)
-    gl = jax.vmap(lambda ex: jax.grad(lambda p: pol.logps(p, jax.tree.map(lambda a: a[None], ex))[1][0])(params))(batch)
+    per_ex = jax.jit(jax.vmap(lambda ex: jax.jacrev(lambda p: jnp.stack(
+        [u[0] for u in pol.logps(p, jax.tree.map(lambda a: a[None], ex))]))(params)))   # [B, 2, P], one compile
+    G = per_ex(batch)
+    gw, gl = G[:, 0], G[:, 1]
     s = jax.nn.sigmoid(-0.0) * jnp.ones(4)   # z = 0 at the reference
     direction = ((s / jnp.linalg.norm(gw, axis=1))[:, None] * gw - (s / jnp.linalg.norm(gl, axis=1))[:, None] * gl).mean(0)
     np.testing.assert_allclose(th1 - params, 0.1 * direction, rtol=1e-12, atol=1e-15)
@@ -51,7 +53,7 @@ def test_surrogate_gradient_is_the_normalized_formula(toy):
 def test_adam_preconditioner_matches_first_adam_step(toy):
     """At Adam's first step mu_hat = g, so the update is -lr P g with P = adam_preconditioner(state) (1e-12)."""
     pol, params, batch = toy
-    g = jax.grad(lambda p: -jax.nn.log_sigmoid(0.1 * (lambda u: u[0] - u[1])(pol.logps(p, batch))).mean())(params + 0.3)
+    g = jax.jit(jax.grad(lambda p: -jax.nn.log_sigmoid(0.1 * (lambda u: u[0] - u[1])(pol.logps(p, batch))).mean()))(params + 0.3)
     opt = optax.inject_hyperparams(optax.adam)(learning_rate=0.01)
     upd, st = opt.update(g, opt.init(params), params)
     np.testing.assert_allclose(upd, -0.01 * M.adam_preconditioner(st) * g, rtol=1e-12)
@@ -63,11 +65,12 @@ def test_preconditioned_gram_matches_batch_gram_and_pair_gram(toy):
     pol, params, batch = toy
     theta = params + 0.2
     ones = jnp.ones_like(theta)
-    pg, ref = M.preconditioned_gram(pol.logps, theta, batch, ones), geometry.pair_gram(pol.logps, theta, batch)
+    pgram = jax.jit(M.preconditioned_gram, static_argnums=0)   # one compilation, reused for both P
+    pg, ref = pgram(pol.logps, theta, batch, ones), jax.jit(geometry.pair_gram, static_argnums=0)(pol.logps, theta, batch)
     np.testing.assert_allclose([pg.G_ww, pg.G_wl, pg.G_ll], [ref.G_ww, ref.G_wl, ref.G_ll], rtol=1e-12)
     P = jnp.array([0.5, 2.0, 1.0, 3.0])
-    pg = M.preconditioned_gram(pol.logps, theta, batch, P)
-    G = M.batch_gram(pol.logps, theta, batch, P)
+    pg = pgram(pol.logps, theta, batch, P)
+    G = jax.jit(M.batch_gram, static_argnums=0)(pol.logps, theta, batch, P)
     i = jnp.arange(4)
     np.testing.assert_allclose([pg.G_ww, pg.G_wl, pg.G_ll], [G[i, i], G[i, i + 4], G[i + 4, i + 4]], rtol=1e-12)
 
@@ -76,7 +79,7 @@ def test_tabular_has_no_cross_pair_terms():
     """Tabular pairs live on their own prompt rows, so G's cross-pair blocks are exactly 0 and the batch
     prediction equals the one-pair prediction (flip rate exactly 0)."""
     gp = data.geometry_pairs(jax.random.PRNGKey(2), "softmax", 4, K=5, target_cos=-0.3, norm_ratio=1.5)
-    G = M.batch_gram(gp.policy().logps, gp.params, gp.batch)
+    G = jax.jit(M.batch_gram, static_argnums=0)(gp.policy().logps, gp.params, gp.batch)
     dL = jnp.array([-0.5] * 4 + [0.5] * 4)
     np.testing.assert_array_equal(M.batch_first_order(G, dL, 0.1), M.one_pair_first_order(G, dL, 0.1))
 
@@ -89,24 +92,60 @@ def test_oracle_masks_shared_suffix():
     np.testing.assert_array_equal(m_l, m_w)
 
 
-def test_oracle_mask_gradient_is_masked_token_sum():
+@pytest.fixture(scope="module")
+def suffix_setting():
+    """lastlayer-short (3 pairs) with its hidden-state features, shared by the R20 tests."""
+    return M.build_setting("lastlayer-short", jax.random.PRNGKey(0), pairs=3, with_features=True)
+
+
+def test_oracle_mask_gradient_is_masked_token_sum(suffix_setting):
     """R20: the oracle-mask DPO step on a lastlayer suffix task moves theta by
-    lr * beta * s * mean_i (g_1(y_w,i) - g_1(y_l,i)) (first token only), s = 1/2 at the reference (1e-12);
-    the learned mask starts at sigmoid(mask_init) and stays in [0, 1]."""
-    pol, params, batch = M.build_setting("lastlayer-short", jax.random.PRNGKey(0), pairs=3)
+    lr * beta * s * mean_i (g_1(y_w,i) - g_1(y_l,i)) (first token only), s = 1/2 at the reference (1e-12)."""
+    pol, params, batch, _ = suffix_setting
     cfg = M.MitigationConfig(method="oracle_mask", lr=0.3, steps=1, record=False)
     init, step = M.make_mitigation_step(pol, params, batch, cfg)
     (th1, *_), _ = jax.jit(step)(init(), jax.random.PRNGKey(0))
     from jax.flatten_util import ravel_pytree
     flat, unravel = ravel_pytree(params)
     first = lambda f: (lambda tw, tl: (tw[:, 0] - tl[:, 0]).mean())(*pol.token_logps(unravel(f), batch))
-    np.testing.assert_allclose(th1 - flat, 0.3 * 0.1 * 0.5 * jax.grad(first)(flat), rtol=1e-12, atol=1e-15)
-    rec = M.train_mitigation(pol, params, batch, M.MitigationConfig(method="learned_mask", lr=0.3, steps=3),
-                             jax.random.PRNGKey(0))
+    np.testing.assert_allclose(th1 - flat, 0.3 * 0.1 * 0.5 * jax.jit(jax.grad(first))(flat), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["learned_mask", "feature_mask"])
+def test_learned_masks_start_at_init_and_stay_in_unit_interval(suffix_setting, method):
+    """Both learned R20 masks (free logits; m_t = sigmoid(v . h_t + c) from the token's hidden state)
+    start at sigmoid(mask_init) on real tokens (0 on padding), stay in [0, 1], and the l1 penalty
+    moves them (the feature mask through v and c). Summaries: mask stats vs the oracle are reported."""
+    pol, params, batch, feats = suffix_setting
+    rec = M.train_mitigation(pol, params, batch, M.MitigationConfig(method=method, lr=0.3, steps=3, mask_l1=0.1,
+                                                                     mask_lr=1.0), jax.random.PRNGKey(0), feats)
     np.testing.assert_allclose(rec.mask_w[0], jax.nn.sigmoid(2.0) * batch.chosen_mask, rtol=1e-12)
-    assert np.all((np.asarray(rec.mask_w) >= 0) & (np.asarray(rec.mask_w) <= 1))
+    np.testing.assert_allclose(rec.mask_l[0], jax.nn.sigmoid(2.0) * batch.rejected_mask, rtol=1e-12)
+    m = np.asarray(rec.mask_w)
+    assert np.all((m >= 0) & (m <= 1)) and np.all(m[-1][np.asarray(batch.chosen_mask) > 0] < jax.nn.sigmoid(2.0))
+    s = M.summarize(rec, batch)
+    assert 0 <= s["ideal_fraction"] <= 1 and np.isnan(s["sgd_vs_precond_flip"]) and not s["diverged"]
+    assert 0 < s["mask_off_oracle"] < 1 and 0 < s["mask_on_oracle"] < 1
+    if method == "feature_mask":
+        with pytest.raises(ValueError, match="features"):
+            M.make_mitigation_step(pol, params, batch, M.MitigationConfig(method=method))
+
+
+def test_calibrated_lr_and_divergence_flag(toy):
+    """calibrate_lr: the baseline's first SGD step at that lr changes the log-probs by `target` on average
+    (mean |lin_*| of the recorded first step = 0.05, 1e-12: first order of the real update). summarize
+    flags a non-finite run as diverged."""
+    pol, params, batch = toy
+    lr = M.calibrate_lr(pol, params, batch, target=0.05)
+    rec = M.train_mitigation(pol, params, batch, M.MitigationConfig(method="baseline", lr=lr, steps=2),
+                             jax.random.PRNGKey(0))
+    first = np.abs(np.concatenate([np.asarray(rec.lin_chosen[0]), np.asarray(rec.lin_rejected[0])]))
+    np.testing.assert_allclose(first.mean(), 0.05, rtol=1e-12)
     s = M.summarize(rec)
-    assert 0 <= s["ideal_fraction"] <= 1 and np.isnan(s["sgd_vs_precond_flip"])
+    assert not s["diverged"] and 0 < s["max_step_change"] < 1
+    bad = rec._replace(real_chosen=np.asarray(rec.real_chosen).copy())
+    bad.real_chosen[-1, 0] = np.nan
+    assert M.summarize(bad)["diverged"]
 
 
 def test_config_validation():
@@ -117,20 +156,30 @@ def test_config_validation():
     assert M.MitigationConfig(method="dpop").effective_loss == "dpop"
 
 
-def test_cli_and_figure_smoke(capsys, tmp_path):
-    """`mitigate` runs a 1-setting, 1-method comparison and the figure renders (Agg)."""
+def test_cli_writes_table_json_and_figure(capsys, tmp_path):
+    """`entangle-sim mitigate` (registered) prints the rows (--json), and --out DIR writes the markdown
+    table, strict JSON rows and the comparison figure."""
     import json
-    from entangle_sim.cli import mitigate_cmd, build_parser
-    args = build_parser().parse_args(["mitigate", "--settings", "tabular", "--methods", "baseline", "--steps", "2",
-                                      "--pairs", "2", "--json", "--figure", str(tmp_path / "f.png")]) \
-        if "mitigate_cmd" in __import__("entangle_sim.cli", fromlist=["_COMMANDS"])._COMMANDS else None
-    if args is None:  # not yet registered by the lead: call the module directly
-        import argparse
-        sub = argparse.ArgumentParser().add_subparsers()
-        mitigate_cmd.register(sub)
-        args = sub.choices["mitigate"].parse_args(["--settings", "tabular", "--methods", "baseline", "--steps", "2",
-                                                   "--pairs", "2", "--json", "--figure", str(tmp_path / "f.png")])
-    assert args.func(args) == 0
+    from entangle_sim.cli import main
+    out = tmp_path / "res"
+    rc = main(["mitigate", "--settings", "tabular", "--methods", "baseline", "--steps", "2", "--pairs", "2",
+               "--json", "--out", str(out)])
+    assert rc == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["setting"] == "tabular" and rows[0]["ideal_fraction"] == 1.0   # R15: tabular is always Case 1
-    assert (tmp_path / "f.png").stat().st_size > 0
+    assert rows[0]["lr_rule"].startswith("auto") and rows[0]["diverged"] is False
+    assert rows[0]["sgd_vs_precond_flip"] is None                                  # NaN -> null (no Adam)
+    assert json.loads((out / "mitigations.json").read_text(), parse_constant=lambda c: 1 / 0) == rows
+    md = (out / "mitigations.md").read_text().splitlines()
+    assert md[0].startswith("| setting | method |") and md[2].startswith("| tabular | baseline |")
+    assert (out / "mitigations.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv, msg", [(["--steps", "0"], "--steps"), (["--lr", "-1"], "--lr"),
+                                       (["--loss", "nope"], "unknown loss"), (["--mask-l1", "-0.5"], "--mask-l1"),
+                                       (["--settings", "moon"], "invalid choice")])
+def test_cli_bad_input_one_line_exit_2(capsys, tmp_path, argv, msg):
+    from entangle_sim.cli import main
+    assert main(["mitigate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("entangle-sim: error:") and msg in err

@@ -85,16 +85,27 @@ def test_batch_first_order_vs_exact_step():
     gp = data.geometry_pairs(jax.random.PRNGKey(0), "linear", 3, K=5, target_cos=0.8, norm_ratio=1.7)
     pol = gp.policy()
     th0 = gp.params + 0.1
-    lw, ll = pol.logps(th0, gp.batch)
-    dL = jax.grad(lambda x, y: -jax.nn.log_sigmoid(0.1 * (x - y)).mean(), argnums=(0, 1))(lw, ll)
-    G = mitigations.batch_gram(pol.logps, th0, gp.batch)
-    grad = jax.grad(lambda t: -jax.nn.log_sigmoid(0.1 * (lambda u: u[0] - u[1])(pol.logps(t, gp.batch))).mean())(th0)
-    errs = []
-    for e in (1e-1, 1e-2):
+
+    @jax.jit   # everything below in one compilation (eager dispatch dominated this test's runtime)
+    def state(th0):
+        lw, ll = pol.logps(th0, gp.batch)
+        dL = jax.grad(lambda x, y: -jax.nn.log_sigmoid(0.1 * (x - y)).mean(), argnums=(0, 1))(lw, ll)
+        G = mitigations.batch_gram(pol.logps, th0, gp.batch)
+        grad = jax.grad(lambda t: -jax.nn.log_sigmoid(0.1 * (lambda u: u[0] - u[1])(pol.logps(t, gp.batch))).mean())(th0)
+        return lw, ll, dL, G, grad
+
+    @jax.jit
+    def step(th0, e, G, dL, grad, lw, ll):
         pred = mitigations.batch_first_order(G, jnp.concatenate(dL), e)
         lin = jax.jvp(lambda t: jnp.concatenate(pol.logps(t, gp.batch)), (th0,), (-e * grad,))[1]
-        np.testing.assert_allclose(pred, lin, rtol=1e-12, atol=1e-15)
         real = jnp.concatenate(pol.logps(th0 - e * grad, gp.batch)) - jnp.concatenate([lw, ll])
+        return pred, lin, real
+
+    lw, ll, dL, G, grad = state(th0)
+    errs = []
+    for e in (1e-1, 1e-2):
+        pred, lin, real = step(th0, e, G, dL, grad, lw, ll)
+        np.testing.assert_allclose(pred, lin, rtol=1e-12, atol=1e-15)
         errs.append(float(jnp.max(jnp.abs(real - pred))))
     assert 50 < errs[0] / errs[1] < 200, errs
     # one-pair theory = the block-diagonal part; it differs from the batch value (cross terms exist)
@@ -113,10 +124,15 @@ def test_r20_setting_a_shift_vs_lastlayer_model():
     params = pol.init(jax.random.PRNGKey(3))
     batch = PairBatch(jnp.array([[4, 2]]), jnp.array([[0, 3]]), jnp.array([[1, 3]]), jnp.ones((1, 2)), jnp.ones((1, 2)))
     tok = lambda W: pol.token_logps({"W": W}, batch)
-    masked_grad = jax.grad(lambda W: tok(W)[0][0, 0] - tok(W)[1][0, 0])(params["W"])  # C = 1
-    dw = jax.jvp(lambda W: tok(W)[0].sum(), (params["W"],), (masked_grad,))[1]
-    dl = jax.jvp(lambda W: tok(W)[1].sum(), (params["W"],), (masked_grad,))[1]
-    fp = lastlayer.features_and_probs(cfg, params, batch)
+
+    @jax.jit   # one compilation instead of many eager ones
+    def changes(W):
+        masked_grad = jax.grad(lambda W: tok(W)[0][0, 0] - tok(W)[1][0, 0])(W)  # C = 1
+        dw = jax.jvp(lambda W: tok(W)[0].sum(), (W,), (masked_grad,))[1]
+        dl = jax.jvp(lambda W: tok(W)[1].sum(), (W,), (masked_grad,))[1]
+        return dw, dl, lastlayer.features_and_probs(cfg, {"W": W}, batch)
+
+    dw, dl, fp = changes(params["W"])
     h1, p1 = fp.h_w[0, 0], fp.p_w[0, 0]
     hw2, pw2, hl2, pl2 = fp.h_w[0, 1], fp.p_w[0, 1], fp.h_l[0, 1], fp.p_l[0, 1]
     form_w = (1 - p1[0] + p1[1]) * h1 @ h1 + (-pw2[0] + pw2[1]) * hw2 @ h1

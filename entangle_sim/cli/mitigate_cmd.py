@@ -1,47 +1,93 @@
-"""`entangle-sim mitigate`: method x setting comparison of the mitigations (issue 5 item 6)."""
+"""`entangle-sim mitigate`: method x setting comparison of the mitigations (issue 5 item 6).
+
+Prints the comparison table (markdown; --json: the rows). With --out DIR it also writes
+DIR/mitigations.md, DIR/mitigations.json and DIR/mitigations.png (ideal-fraction bars).
+"""
 from __future__ import annotations
 
 import json
+import math
 
 from . import CLIError
 
 
 def register(sub) -> None:
-    from ..mitigations import COMPARISON_METHODS, METHODS, SETTINGS
+    from ..mitigations import COMPARISON_METHODS, LR_TARGET, METHODS, SETTINGS
 
     p = sub.add_parser("mitigate", help="compare mitigations (normalized PO, token masks, DPOP, NLL) across settings")
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(COMPARISON_METHODS))
     p.add_argument("--loss", default="sigmoid")
     p.add_argument("--optimizer", choices=("sgd", "momentum", "adam", "adamw"), default="sgd")
-    p.add_argument("--lr", type=float, default=None, help="one lr for all settings (default: per-setting)")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--lr", type=float, default=None,
+                   help="one lr for every setting and method (default: calibrated per setting on the baseline "
+                        "so its first step moves log-probs by --lr-target; shared by all methods)")
+    p.add_argument("--lr-target", type=float, default=LR_TARGET,
+                   help="mean first-step |change of log-prob| of the baseline used by the lr calibration")
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--pairs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sft-steps", type=int, default=150, help="transformer SFT steps before preference training")
-    p.add_argument("--out", default=None, help="write rows as JSON and the table as markdown here (a directory)")
-    p.add_argument("--figure", default=None, help="save the comparison figure to this path")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--mask-l1", type=float, default=None, help="l1 weight of the learned / feature masks")
+    p.add_argument("--mask-lr", type=float, default=None, help="SGD step on the mask parameters")
+    p.add_argument("--out", default=None, help="directory: writes mitigations.md, mitigations.json, mitigations.png")
+    p.add_argument("--figure", default=None, help="also save the comparison figure to this path")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     p.set_defaults(func=run)
+
+
+def _check(args) -> None:
+    from ..losses import get
+
+    if args.steps <= 0 or args.pairs <= 0:
+        raise CLIError("--steps and --pairs must be positive")
+    if args.sft_steps < 0:
+        raise CLIError("--sft-steps must be >= 0")
+    for name in ("lr", "lr_target", "mask_lr"):
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise CLIError(f"--{name.replace('_', '-')} must be a positive finite number, got {v}")
+    if args.mask_l1 is not None and not (math.isfinite(args.mask_l1) and args.mask_l1 >= 0):
+        raise CLIError(f"--mask-l1 must be >= 0, got {args.mask_l1}")
+    try:
+        get(args.loss)
+    except (KeyError, ValueError) as e:
+        raise CLIError(str(e.args[0] if e.args else e)) from e
+    if args.out is not None:
+        from pathlib import Path
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise CLIError(f"--out {args.out!r} exists and is not a directory")
 
 
 def run(args) -> int:
     from .. import mitigations as M
 
-    if args.steps <= 0 or args.pairs <= 0:
-        raise CLIError("--steps and --pairs must be positive")
+    _check(args)
+    kw = {k: v for k, v in (("mask_l1", args.mask_l1), ("mask_lr", args.mask_lr)) if v is not None}
     res = M.run_comparison(args.settings, args.methods, steps=args.steps, pairs=args.pairs, seed=args.seed,
-                           optimizer=args.optimizer, lr=args.lr, loss=args.loss, sft_steps=args.sft_steps)
+                           optimizer=args.optimizer, lr=args.lr, loss=args.loss, sft_steps=args.sft_steps,
+                           lr_target=args.lr_target, **kw)
     rows = res["rows"]
     table = M.format_table(rows)
+    # strict JSON: NaN / inf (e.g. sgd_vs_precond_flip under SGD, a diverged run) become null
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.items()} for r in rows]
+    figs = [args.figure] if args.figure else []
     if args.out:
         from pathlib import Path
 
         from ..results import save_json
-        save_json(Path(args.out) / "mitigations.json", rows)
-        (Path(args.out) / "mitigations.md").write_text(table + "\n")
-    if args.figure:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_json(out / "mitigations.json", clean)
+        (out / "mitigations.md").write_text(table + "\n")
+        figs.append(str(out / "mitigations.png"))
+    if figs:
+        import matplotlib.pyplot as plt
+
         from ..plotting.mitigations import plot_comparison
-        plot_comparison(rows).savefig(args.figure)
-    print(json.dumps(rows, default=float) if args.json else table)
+        fig = plot_comparison(rows)
+        for f in figs:
+            fig.savefig(f, bbox_inches="tight")
+        plt.close(fig)
+    print(json.dumps(clean) if args.json else table)
     return 0

@@ -14,7 +14,7 @@ def plot_comparison(rows, *, metric: str = "ideal_fraction", ax=None):
     methods = list(dict.fromkeys(r["method"] for r in rows))
     width = 0.8 / max(len(methods), 1)
     for j, m in enumerate(methods):
-        vals = [next((r[metric] for r in rows if r["setting"] == s and r["method"] == m), np.nan) for s in settings]
+        vals = [next((r.get(metric, np.nan) for r in rows if r["setting"] == s and r["method"] == m), np.nan) for s in settings]
         ax.bar(np.arange(len(settings)) + j * width, vals, width, label=m)
     ax.set_xticks(np.arange(len(settings)) + 0.4 - width / 2, settings, rotation=20)
     ax.set_ylabel(metric.replace("_", " "))
