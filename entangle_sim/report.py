@@ -709,13 +709,17 @@ def mitigation_claims(preset_name: str, cache_dir, seed) -> list[dict]:
     eff = {s: get(s, "oracle_mask", "rho_eff_first") for s in sfx}
     full = {s: get(s, "baseline", "rho_first") for s in sfx}
     learned = {s: get(s, "learned_mask", "mask_fraction_last") for s in sfx}
-    out.append(entry("R20", "Sparse token masking: masking the shared suffix removes the positively aligned block "
-                     "from the effective inner product (conditional guarantee)",
+    setting_a = [s for s in sfx if s.startswith("lastlayer")]  # THEORY §8.2 states the guarantee in Setting A
+    out.append(entry("R20", "Sparse token masking (Setting A): masking the shared suffix removes the positively "
+                     "aligned block from the effective inner product (conditional guarantee)",
                      "mitigations.run_comparison: effective rho with the oracle mask vs rho of the full gradients "
                      "on shared-suffix settings; learned-mask final mask fraction",
                      {"rho_eff_oracle_mask": eff, "rho_full_baseline": full, "learned_mask_fraction": learned},
-                     "rho_eff(oracle) < rho(full) on every shared-suffix setting",
-                     all(eff[s] < full[s] for s in sfx)))
+                     "rho_eff(oracle) < rho(full) on every Setting-A (last-layer) shared-suffix setting",
+                     bool(setting_a) and all(eff[s] < full[s] for s in setting_a),
+                     note="the guarantee is conditional (THEORY §8.2, Setting A); other settings are listed for "
+                          "information -- where rho_eff > rho the contrastive tokens' own gradients are aligned "
+                          "(trainable embeddings, cf. R18)"))
     return out
 
 
@@ -801,11 +805,15 @@ def check_claims(preset_name: str, cache_dir, seed) -> list[dict]:
                      "tiny transformer: net change of the eval-set mean chosen log-prob, short vs long", dch,
                      "delta_chosen(long) < delta_chosen(short) and delta_chosen(long) < 0",
                      dch["long"] < dch["short"] and dch["long"] < 0, note=DIAG_NOTE))
-    out.append(entry("Q-Fig4b", "Token heat map (long suffix): contrastive cell negative, matched shared tokens high",
+    tc = np.asarray(tr["runs"]["long"]["token_cos"], float)
+    diag_max = float(np.max(np.diag(tc)[1:])) if min(tc.shape) > 1 else float("nan")
+    out.append(entry("Q-Fig4b", "Token heat map (long suffix): contrastive tokens negative; identical shared tokens "
+                     "reach cosine close to 1 for some tokens (§5.1)",
                      "token_gram of one eval pair at the final parameters (tiny transformer)",
-                     {"contrastive": sl["token_cos_contrastive"], "shared_diag_mean": sl["token_cos_shared_diag_mean"]},
-                     "contrastive < 0; shared mean > 0.5",
-                     sl["token_cos_contrastive"] < 0 and (sl["token_cos_shared_diag_mean"] or 0) > 0.5, note=DIAG_NOTE))
+                     {"contrastive": sl["token_cos_contrastive"], "shared_diag_mean": sl["token_cos_shared_diag_mean"],
+                      "shared_diag_max": diag_max},
+                     "contrastive < 0; max matched shared-token cos > 0.9",
+                     sl["token_cos_contrastive"] < 0 and diag_max > 0.9, note=DIAG_NOTE))
     return out
 
 

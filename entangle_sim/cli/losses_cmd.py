@@ -84,7 +84,7 @@ def run_losses(args) -> int:
     return 0
 
 
-def _condition_text(d) -> str:
+def condition_text(d) -> str:
     lines = [f"== {d['loss']} ==", f"  loss           L = {d['loss_expr']}",
              f"  incentives     d_w = {d['d_w']}", f"                 d_l = {d['d_l']}"]
     if d["step_weight"]:
@@ -120,7 +120,7 @@ def run_conditions(args) -> int:
     if args.json:
         print(json.dumps(out if args.all else out[0], indent=2))
     else:
-        print("\n\n".join(_condition_text(d) for d in out))
+        print("\n\n".join(condition_text(d) for d in out))
     return 0
 
 

@@ -28,9 +28,9 @@ def conditions_markdown() -> str:
     """Every loss's full conditions (the text of `entangle-sim conditions --all`) as Markdown."""
     from .. import losses
     from ..symbolic import derive
-    from .losses_cmd import _condition_text
+    from .losses_cmd import condition_text
 
-    blocks = [_condition_text(derive(losses.get(n)).as_dict()) for n in losses.names()]
+    blocks = [condition_text(derive(losses.get(n)).as_dict()) for n in losses.names()]
     return "# Conditions of every registered loss\n\n```\n" + "\n\n".join(blocks) + "\n```\n"
 
 
