@@ -101,7 +101,9 @@ def condition_text(d) -> str:
         extra = f"; negative when {si['negative_when']}" if si["nonnegative"] is not True else ""
         lines.append(f"  {side} {verdict} ({si['how']}){extra}")
     lines.append("  fourth regime (chosen down, rejected up): "
-                 + ("possible" if d["fourth_regime_possible"] else "impossible (R5)"))
+                 + ("impossible (R5)" if not d["fourth_regime_possible"] else
+                    "possible" if False in (d["d_w_sign"]["nonnegative"], d["d_l_sign"]["nonnegative"]) else
+                    "not excluded (an incentive's sign is undecided)"))
     return "\n".join(lines)
 
 
