@@ -91,8 +91,10 @@ def reproduce(out, *, preset: str = "full", cache=None, only=None, report: bool 
     for s in skipped:
         log(f"  {s}")
     log(f"  condition table: {out / 'condition_table.md'}; per-loss conditions: {out / 'conditions.md'}")
-    n4 = [r["loss"] for r in rows if r["fourth_regime_possible"]]
-    log(f"  conditions: {len(rows)} losses; 4th regime (chosen down, rejected up) reachable for: {', '.join(n4)}")
+    n4 = [r["loss"] for r in rows if "can be < 0" in (r["d_w_sign"], r["d_l_sign"])]
+    und = [r["loss"] for r in rows if r["fourth_regime_possible"] and r["loss"] not in n4]
+    log(f"  conditions: {len(rows)} losses; 4th regime (chosen down, rejected up) reachable for: {', '.join(n4)}"
+        + (f"; not excluded (incentive sign undecided): {', '.join(und)}" if und else ""))
     if summary:
         log(f"  report: {summary['pass']} pass, {summary['fail']} fail, {summary['not_available']} not available "
             f"-> {out / 'report.md'}")
