@@ -105,7 +105,7 @@ def run_sweep(cfg: SimConfig, seed: int, runs: int, *, out=None, chunk: int | No
               progress: bool | None = None) -> Trajectory:
     """`runs` runs in chunks (one compiled vmapped program each), with a progress bar on a terminal.
 
-    With `out`, each chunk is written atomically as `chunk_XXXX.npz` next to `config.json`; an
+    With `out`, each chunk is written atomically as `chunk_0000.npz`, `chunk_0001.npz`, ... next to `config.json`; an
     interrupted sweep resumes from the chunks already on disk. Returns [R, S, B] records.
     """
     if runs < 1:
