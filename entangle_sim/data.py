@@ -264,28 +264,29 @@ def one_token(key: Array, n_pairs: int, K: int, prompt_len: int = 1, *, pad: int
     return _assemble(prompt, a, b, pad)
 
 
-def shared_suffix(key: Array, n_pairs: int, K: int, prompt_len: int = 1, L: int = 4, *,
-                  pad: int = 0) -> PairBatch:
-    """'suffix' (R17): chosen = (a, c_1..c_L), rejected = (b, c_1..c_L). Responses [B, 1 + L + pad]."""
+def _shared_block(key: Array, n_pairs: int, K: int, prompt_len: int, L: int, pad: int, *, suffix: bool,
+                  what: str) -> PairBatch:
+    """Contrastive token (a vs b) plus L identical tokens after it (suffix) or before it (prefix)."""
     _check_common(n_pairs, K, prompt_len, pad)
     if int(L) < 0:
-        raise ValueError(f"suffix length L must be >= 0, got L={L}")
+        raise ValueError(f"{what} length L must be >= 0, got L={L}")
     k1, k2 = jax.random.split(key)
     prompt, a, b = _prompt_and_contrast(k1, n_pairs, K, prompt_len)
     c = jax.random.randint(k2, (n_pairs, int(L)), 0, K)
-    return _assemble(prompt, jnp.concatenate([a, c], 1), jnp.concatenate([b, c], 1), pad)
+    join = (lambda x: jnp.concatenate([x, c], 1)) if suffix else (lambda x: jnp.concatenate([c, x], 1))
+    return _assemble(prompt, join(a), join(b), pad)
+
+
+def shared_suffix(key: Array, n_pairs: int, K: int, prompt_len: int = 1, L: int = 4, *,
+                  pad: int = 0) -> PairBatch:
+    """'suffix' (R17): chosen = (a, c_1..c_L), rejected = (b, c_1..c_L). Responses [B, 1 + L + pad]."""
+    return _shared_block(key, n_pairs, K, prompt_len, L, pad, suffix=True, what="suffix")
 
 
 def shared_prefix(key: Array, n_pairs: int, K: int, prompt_len: int = 1, L: int = 4, *,
                   pad: int = 0) -> PairBatch:
     """'prefix' (R16): chosen = (c_1..c_L, a), rejected = (c_1..c_L, b). Responses [B, L + 1 + pad]."""
-    _check_common(n_pairs, K, prompt_len, pad)
-    if int(L) < 0:
-        raise ValueError(f"prefix length L must be >= 0, got L={L}")
-    k1, k2 = jax.random.split(key)
-    prompt, a, b = _prompt_and_contrast(k1, n_pairs, K, prompt_len)
-    c = jax.random.randint(k2, (n_pairs, int(L)), 0, K)
-    return _assemble(prompt, jnp.concatenate([c, a], 1), jnp.concatenate([c, b], 1), pad)
+    return _shared_block(key, n_pairs, K, prompt_len, L, pad, suffix=False, what="prefix")
 
 
 def edit_distance(key: Array, n_pairs: int, K: int, prompt_len: int = 1, T: int = 4, k: int = 1, *,
