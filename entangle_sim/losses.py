@@ -346,6 +346,52 @@ def get(name: str) -> LossSpec:
     return _REGISTRY[key]
 
 
+def define(name: str, fn: Callable | None = None, *, hyperparameters=(), description: str | None = None,
+           trl: str | None = None, margin: Callable | None = None, nll: Callable | None = None,
+           reference: str = "", replace: bool = False, check: bool = True):
+    """Define and register your own loss, written once like the built-in losses.
+
+    The builder `fn(v, F, *, <hyperparameters>)` returns the per-pair loss as a formula in
+      v: the pair variables  v.chosen_logps, v.rejected_logps (summed log-probs l_w, l_l <= 0),
+         v.ref_chosen_logps, v.ref_rejected_logps, v.chosen_len, v.rejected_len (n >= 1),
+         v.prompt_logps, v.prompt_len, and v.r_w = l_w - l_w^ref, v.r_l, v.avg_w = l_w/n_w, v.avg_l;
+      F: the math backend  F.log_sigmoid, F.sigmoid, F.exp, F.log, F.expm1, F.log1mexp, F.relu,
+         F.minimum, plus + - * / ** and abs. Nothing else: no numpy/jax/math calls, no if/else
+         on values. With F = JAX it is the JAX loss, with F = SYM the SymPy expression that
+         `entangle_sim.symbolic.derive` differentiates, so the theory and the code cannot drift.
+    Hyperparameters are the keyword-only arguments: declare them as `losses.Hyper(name, default,
+    doc, lo=..., hi=..., lo_open=..., hi_open=...)` (a range; `lo >= 0` also tells SymPy the sign)
+    or a dict {name: default}; undeclared keyword-only arguments with numeric defaults are
+    unbounded. `margin=` / `nll=` (same signature) give the transformed margin z and an additive
+    NLL part, for the step weight s = -m'(z). Use as a function or a decorator:
+
+        >>> from entangle_sim import losses
+        >>> @losses.define("my_shift", hyperparameters=[losses.Hyper("lam", 0.5, "shift", lo=0, hi=1, lo_open=True)])
+        ... def my_shift(v, F, *, beta=0.1, lam):
+        ...     return -F.log_sigmoid(beta * v.r_w - lam * beta * v.r_l)
+        >>> float(my_shift(-10.0, -12.0, -11.0, -11.0))   # -log sigma(0.1 * 1 + 0.5 * 0.1 * 1)
+        0.621...
+
+    Refused with a `LossDefinitionError` (a ValueError) naming the problem: a name of a built-in
+    (or of another user loss, unless `replace=True`; re-running the same definition is allowed),
+    a function the backend lacks, direct numpy/jax/math calls, branching on values, a
+    discontinuous or non-differentiable formula, and (with `check=True`) non-finite values or
+    gradients, or JAX and SymPy disagreeing, at ordinary states (policy = reference among them).
+    The thorough checks are `entangle_sim.testing.check_loss`. Returns the registered LossSpec.
+    """
+    from . import _userloss
+
+    return _userloss.define(name, fn, hyperparameters=hyperparameters, description=description, trl=trl,
+                            margin=margin, nll=nll, reference=reference, replace=replace, check=check)
+
+
+def user_names() -> list[str]:
+    """Names of the losses defined with `define` (in definition order)."""
+    from . import _userloss
+
+    return _userloss.user_names()
+
+
 def _reg(name, description, hypers, trl=None, **kw):
     def deco(build):
         register(LossSpec(name=name, description=description, build=build, hypers=tuple(hypers),
