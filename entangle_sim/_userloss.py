@@ -24,6 +24,7 @@ from .symbolic.functions import lambdify_numpy
 from .symbolic.symbols import GRAM_VARS, PAIR_VARS
 
 _USER: dict[str, tuple] = {}  # name -> origin (file, qualname) of the builder that defined it
+DEFINED: list[str] = []  # every successful define, in order (the CLI loader reports a file's losses)
 BACKEND_FUNCTIONS = tuple(k for k in vars(_losses.JAX) if k != "name")
 PAIR_ATTRIBUTES = (*PAIR_VARS, "r_w", "r_l", "avg_w", "avg_l")
 _RESERVED = {*PAIR_VARS, *(str(s) for s in PAIR_VARS.values()), *GRAM_VARS, "d_w", "d_l", "v", "F"}
@@ -357,6 +358,7 @@ def define(name: str, fn: Callable | None = None, *, hyperparameters=(), descrip
     else:
         _losses.register(spec)
     _USER[name] = origin
+    DEFINED.append(name)
     return spec
 
 

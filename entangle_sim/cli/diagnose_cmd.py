@@ -5,6 +5,7 @@ import json
 import sys
 
 from . import CLIError
+from ._user_losses import add_flag as add_losses_flag
 
 
 def register(sub) -> None:
@@ -19,6 +20,7 @@ def register(sub) -> None:
                    help="SFT on prompt + label word only (the paper's literal SFT data)")
     p.add_argument("--out", default=None, help="write figures (PNG+PDF), summary.json, arrays.npz here")
     p.add_argument("--json", action="store_true", help="print the JSON summary")
+    add_losses_flag(p)
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,7 @@ import math
 import sys
 
 from . import CLIError
+from ._user_losses import add_flag as add_losses_flag
 
 
 def _x64():
@@ -18,6 +19,7 @@ def _x64():
 def register(sub) -> None:
     p = sub.add_parser("losses", help="list registered losses with TRL equivalents and hyperparameters")
     p.add_argument("--json", action="store_true", help="print JSON")
+    add_losses_flag(p)
     p.set_defaults(func=run_losses)
 
     p = sub.add_parser("conditions", help="incentives, first-order changes and regime conditions of a loss")
@@ -27,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--latex", action="store_true", help="LaTeX instead of plain expressions")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="fix a hyperparameter (others stay symbolic)")
+    add_losses_flag(p)
     p.set_defaults(func=run_conditions)
 
     p = sub.add_parser("predict", help="one-step first-order prediction at a given state and Gram")
@@ -45,6 +48,7 @@ def register(sub) -> None:
     p.add_argument("--eta", type=float, default=1.0, help="step size (default 1)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--json", action="store_true")
+    add_losses_flag(p)
     p.set_defaults(func=run_predict)
 
 

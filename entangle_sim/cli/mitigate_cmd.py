@@ -9,6 +9,7 @@ import json
 import math
 
 from . import CLIError
+from ._user_losses import add_flag as add_losses_flag
 
 
 def register(sub) -> None:
@@ -33,6 +34,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="directory: writes mitigations.md, mitigations.json, mitigations.png")
     p.add_argument("--figure", default=None, help="also save the comparison figure to this path")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    add_losses_flag(p)
     p.set_defaults(func=run)
 
 

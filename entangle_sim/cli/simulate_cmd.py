@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from . import CLIError
+from ._user_losses import add_flag as add_losses_flag
 
 
 def register(sub) -> None:
@@ -33,6 +34,7 @@ def register(sub) -> None:
                    help="none, or a method of entangle_sim.mitigations.METHODS (e.g. normalized, oracle_mask)")
     p.add_argument("--out", default=None, help="write trajectories (npz + config.json); resumes")
     p.add_argument("--json", action="store_true")
+    add_losses_flag(p)
     p.set_defaults(func=run)
 
 
