@@ -292,14 +292,21 @@ def explore(loss: str, *, beta: float | None = None, chosen_len: float = 10.0, r
     return maps, pred
 
 
-def _build_maps(names, p):
-    grids = [regime_grid(n, MAP_STATE, p["grid"]) for n in names]
-    return {"losses": list(names), "cos": grids[0]["cos"], "ratio": grids[0]["ratio"],
+def _build_maps(names, p, state=None):
+    state = dict(state or MAP_STATE)
+    grids = [regime_grid(n, state, p["grid"]) for n in names]
+    return {"losses": [getattr(n, "name", n) for n in names], "cos": grids[0]["cos"], "ratio": grids[0]["ratio"],
             "code": np.stack([g["code"] for g in grids]),
             "chosen_threshold": [g["chosen_threshold"] for g in grids],
             "rejected_threshold": [g["rejected_threshold"] for g in grids],
             "d_w": [g["d_w"] for g in grids], "d_l": [g["d_l"] for g in grids],
-            "state": dict(MAP_STATE)}
+            "state": state}
+
+
+def regime_maps(losses_, *, n: int = 41, state: dict | None = None) -> dict[str, Any]:
+    """Data of `plotting.theory.plot_regime_maps` for any losses (names or LossSpecs, user-defined
+    ones included): first-order regime on the (cos, |g_l|/|g_w|) plane at `state` (default MAP_STATE)."""
+    return _build_maps(list(losses_), {"grid": n}, state)
 
 
 def build_regime_maps(p, seed):
@@ -312,18 +319,19 @@ def build_regime_maps_all(p, seed):
     return _build_maps(losses.names(), p)
 
 
-def condition_rows() -> list[dict[str, Any]]:
-    """The loss-specific condition table (Table 2 analogue) from the symbolic engine, every loss.
+def condition_rows(losses_=None) -> list[dict[str, Any]]:
+    """The loss-specific condition table (Table 2 analogue) from the symbolic engine: every
+    registered loss, or the given names / LossSpecs (user-defined ones included).
 
     chosen rises <=> G_wl <= t_w G_ww (where d_l > 0); rejected falls <=> G_wl <= t_l G_ll (where d_w > 0)."""
     from . import losses
 
     rows = []
-    for name in losses.names():
+    for name in (losses.names() if losses_ is None else losses_):
         spec, der, _ = derivation(name)
         sw, sl = der.d_w_sign.nonnegative, der.d_l_sign.nonnegative
         sign = {True: ">= 0", False: "can be < 0", None: "undecided"}
-        rows.append({"loss": name, "trl": spec.trl or "-",
+        rows.append({"loss": spec.name, "trl": spec.trl or "-",
                      "chosen_threshold": "-" if der.chosen_threshold is None else str(der.chosen_threshold),
                      "rejected_threshold": "-" if der.rejected_threshold is None else str(der.rejected_threshold),
                      "d_w_sign": sign[sw], "d_l_sign": sign[sl],

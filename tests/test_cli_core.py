@@ -10,6 +10,7 @@ import pytest
 from entangle_sim import losses
 from entangle_sim.cli import main
 from entangle_sim.symbolic import derive
+from entangle_sim.testing import richardson
 from reference_formulas import ref
 
 
@@ -58,7 +59,7 @@ def test_predict_agrees_with_sympy_and_finite_differences(capsys, name):
     # FD of the JAX loss (Richardson, h = 1e-3): truncation O(h^4) ~ 1e-12 and rounding ~ 1e-13 here.
     h = 1e-3
     f = lambda a, b: float(spec(a, b, STATE["rw0"], STATE["rl0"], STATE["nw"], STATE["nl"]))  # noqa: E731
-    fd = lambda g, x: (8 * (g(x + h) - g(x - h)) - (g(x + 2 * h) - g(x - 2 * h))) / (12 * h)  # noqa: E731
+    fd = lambda g, x: richardson(g, x, h)  # noqa: E731
     dw_fd = -fd(lambda x: f(x, STATE["ll"]), STATE["lw"])
     dl_fd = fd(lambda x: f(STATE["lw"], x), STATE["ll"])
     for got_v, exp_v in ((got["d_w"], dw_ref), (got["d_l"], dl_ref), (got["d_w"], dw_fd), (got["d_l"], dl_fd)):

@@ -14,6 +14,9 @@ import pytest
 
 from entangle_sim import losses
 from entangle_sim.symbolic import derive
+from entangle_sim.testing import extreme_margin_states, richardson
+from entangle_sim.testing import pair_values as _vals
+from entangle_sim.testing import random_states as _states
 from reference_formulas import kinks, ref
 
 ALL = losses.names()
@@ -23,29 +26,6 @@ EXTRA = {
     "alphapo": {"alpha": 0.25}, "cpo_simpo": {"alpha": -0.3}, "kto": {"kl": 0.7},
     "cpo_sigmoid": {"label_smoothing": 0.0, "cpo_alpha": 0.5},
 }
-
-
-def _states(n, seed):
-    """Random states: lengths 1..4096, summed log-probs ~ -n * U(0.01, 3), a share of pairs with
-    |beta * margin| up to ~1e3 (beta = 0.1 -> raw margins up to 1e4)."""
-    rng = np.random.default_rng(seed)
-    lens = np.array([1, 2, 3, 7, 64, 513, 4096], dtype=float)
-    nw, nl = rng.choice(lens, n), rng.choice(lens, n)
-    lw = -nw * rng.uniform(0.01, 3.0, n)
-    ll = -nl * rng.uniform(0.01, 3.0, n)
-    rw0 = lw + rng.normal(0, 3.0, n)
-    rl0 = ll + rng.normal(0, 3.0, n)
-    big = rng.random(n) < 0.3  # extreme margins: move the rejected log-prob far away
-    shift = rng.uniform(-1e4, 1e4, n)
-    ll = np.where(big, np.minimum(ll + shift, -1e-3), ll)
-    return [np.minimum(x, -1e-6) for x in (lw, ll, np.minimum(rw0, -1e-6), np.minimum(rl0, -1e-6))] + [nw, nl]
-
-
-def _vals(state, hp):
-    lw, ll, rw0, rl0, nw, nl = state
-    return dict(chosen_logps=lw, rejected_logps=ll, ref_chosen_logps=rw0, ref_rejected_logps=rl0,
-                chosen_len=nw, rejected_len=nl, prompt_logps=np.zeros_like(lw), prompt_len=np.zeros_like(lw),
-                **{k: v for k, v in hp.items() if not isinstance(v, str)})
 
 
 def _cases():
@@ -100,12 +80,8 @@ def test_incentives_match_finite_differences(name):
     lw, ll, rw0, rl0, nw, nl = state
     h = 1e-3
     f = jax.jit(lambda a, b: spec(a, b, rw0, rl0, nw, nl))
-
-    def fd(fun, x):
-        return (8 * (fun(x + h) - fun(x - h)) - (fun(x + 2 * h) - fun(x - 2 * h))) / (12 * h)
-
-    dw_fd = -np.asarray(fd(lambda x: f(x, ll), lw))
-    dl_fd = np.asarray(fd(lambda x: f(lw, x), ll))
+    dw_fd = -np.asarray(richardson(lambda x: f(x, ll), lw, h))
+    dl_fd = np.asarray(richardson(lambda x: f(lw, x), ll, h))
     dw_ad, dl_ad = (np.asarray(x) for x in losses.incentives(spec, *state))
     keep = np.array([kinks(name, *[s[i] for s in state], hp) > 10 * h for i in range(len(lw))])
     keep &= (lw < -3 * h) & (ll < -3 * h)  # the stencil must stay inside the domain l <= 0
@@ -241,12 +217,7 @@ def test_float32_extreme_margins_stay_finite_and_accurate(name):
     spec = losses.get(name)
     hp = spec.resolve()
     margins = np.array([-1e4, -1e3, -30.0, -1.0, 0.0, 1.0, 30.0, 1e3, 1e4])
-    lw = np.full_like(margins, -2e4)
-    ll = lw - margins  # l_w - l_l = margin
-    nw = np.full_like(margins, 4096.0)
-    nl = np.full_like(margins, 4096.0)
-    rw0 = np.full_like(margins, -2e4)
-    rl0 = np.full_like(margins, -2e4)
+    lw, ll, rw0, rl0, nw, nl = extreme_margin_states(margins)  # l_w - l_l = margin, |l| ~ 2e4, n = 4096
     f32 = [jnp.asarray(x, jnp.float32) for x in (lw, ll, rw0, rl0, nw, nl)]
     val = np.asarray(spec(*f32), dtype=np.float64)
     dw, dl = (np.asarray(x, dtype=np.float64) for x in losses.incentives(spec, *f32))

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from entangle_sim import losses, regimes
 from entangle_sim.symbolic import derive, proofs
 from entangle_sim.symbolic.symbols import PAIR_VARS
+from entangle_sim.testing import one_step_errors as _step_errors
+from entangle_sim.testing import softmax_pair_model as _model
 
 lw_s, ll_s = PAIR_VARS["chosen_logps"], PAIR_VARS["rejected_logps"]
 nw_s, nl_s = PAIR_VARS["chosen_len"], PAIR_VARS["rejected_len"]
@@ -132,44 +134,6 @@ def test_negative_incentives_are_identified_exactly():
 # One-step predictions vs real gradient steps on a model with known gradients.
 # Model: a softmax over K = 6 logits theta; l_w = n_w log p_a(theta), l_l = n_l log p_b(theta)
 # (n identical tokens), so g_w = n_w (e_a - p), g_l = n_l (e_b - p): Gram known in closed form.
-
-def _model(a, b, nw, nl):
-    def logps(theta):
-        lp = jax.nn.log_softmax(theta)
-        return nw * lp[a], nl * lp[b]
-    return logps
-
-
-def _step_errors(name, etas, theta0, a=0, b=1, nw=3.0, nl=2.0, ref=(-4.0, -3.0)):
-    spec = losses.get(name)
-    der = derive(spec)
-    hp = {k: v for k, v in spec.resolve().items() if not isinstance(v, str)}
-    logps = _model(a, b, nw, nl)
-
-    def loss(theta):
-        lw, ll = logps(theta)
-        return spec(lw, ll, ref[0], ref[1], nw, nl)
-
-    lw0, ll0 = logps(theta0)
-    gw = jax.grad(lambda t: logps(t)[0])(theta0)
-    gl = jax.grad(lambda t: logps(t)[1])(theta0)
-    p = jax.nn.softmax(theta0)
-    e = jnp.eye(theta0.shape[0])
-    # closed-form Gram (THEORY R14) checked against autodiff first
-    np.testing.assert_allclose(gw, nw * (e[a] - p), rtol=1e-13)
-    vals = dict(chosen_logps=lw0, rejected_logps=ll0, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1],
-                chosen_len=nw, rejected_len=nl, prompt_logps=0.0, prompt_len=0.0,
-                G_ww=gw @ gw, G_wl=gw @ gl, G_ll=gl @ gl, **hp)
-    g = jax.grad(loss)(theta0)
-    errs, preds = [], []
-    for eta in etas:
-        lw1, ll1 = logps(theta0 - eta * g)
-        pred_w = der.delta_chosen(**vals, eta=eta)
-        pred_l = der.delta_rejected(**vals, eta=eta)
-        errs.append(max(abs(float(lw1 - lw0 - pred_w)), abs(float(ll1 - ll0 - pred_l))))
-        preds.append(max(abs(float(pred_w)), abs(float(pred_l))))
-    return np.array(errs), np.array(preds)
-
 
 SMOOTH = [n for n in losses.names() if n not in ("sft",)]
 
