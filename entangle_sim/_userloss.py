@@ -46,8 +46,7 @@ ORDINARY_STATES = (
 )
 
 
-class LossDefinitionError(ValueError):
-    """A user loss that cannot work; the message names the problem (and the state, if any)."""
+LossDefinitionError = _losses.LossDefinitionError
 
 
 class _Unknown(Exception):
@@ -97,12 +96,12 @@ def _explain(exc: BaseException, backend: str) -> str:
     low = msg.lower()
     if isinstance(exc, _Unknown):
         return msg
-    if re.search(r"(Greater|Less)Than|Relational|Boolean|Equality", msg):
-        return (f"it compares values ({msg.splitlines()[0]}): a comparison is a step, not differentiable; use "
-                "F.relu, F.minimum, F.sigmoid or abs for kinks")
     if "truth value" in low or "tracerbool" in type(exc).__name__.lower() or "concretization" in low:
         return (f"it branches on a value (if/and/or/comparison): {msg.splitlines()[0]}. A loss must be one "
                 "formula; use F.relu, F.minimum, F.sigmoid or abs for kinks")
+    if re.search(r"(Greater|Less)Than|Relational|Boolean|Equality", msg):
+        return (f"it compares values ({msg.splitlines()[0]}): a comparison is a step, not differentiable; use "
+                "F.relu, F.minimum, F.sigmoid or abs for kinks")
     if "ufunc" in low or "__array__" in low or "tracerarrayconversion" in type(exc).__name__.lower() \
             or "numpy" in low:
         return f"it calls numpy directly ({msg.splitlines()[0]}); use the backend F instead"

@@ -346,6 +346,10 @@ def get(name: str) -> LossSpec:
     return _REGISTRY[key]
 
 
+class LossDefinitionError(ValueError):
+    """A user loss (`define`) that cannot work; the message names the problem and the state."""
+
+
 def define(name: str, fn: Callable | None = None, *, hyperparameters=(), description: str | None = None,
            trl: str | None = None, margin: Callable | None = None, nll: Callable | None = None,
            reference: str = "", replace: bool = False, check: bool = True):
@@ -390,6 +394,13 @@ def user_names() -> list[str]:
     from . import _userloss
 
     return _userloss.user_names()
+
+
+def undefine(name: str) -> None:
+    """Remove a loss defined with `define` (built-in losses cannot be removed)."""
+    from . import _userloss
+
+    _userloss.undefine(name)
 
 
 def _reg(name, description, hypers, trl=None, **kw):
