@@ -211,7 +211,7 @@ def test_names_hyperparameters_and_replace():
     assert losses.define("mine", f, hyperparameters=spec.hypers) is not None  # re-running the same definition
     with pytest.raises(losses.LossDefinitionError, match="already defined.*replace=True"):
         losses.define("mine", g)
-    losses.define("mine", g, replace=True)
+    losses.define("mine", g, hyperparameters=spec.hypers, replace=True)
     assert float(losses.get("mine")(-1.0, -2.0, -1.0, -1.0)) == pytest.approx(-_logsig(0.2))  # D = 1
     with pytest.raises(ValueError, match="out of range"):  # the declared range is enforced on calls
         losses.get("mine")(-1.0, -2.0, beta=0.0)
