@@ -2,7 +2,8 @@
 
 Public API (submodules load on first use, so `import entangle_sim` stays light):
 
-    losses      registry of 30 margin losses: `losses.get(name)`, `losses.names()`
+    losses      registry of 30 margin losses: `losses.get(name)`, `losses.names()`; your own: `losses.define`
+    testing     `testing.check_loss(spec)`: the built-in losses' checks for any loss (also a pytest fixture)
     symbolic    `symbolic.derive(spec)` -> incentives, first-order changes, conditions, regimes; proofs
     geometry    `pair_gram`, `token_gram`, `aggregate`: per-pair and token-level gradient geometry
     train       compiled trainer recording theory vs realised changes; `sweep` over runs
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = ("losses", "symbolic", "geometry", "train", "simulate", "data", "policies", "mitigations",
                "diagnose", "logs", "regimes", "plotting", "results", "sentiment", "distributed", "reproduce",
-               "report")
+               "report", "testing")
 __all__ = ["__version__", *_SUBMODULES]
 
 
