@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 __all__ = ["LossCheckError", "LossCheckReport", "check_loss", "random_states", "pair_values", "richardson",
-           "softmax_pair_model", "one_step_errors", "extreme_margin_states", "kink_distance"]
+           "softmax_pair_model", "one_step_errors", "extreme_margin_states", "kink_distance",
+           "incentives_in_dtype"]
 
 EPS64 = 2.220446049250313e-16
 
@@ -189,6 +190,16 @@ def one_step_errors(spec, etas, theta0, a=0, b=1, nw=3.0, nl=2.0, ref=(-4.0, -3.
         errs.append(max(abs(float(lw1 - lw0 - pred_w)), abs(float(ll1 - ll0 - pred_l))))
         preds.append(max(abs(float(pred_w)), abs(float(pred_l))))
     return np.array(errs), np.array(preds)
+
+
+def incentives_in_dtype(spec, state, hp=None):
+    """(d_w, d_l) by jax.grad computed in the dtype of `state` (e.g. float32 arrays stay float32;
+    `losses.incentives` promotes its inputs to the default float type)."""
+    import jax
+
+    hp = dict(hp or {})
+    g = jax.vmap(jax.grad(lambda lw, ll, *rest: spec(lw, ll, *rest, **hp), argnums=(0, 1)))(*state)
+    return -g[0], g[1]
 
 
 def kink_distance(spec, hp=None):
@@ -449,7 +460,7 @@ def _check_float32(spec, hp, full, report, **_):
     num = _numeric(full)
     f32 = [jnp.asarray(x, jnp.float32) for x in state]
     val = np.asarray(spec(*f32, **hp), dtype=np.float64)
-    dw, dl = (np.asarray(x, dtype=np.float64) for x in losses.incentives(spec, *f32, **hp))
+    dw, dl = (np.asarray(x, dtype=np.float64) for x in incentives_in_dtype(spec, f32, hp))
     report.float32_finite = bool(np.all(np.isfinite(val)) and np.all(np.isfinite(dw)) and np.all(np.isfinite(dl)))
     for what, x in (("loss", val), ("d_w", dw), ("d_l", dl)):
         bad = ~np.isfinite(x)

@@ -14,7 +14,7 @@ import pytest
 
 from entangle_sim import losses
 from entangle_sim.symbolic import derive
-from entangle_sim.testing import extreme_margin_states, richardson
+from entangle_sim.testing import extreme_margin_states, incentives_in_dtype, richardson
 from entangle_sim.testing import pair_values as _vals
 from entangle_sim.testing import random_states as _states
 from reference_formulas import kinks, ref
@@ -220,7 +220,8 @@ def test_float32_extreme_margins_stay_finite_and_accurate(name):
     lw, ll, rw0, rl0, nw, nl = extreme_margin_states(margins)  # l_w - l_l = margin, |l| ~ 2e4, n = 4096
     f32 = [jnp.asarray(x, jnp.float32) for x in (lw, ll, rw0, rl0, nw, nl)]
     val = np.asarray(spec(*f32), dtype=np.float64)
-    dw, dl = (np.asarray(x, dtype=np.float64) for x in losses.incentives(spec, *f32))
+    # jax.grad in float32 itself (losses.incentives would promote the inputs to float64)
+    dw, dl = (np.asarray(x, dtype=np.float64) for x in incentives_in_dtype(spec, f32))
     assert np.all(np.isfinite(val)) and np.all(np.isfinite(dw)) and np.all(np.isfinite(dl)), name
     exp = np.array([ref(name, lw[i], ll[i], rw0[i], rl0[i], nw[i], nl[i], hp) for i in range(len(margins))])
     # float32 accuracy: inputs of size 2e4 carry an absolute rounding of ~1e-3 (ulp(2e4) = 2e-3),
