@@ -374,7 +374,7 @@ def define(name: str, fn: Callable | None = None, *, hyperparameters=(), descrip
         ... def my_shift(v, F, *, beta=0.1, lam):
         ...     return -F.log_sigmoid(beta * v.r_w - lam * beta * v.r_l)
         >>> float(my_shift(-10.0, -12.0, -11.0, -11.0))   # -log sigma(0.1 * 1 + 0.5 * 0.1 * 1)
-        0.621...
+        0.62095...
 
     Refused with a `LossDefinitionError` (a ValueError) naming the problem: a name of a built-in
     (or of another user loss, unless `replace=True`; re-running the same definition is allowed),
