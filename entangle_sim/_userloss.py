@@ -140,8 +140,9 @@ def _hypers(fn, hyperparameters) -> tuple[_losses.Hyper, ...]:
         raise LossDefinitionError(f"hyperparameters must be keyword-only: write `def {getattr(fn, '__name__', 'fn')}"
                                   f"(v, F, *, {', '.join(p.name for p in positional[2:])})`")
     if len(positional) != 2 or any(p.kind == p.VAR_POSITIONAL for p in params):
-        raise LossDefinitionError(f"the builder must be `def {getattr(fn, '__name__', 'fn')}(v, F, *, <hyperparameters>)`"
-                                  f": two positional arguments (pair variables v, backend F), got {sig}")
+        fname = getattr(fn, "__name__", "fn")
+        raise LossDefinitionError(f"the builder must be `def {fname}(v, F, *, <hyperparameters>)`: two positional "
+                                  f"arguments (pair variables v, backend F), got {sig}")
     kwonly = {p.name: p for p in params if p.kind == p.KEYWORD_ONLY}
     has_var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
     declared = {h.name for h in hs}
@@ -256,7 +257,8 @@ def _build_sym(spec, fn):
     for s in (ell_w, ell_l):
         d = sp.diff(expr, s)
         if d.atoms(sp.Derivative, sp.Subs):
-            bad = sorted({str(a.expr if isinstance(a, sp.Derivative) else a)[:60] for a in d.atoms(sp.Derivative, sp.Subs)})
+            bad = sorted({str(a.expr if isinstance(a, sp.Derivative) else a)[:60]
+                          for a in d.atoms(sp.Derivative, sp.Subs)})
             raise LossDefinitionError(f"loss {spec.name!r} is not differentiable: SymPy cannot differentiate "
                                       f"{', '.join(bad)}")
         if d.atoms(sp.DiracDelta):

@@ -370,7 +370,8 @@ def define(name: str, fn: Callable | None = None, *, hyperparameters=(), descrip
     NLL part, for the step weight s = -m'(z). Use as a function or a decorator:
 
         >>> from entangle_sim import losses
-        >>> @losses.define("my_shift", hyperparameters=[losses.Hyper("lam", 0.5, "shift", lo=0, hi=1, lo_open=True)])
+        >>> LAM = losses.Hyper("lam", 0.5, "shift", lo=0, hi=1, lo_open=True)
+        >>> @losses.define("my_shift", hyperparameters=[LAM])
         ... def my_shift(v, F, *, beta=0.1, lam):
         ...     return -F.log_sigmoid(beta * v.r_w - lam * beta * v.r_l)
         >>> float(my_shift(-10.0, -12.0, -11.0, -11.0))   # -log sigma(0.1 * 1 + 0.5 * 0.1 * 1)

@@ -429,7 +429,8 @@ def _check_signs(spec, hp, full, report, *, n_states, seed, allow_undecided, **_
             neg = off & (x < -1e-12 * (1 + np.abs(x).max()))
             if neg.any():
                 i = int(np.flatnonzero(neg)[0])
-                problems.append(f"signs: {side} proved >= 0 but jax.grad gives {x[i]:.6g} at {_state_str(state, i, num)}")
+                problems.append(f"signs: {side} proved >= 0 but jax.grad gives {x[i]:.6g} at "
+                                f"{_state_str(state, i, num)}")
         elif info.nonnegative is False:
             w = dict(info.witness)
             value = w.pop("value")
@@ -444,7 +445,8 @@ def _check_signs(spec, hp, full, report, *, n_states, seed, allow_undecided, **_
             setattr(report, f"{side}_sign", f"undecided ({info.how})")
             if not allow_undecided:
                 problems.append(f"signs: the sign of {side} is undecided ({info.how}); whether the fourth regime "
-                                "(chosen down, rejected up) can occur is unknown (allow_undecided_signs=True to accept)")
+                                "(chosen down, rejected up) can occur is unknown "
+                                "(allow_undecided_signs=True to accept)")
     if problems:
         raise _Fail("; ".join(problems))
 
