@@ -184,6 +184,15 @@ def test_definitions_that_cannot_work_are_refused(fn, needle):
     assert "bad_loss" not in losses.names()
 
 
+def test_jax_only_failures_are_refused():
+    """Builders that differ by backend: float() works on SymPy numbers only in the JAX branch's
+    absence, and a JAX-only rounding (zero gradient) makes the two backends disagree."""
+    with pytest.raises(losses.LossDefinitionError, match="does not run under jax.jit/jax.grad"):
+        losses.define("jax_float", lambda v, F, *, beta=0.1: float(v.r_w) if F.name == "jax" else v.r_w)
+    with pytest.raises(losses.LossDefinitionError, match="JAX and SymPy backends disagree.*dL/dchosen_logps"):
+        losses.define("jax_round", lambda v, F, *, beta=0.1: jax.numpy.round(v.r_w) if F.name == "jax" else v.r_w)
+
+
 def test_branching_is_refused_with_the_line():
     def branchy(v, F, *, beta=0.1):
         if v.r_w > v.r_l:
