@@ -104,20 +104,22 @@ def test_user_file_loss_gets_conditions_regime_map_and_passing_check_loss():
     assert report.float32_finite and report.d_w_sign.startswith(">= 0")
 
 
-@pytest.mark.parametrize("name,kw", [("hinge", {}), ("ipo", {}), ("dpop", {}),
-                                     ("orpo", {"allow_undecided_signs": True})])
-def test_check_loss_passes_on_builtin_losses(name, kw):
+@pytest.mark.parametrize("name", ["hinge", "ipo", "dpop"])
+def test_check_loss_passes_on_builtin_losses(name):
     """check_loss is no stricter than this project's tests: built-ins with kinks (hinge, dpop at the
-    reference), negative incentives (ipo: a witness verified by jax.grad) and singular odds (orpo)."""
-    report = testing.check_loss(name, **kw)
+    reference) and negative incentives (ipo: a witness verified by jax.grad)."""
+    report = testing.check_loss(name)
     assert report.passed
     if name == "ipo":
         assert report.d_w_sign.startswith("can be < 0") and report.fourth_regime_possible
 
 
 def test_check_loss_reports_undecided_signs():
-    with pytest.raises(testing.LossCheckError, match="the sign of d_w is undecided"):
+    """ORPO (singular odds near l = 0): every check passes, but the engine cannot decide its signs."""
+    with pytest.raises(testing.LossCheckError, match="the sign of d_w is undecided") as e:
         testing.check_loss("orpo")
+    assert all(f.startswith("signs:") for f in e.value.failures)
+    assert testing.check_loss("orpo", allow_undecided_signs=True).passed
 
 
 def test_not_differentiable_loss_is_refused_naming_the_state():
@@ -306,13 +308,14 @@ def test_cli_runs_no_user_code_without_the_flag(capsys):
 
 def test_pytest_plugin_entry_point_and_fixture(tmp_path):
     """`pytest` in a user's project: the pytest11 entry point names the plugin, whose fixture
-    check_loss passes a good loss and fails a broken one naming the state."""
+    check_loss is testing.check_loss and fails a broken loss naming the state."""
     eps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["entry-points"]["pytest11"]
     assert eps == {"entangle_sim": "entangle_sim.pytest_plugin"}
     (tmp_path / "test_mine.py").write_text(
         "import sys\nsys.path.insert(0, %r)\n" % str(DATA)
-        + "import user_losses, broken_losses\nfrom entangle_sim import losses\n\n"
-        "def test_good(check_loss):\n    assert check_loss('user_rpo').passed\n\n"
+        + "import broken_losses\nfrom entangle_sim import losses\n\n"
+        "def test_fixture(check_loss):\n    from entangle_sim import testing\n"
+        "    assert check_loss is testing.check_loss\n\n"
         "def test_broken(check_loss):\n"
         "    check_loss(losses.define('naive', broken_losses.naive_dpo))\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
