@@ -23,7 +23,7 @@ from . import losses as _losses
 from .symbolic.functions import lambdify_numpy
 from .symbolic.symbols import GRAM_VARS, PAIR_VARS
 
-_USER: dict[str, tuple] = {}  # name -> origin (file, qualname) of the builder that defined it
+_USER: dict[str, tuple] = {}  # name -> origin (file, qualname, line) of the builder that defined it
 DEFINED: list[str] = []  # every successful define, in order (the CLI loader reports a file's losses)
 BACKEND_FUNCTIONS = tuple(k for k in vars(_losses.JAX) if k != "name")
 PAIR_ATTRIBUTES = (*PAIR_VARS, "r_w", "r_l", "avg_w", "avg_l")
@@ -213,7 +213,8 @@ def kink_distance(exprs, args):
 
 def _origin(fn) -> tuple:
     code = getattr(fn, "__code__", None)
-    return (code.co_filename if code else None, getattr(fn, "__qualname__", None))
+    return (code.co_filename if code else None, getattr(fn, "__qualname__", None),
+            code.co_firstlineno if code else None)
 
 
 def _check_name(name: str, origin, replace: bool) -> None:

@@ -222,6 +222,8 @@ def test_names_hyperparameters_and_replace():
     assert losses.define("mine", f, hyperparameters=spec.hypers) is not None  # re-running the same definition
     with pytest.raises(losses.LossDefinitionError, match="already defined.*replace=True"):
         losses.define("mine", g)
+    with pytest.raises(losses.LossDefinitionError, match="already defined"):  # another lambda, same file
+        losses.define("mine", lambda v, F, *, beta=0.1: -F.log_sigmoid(3 * beta * (v.r_w - v.r_l)))
     losses.define("mine", g, hyperparameters=spec.hypers, replace=True)
     assert float(losses.get("mine")(-1.0, -2.0, -1.0, -1.0)) == pytest.approx(-_logsig(0.2))  # D = 1
     with pytest.raises(ValueError, match="out of range"):  # the declared range is enforced on calls

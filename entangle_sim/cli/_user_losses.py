@@ -44,10 +44,13 @@ def load_file(path: str) -> list[str]:
         sys.modules[mod_name] = module  # dataclasses and pickling inside the file need it
         spec.loader.exec_module(module)
     except argparse.ArgumentTypeError:
+        sys.modules.pop(mod_name, None)
         raise
     except SyntaxError as e:
+        sys.modules.pop(mod_name, None)
         raise argparse.ArgumentTypeError(f"{path}: syntax error at line {e.lineno}: {e.msg}") from None
     except (Exception, SystemExit) as e:  # noqa: BLE001 - the user's code may raise anything
+        sys.modules.pop(mod_name, None)
         msg = str(e).splitlines()[0] if str(e) else ""
         kind = "" if type(e).__name__ == "LossDefinitionError" else f"{type(e).__name__}: "
         raise argparse.ArgumentTypeError(f"{path}{_line_of(e, p)}: {kind}{msg}") from None
