@@ -102,6 +102,9 @@ def test_user_file_loss_gets_conditions_regime_map_and_passing_check_loss():
     assert report.fd_max_err_over_tol <= 1
     assert len(report.one_step_slopes) == 2 and all(1.85 <= x <= 2.15 for x in report.one_step_slopes)
     assert report.float32_finite and report.d_w_sign.startswith(">= 0")
+    # at other hyperparameters (fixed in the derivation as exact rationals)
+    report = testing.check_loss(spec, hp={"alpha": 0.25, "beta": 0.5})
+    assert report.passed and report.hyperparameters == {"beta": 0.5, "alpha": 0.25}
 
 
 @pytest.mark.parametrize("name", ["hinge", "ipo", "dpop"])
