@@ -18,6 +18,7 @@ _COMMANDS = (
     "mitigate_cmd",   # mitigate
     "analyze_log_cmd",  # analyze-log
     "reproduce_cmd",  # reproduce
+    "diagnose_model_cmd",  # diagnose-model (PyTorch extra)
 )
 
 

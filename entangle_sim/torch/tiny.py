@@ -32,8 +32,10 @@ def tiny_tokenizer(words=WORDS):
     return tok
 
 
-def tiny_model(arch: str = "gpt2", tokenizer=None, *, width: int = 32, layers: int = 2, seed: int = 0):
-    """A random causal LM of `arch` in {'gpt2', 'llama', 'gpt_neox'} sized to the tokenizer."""
+def tiny_model(arch: str = "gpt2", tokenizer=None, *, width: int = 32, layers: int = 2, seed: int = 0,
+               dropout: float = 0.0):
+    """A random causal LM of `arch` in {'gpt2', 'llama', 'gpt_neox'} sized to the tokenizer (eval mode;
+    dropout 0 by default so that training steps follow the first-order theory)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -43,7 +45,8 @@ def tiny_model(arch: str = "gpt2", tokenizer=None, *, width: int = 32, layers: i
     common = dict(vocab_size=V, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                   bos_token_id=tok.eos_token_id)
     if arch == "gpt2":
-        cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=4, n_positions=128, **common)
+        cfg = GPT2Config(n_layer=layers, n_embd=width, n_head=4, n_positions=128, resid_pdrop=dropout,
+                         embd_pdrop=dropout, attn_pdrop=dropout, **common)
         model = GPT2LMHeadModel(cfg)
     elif arch == "llama":
         cfg = LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,

@@ -1,0 +1,183 @@
+"""`entangle-sim diagnose-model`: per-pair gradient entanglement of a local Hugging Face model on TRL rows."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+from . import CLIError
+
+INSTALL = 'diagnose-model needs the PyTorch extra: pip install "entangle_sim[torch]"'
+
+
+def register(sub) -> None:
+    p = sub.add_parser("diagnose-model", help="gradient entanglement of your own causal LM on your preference pairs")
+    p.add_argument("--model", required=True, help="local model directory (save_pretrained; nothing is downloaded)")
+    p.add_argument("--data", required=True, help="JSON/JSONL file of TRL preference rows (prompt, chosen, rejected)")
+    p.add_argument("--ref-model", default=None, help="local reference model directory (its log-probs enter the loss)")
+    p.add_argument("--loss", nargs="+", action="extend", default=None, metavar="NAME",
+                   help="registered loss(es) for incentives and regimes (default: sigmoid)")
+    p.add_argument("--subset", nargs="+", action="extend", default=None, metavar="PREFIX",
+                   help="parameter-name prefixes (e.g. lm_head transformer.h.11) or 'trainable'")
+    p.add_argument("--pairs", type=int, default=None, help="use the first N rows")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per forward/backward")
+    p.add_argument("--token-maps", type=int, default=0, metavar="K", help="token heat maps of the K most entangled pairs")
+    p.add_argument("--method", choices=["auto", "ghost", "exact"], default="auto")
+    p.add_argument("--max-length", type=int, default=1024, help="TRL's max_length (keep_start truncation)")
+    p.add_argument("--out", default=None, help="write pairs.csv, summary.json and figures here")
+    p.add_argument("--json", action="store_true", help="print the JSON summary")
+    p.set_defaults(func=run)
+
+
+def _load(path: str, what: str):
+    d = Path(path)
+    if not d.is_dir():
+        raise CLIError(f"{what} directory not found: {path}")
+    if not (d / "config.json").is_file():
+        raise CLIError(f"{what} directory {path} has no config.json (save it with save_pretrained)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any loading problem becomes one line
+        raise CLIError(f"cannot load {what} from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return tok, model.eval()
+
+
+def run(args) -> int:
+    try:
+        import torch
+        import transformers  # noqa: F401
+    except ImportError:
+        raise CLIError(INSTALL) from None
+    import numpy as np
+
+    from ..torch import theory
+    from ..torch.data import load_preference_rows, pad_token_id, tokenize_rows
+    from ..torch.geometry import response_logps, select_parameters, token_gram
+    from ..torch.measure import batch_prediction, measure_pairs
+    from ..torch.data import collate
+    from .. import regimes
+
+    for flag, v in (("--pairs", args.pairs), ("--batch-size", args.batch_size)):
+        if v is not None and v <= 0:
+            raise CLIError(f"{flag} must be a positive integer, got {v}")
+    if args.token_maps < 0:
+        raise CLIError(f"--token-maps must be >= 0, got {args.token_maps}")
+    loss_names = [theory.loss_spec(n).name for n in (args.loss or ["sigmoid"])]  # unknown -> error
+    tok, model = _load(args.model, "model")
+    ref = _load(args.ref_model, "reference model")[1] if args.ref_model else None
+    subset = None
+    if args.subset:
+        subset = "trainable" if args.subset == ["trainable"] else args.subset
+    select_parameters(model, subset)  # unknown prefix -> one-line error
+    rows = load_preference_rows(args.data, limit=args.pairs)
+    examples = tokenize_rows(tok, rows, max_length=args.max_length)
+    pad = pad_token_id(tok)
+    B = len(examples)
+
+    from tqdm.auto import tqdm
+    with tqdm(total=B, desc="diagnose-model", unit="pair", disable=None, file=sys.stderr) as bar:
+        m = measure_pairs(model, examples, pad, subset=subset, method=args.method, batch_size=args.batch_size,
+                          max_length=args.max_length, progress=bar.update)
+    ref_w = ref_l = None
+    if ref is not None:
+        rw, rl = [], []
+        for s in range(0, B, args.batch_size):
+            b = collate(examples[s:s + args.batch_size], pad, max_length=args.max_length)
+            with torch.no_grad():
+                lp = response_logps(ref, b["input_ids"], b["attention_mask"], b["completion_mask"])
+            n = len(examples[s:s + args.batch_size])
+            rw.append(lp[:n].double().numpy())
+            rl.append(lp[n:].double().numpy())
+        ref_w, ref_l = np.concatenate(rw), np.concatenate(rl)
+
+    per_loss = {}
+    summary = {"n_pairs": B, "model": str(args.model), "data": str(args.data), "subset": args.subset,
+               "losses": loss_names, "cos_mean": float(m["cos"].mean()), "rho_mean": float(m["rho"].mean()),
+               "frac_rho_le_1": float((m["rho"] <= 1).mean()), "regime_fractions": {},
+               "batch_regime_fractions": {}, "moved_by_batch": {}, "reference": args.ref_model is not None}
+    for name in loss_names:
+        th = theory.evaluate(name, **{k: m[k] for k in ("chosen_logps", "rejected_logps", "chosen_len", "rejected_len",
+                                                        "G_ww", "G_wl", "G_ll", "prompt_len")},
+                             ref_chosen_logps=ref_w, ref_rejected_logps=ref_l)
+        bw, bl = batch_prediction(model, examples, pad, th["d_w"] / B, th["d_l"] / B, subset=subset,
+                                  batch_size=args.batch_size, max_length=args.max_length)
+        breg = regimes.names(regimes.classify(bw, bl))
+        th.update(batch_delta_chosen=bw, batch_delta_rejected=bl, batch_regime=breg)
+        per_loss[name] = th
+        summary["regime_fractions"][name] = regimes.fractions(regimes.classify(th["delta_chosen"], th["delta_rejected"]))
+        summary["batch_regime_fractions"][name] = regimes.fractions(regimes.classify(bw, bl))
+        summary["moved_by_batch"][name] = int(sum(a != b for a, b in zip(th["regime"], breg)))
+
+    cols = ["pair", "chosen_logps", "rejected_logps"]
+    if ref is not None:
+        cols += ["ref_chosen_logps", "ref_rejected_logps"]
+    cols += ["chosen_len", "rejected_len", "prompt_len", "G_ww", "G_wl", "G_ll", "cos", "rho_w", "rho_l", "rho"]
+    for name in loss_names:
+        cols += [f"{k}_{name}" for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "regime",
+                                         "batch_delta_chosen", "batch_delta_rejected", "batch_regime")]
+    table = []
+    for i in range(B):
+        r = {"pair": i, **{k: m[k][i] for k in ("chosen_logps", "rejected_logps", "G_ww", "G_wl", "G_ll", "cos",
+                                                "rho_w", "rho_l", "rho")},
+             "chosen_len": int(m["chosen_len"][i]), "rejected_len": int(m["rejected_len"][i]),
+             "prompt_len": int(m["prompt_len"][i])}
+        if ref is not None:
+            r["ref_chosen_logps"], r["ref_rejected_logps"] = ref_w[i], ref_l[i]
+        for name, th in per_loss.items():
+            for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "batch_delta_chosen", "batch_delta_rejected"):
+                r[f"{k}_{name}"] = float(th[k][i])
+            r[f"regime_{name}"] = th["regime"][i]
+            r[f"batch_regime_{name}"] = th["batch_regime"][i]
+        table.append(r)
+
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "pairs.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            for r in table:
+                w.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in r.items()})
+        _figures(out, m, per_loss, examples, tok, model, subset, args, pad)
+        summary["figures"] = sorted(p.name for p in out.glob("*.png"))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"diagnose-model {B} pairs: mean cos {summary['cos_mean']:+.3f}, rho <= 1 for "
+              f"{summary['frac_rho_le_1']:.0%} of pairs")
+        for name in loss_names:
+            fr = summary["regime_fractions"][name]
+            print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in fr.items() if v)
+                  + f"; batch step moves {summary['moved_by_batch'][name]} pair(s) to another regime")
+    return 0
+
+
+def _figures(out, m, per_loss, examples, tok, model, subset, args, pad):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ..plotting.model_diagnose import plot_histograms, plot_pairs_regime_map, plot_token_map
+    from ..torch.data import collate
+    from ..torch.geometry import token_gram
+
+    ratio = np.sqrt(m["G_ll"] / np.maximum(m["G_ww"], np.finfo(float).tiny))
+    figs = {}
+    for name, th in per_loss.items():
+        figs[f"regime_map_{name}"] = plot_pairs_regime_map(m["cos"], ratio, th["regime"], th["d_w"], th["d_l"], loss=name)
+    figs["histograms"] = plot_histograms(m["cos"], m["rho"])
+    order = np.argsort(-m["cos"])[: args.token_maps]
+    for rank, i in enumerate(order):
+        ex = examples[int(i)]
+        tg = token_gram(model, collate([ex], pad, max_length=args.max_length), subset=subset)
+        cw = tok.convert_ids_to_tokens(ex["chosen_ids"][: tg.cos.shape[0]])
+        cl = tok.convert_ids_to_tokens(ex["rejected_ids"][: tg.cos.shape[1]])
+        figs[f"token_map_{rank}_pair{int(i)}"] = plot_token_map(
+            tg.cos.numpy(), cw, cl, title=f"pair {int(i)}: cos {m['cos'][i]:+.3f}, token inner products sum to G_wl")
+    for fname, fig in figs.items():
+        fig.savefig(out / f"{fname}.png", dpi=110)
+        plt.close(fig)
