@@ -185,8 +185,16 @@ def test_refusals(tok, batch):
     model = tiny_model("gpt2", tok)
     with pytest.raises(ValueError, match="unknown subset prefix"):
         pair_gram(model, batch, subset="transformer.nope")
+    before = pair_gram(model, batch, method="ghost")
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable()
+    enable()  # Hugging Face checkpoints only in training mode: the measurement (eval mode) is unchanged
+    model.train()
+    torch.testing.assert_close(pair_gram(model, batch, method="ghost").G_wl, before.G_wl)
+
+    class Checkpointed(torch.nn.Module):  # a checkpointing module that is not Hugging Face's
+        gradient_checkpointing = True
+
+    model.transformer.h[0].extra = Checkpointed()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         pair_gram(model, batch)
 

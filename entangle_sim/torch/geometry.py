@@ -122,17 +122,30 @@ def select_parameters(model, subset: Subset = None) -> dict[str, nn.Parameter]:
 
 @contextlib.contextmanager
 def _measuring(model):
-    """Eval mode (no dropout) for the measurement; refuses gradient checkpointing; restores training."""
-    # Hugging Face sets `gradient_checkpointing = True` on the modules it checkpoints (works under PEFT too).
-    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
+    """Eval mode (no dropout, no HF checkpointing) for the measurement; restores training mode."""
+    # Hugging Face sets `gradient_checkpointing = True` on the modules it checkpoints and checkpoints only
+    # in training mode, so eval mode switches it off; any other checkpointing module is refused.
+    if any(getattr(m, "gradient_checkpointing", False) is True and not type(m).__module__.startswith("transformers.")
+           for m in model.modules()):
         raise ValueError("gradient checkpointing is on: call model.gradient_checkpointing_disable() "
                          "before measuring the gradient geometry")
     was_training = model.training
+    # HF's input-embedding hook for checkpointed training (`enable_input_require_grads`, possibly
+    # registered twice by TRL + transformers) calls requires_grad_ inside the forward, which functorch
+    # transforms reject; it changes nothing for the measurement, so it is lifted meanwhile.
+    lifted = []
+    for m in model.modules():
+        for key, h in list(m._forward_hooks.items()):
+            if getattr(h, "__name__", "") == "make_inputs_require_grads":
+                lifted.append((m, key, h))
+                del m._forward_hooks[key]
     model.eval()
     try:
         yield
     finally:
         model.train(was_training)
+        for m, key, h in lifted:
+            m._forward_hooks[key] = h
 
 
 def _accepts_logits_to_keep(model) -> bool:
