@@ -104,6 +104,7 @@ class LogProbSeries(NamedTuple):
     delta_rejected: np.ndarray
     notes: tuple = ()
     pairs: PairRecords | None = None
+    entangle: tuple = ()  # `entangle/*` measurements (EntanglementCallback), one dict per entry
 
 
 class GradSeries(NamedTuple):
@@ -369,7 +370,48 @@ def _load_trl(name: str, text: str, split: str) -> LogProbSeries:
         notes.add("train entries average different batches, so interval changes mix learning "
                   "with batch-to-batch variation; eval entries use a fixed set")
     s, c, r = zip(*rows)
-    return _series(name, "trl", split, s, c, r, notes.render())
+    return _series(name, "trl", split, s, c, r, notes.render())._replace(entangle=_trl_entangle(history))
+
+
+ENTANGLE_PREFIX = "entangle/"
+
+
+def _trl_entangle(history: list) -> tuple:
+    """`entangle/*` entries of a log_history (EntanglementCallback), by step, keys without the prefix."""
+    out = {}
+    for entry in history:
+        if not isinstance(entry, dict) or _finite(entry.get("step")) is None:
+            continue
+        vals = {k[len(ENTANGLE_PREFIX):]: _finite(v) for k, v in entry.items() if k.startswith(ENTANGLE_PREFIX)}
+        if vals:
+            out.setdefault(float(entry["step"]), {}).update({k: v for k, v in vals.items() if v is not None})
+    return tuple({"step": st, **v} for st, v in sorted(out.items()))
+
+
+def _summarize_entangle(ent: tuple) -> dict:
+    """Predicted (first order, at one measurement) vs realised (at the next) changes and regimes."""
+    comps = []
+    for a, b in zip(ent, ent[1:]):
+        keys = ("pred_delta_chosen", "pred_delta_rejected")
+        if not all(k in a for k in keys) or "real_delta_chosen" not in b or "real_delta_rejected" not in b:
+            continue
+        pc, pr, rc, rr = a[keys[0]], a[keys[1]], b["real_delta_chosen"], b["real_delta_rejected"]
+        comps.append({"step_start": _r(a["step"]), "step_end": _r(b["step"]),
+                      "pred_delta_chosen": _r(pc), "real_delta_chosen": _r(rc),
+                      "pred_delta_rejected": _r(pr), "real_delta_rejected": _r(rr),
+                      "pred_regime": regimes.REGIMES[int(regimes.classify(np.array(pc), np.array(pr)))],
+                      "real_regime": regimes.REGIMES[int(regimes.classify(np.array(rc), np.array(rr)))]})
+    n = len(comps)
+    return {
+        "n_measurements": len(ent), "n_compared": n,
+        "sign_agreement_chosen": sum((c["pred_delta_chosen"] > 0) == (c["real_delta_chosen"] > 0) for c in comps),
+        "sign_agreement_rejected": sum((c["pred_delta_rejected"] > 0) == (c["real_delta_rejected"] > 0)
+                                       for c in comps),
+        "regime_agreement": sum(c["pred_regime"] == c["real_regime"] for c in comps),
+        "cos_mean": [[_r(e["step"]), _r(e["cos_mean"])] for e in ent if "cos_mean" in e],
+        "rho_mean": [[_r(e["step"]), _r(e["rho_mean"])] for e in ent if "rho_mean" in e],
+        "comparisons": comps,
+    }
 
 
 def _grad_rows(name: str, records, notes: _Notes) -> tuple:
@@ -609,6 +651,8 @@ def _summarize_logprob(s: LogProbSeries, tol: float) -> dict:
     }
     if s.pairs is not None:
         out["pairs"] = _summarize_pairs(s.pairs, tol)
+    if s.entangle:
+        out["entangle"] = _summarize_entangle(s.entangle)
     return out
 
 

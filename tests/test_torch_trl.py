@@ -98,3 +98,10 @@ def test_callback_predictions_agree_in_sign(tmp_path):
             pairs += 1
         assert prev["entangle/pred_regime"] == cur["entangle/real_regime"]
     assert pairs == 8
+    # analyze-log reads the same file and reports predicted vs realised regimes
+    from entangle_sim import logs
+
+    summ = logs.summarize(logs.load_log(str(tmp_path / "trainer_state.json")))
+    e = summ["entangle"]
+    assert e["n_compared"] == 4
+    assert e["sign_agreement_chosen"] == e["sign_agreement_rejected"] == e["regime_agreement"] == 4

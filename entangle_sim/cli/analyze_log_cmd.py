@@ -109,6 +109,12 @@ def _human(s: dict) -> str:
             if agr and agr["n"]:
                 lines.append(f"first-order prediction from G matches the observed regime in "
                              f"{agr['agree']} of {agr['n']} pair changes")
+        if "entangle" in s:
+            e = s["entangle"]
+            lines.append(f"entangle/* (EntanglementCallback): {e['n_measurements']} measurements; predicted vs "
+                         f"realised over {e['n_compared']} intervals: chosen sign {e['sign_agreement_chosen']}/"
+                         f"{e['n_compared']}, rejected sign {e['sign_agreement_rejected']}/{e['n_compared']}, "
+                         f"regime {e['regime_agreement']}/{e['n_compared']}")
     else:
         c = s["condition"]
         lines.append(f"{s['source']}: {label}, {s['n_steps']} checkpoints "

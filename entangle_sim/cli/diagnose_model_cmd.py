@@ -67,13 +67,17 @@ def run(args) -> int:
     if args.token_maps < 0:
         raise CLIError(f"--token-maps must be >= 0, got {args.token_maps}")
     loss_names = [theory.loss_spec(n).name for n in (args.loss or ["sigmoid"])]  # unknown -> error
+    if not Path(args.model).is_dir():
+        raise CLIError(f"model directory not found: {args.model}")
+    rows = load_preference_rows(args.data, limit=args.pairs)   # bad data fails before any model loads
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # keep stderr to our own progress bar and one-line errors
     tok, model = _load(args.model, "model")
     ref = _load(args.ref_model, "reference model")[1] if args.ref_model else None
     subset = None
     if args.subset:
         subset = "trainable" if args.subset == ["trainable"] else args.subset
     select_parameters(model, subset)  # unknown prefix -> one-line error
-    rows = load_preference_rows(args.data, limit=args.pairs)
     examples = tokenize_rows(tok, rows, max_length=args.max_length)
     pad = pad_token_id(tok)
     B = len(examples)
