@@ -18,6 +18,11 @@ def test_notebooks_are_py_only():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path, monkeypatch, tmp_path):
+    # A notebook may declare optional extras in a header line "# requires: torch, transformers".
+    for line in path.read_text().splitlines()[:30]:
+        if line.startswith("# requires:"):
+            for mod in line.split(":", 1)[1].split(","):
+                pytest.importorskip(mod.strip())
     monkeypatch.setenv("ENTANGLE_SIM_TINY", "1")
     monkeypatch.setenv("ENTANGLE_SIM_CACHE", str(tmp_path))
     monkeypatch.setenv("MPLBACKEND", "Agg")

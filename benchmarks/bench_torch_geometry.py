@@ -1,0 +1,185 @@
+"""PyTorch backend geometry vs the official method, each measurement in a fresh subprocess.
+
+Baseline ("official", re-implemented here): batch of one - for each response a forward, the sum of
+its response log-probs, a backward, all parameter gradients flattened into one vector, then the
+dot products; token maps by one such backward per completion token.
+Ours: `entangle_sim.torch.pair_gram(method="auto")` on batches of pairs, `token_gram` (ghost).
+
+Models: random-weight GPT-2 configs, (a) 0.43M parameters (2 layers, width 128, vocabulary 256),
+(b) GPT-2 small (124M: 12 layers, width 768, vocabulary 50257); 16-token prompt, 16-token responses,
+random token ids. Peak memory: VmHWM of the worker process (includes the model and Python).
+Matmul peak: best of a few 2048^3 float32 matmuls in the same run; model FLOPs of a pair counted as
+6 x (matmul parameters) x 64 tokens (forward + backward of both responses).
+
+    python benchmarks/bench_torch_geometry.py            # everything (GPT-2 small measured once, briefly)
+    python benchmarks/bench_torch_geometry.py --quick    # 0.43M model only
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SIZES = {"tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=256),
+         "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)}
+P_LEN = R_LEN = 16
+
+
+def _vmhwm_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def _model(size):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **SIZES[size])
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def _examples(n, vocab, seed=0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (P_LEN + 2 * R_LEN,), generator=g).tolist()
+        out.append({"prompt_ids": ids[:P_LEN], "chosen_ids": ids[P_LEN:P_LEN + R_LEN],
+                    "rejected_ids": ids[P_LEN + R_LEN:]})
+    return out
+
+
+def _official_pair(model, ex):
+    """The official script's per-pair computation: two forward/backward passes, flattened grads."""
+    import torch
+
+    flat = []
+    for side in ("chosen_ids", "rejected_ids"):
+        ids = torch.tensor([ex["prompt_ids"] + ex[side]])
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits[0, :-1]
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        lp[len(ex["prompt_ids"]) - 1:].sum().backward()
+        flat.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
+    gw, gl = flat
+    return float(gw @ gw), float(gw @ gl), float(gl @ gl)
+
+
+def _official_token_map(model, ex):
+    import torch
+
+    params = [p for p in model.parameters()]
+    per = []
+    for side in ("chosen_ids", "rejected_ids"):
+        ids = torch.tensor([ex["prompt_ids"] + ex[side]])
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        rows = []
+        for t in range(len(ex["prompt_ids"]) - 1, lp.shape[0]):
+            g = torch.autograd.grad(lp[t], params, retain_graph=True)
+            rows.append(torch.cat([x.reshape(-1) for x in g]))
+        per.append(torch.stack(rows))
+    return per[0] @ per[1].T
+
+
+def worker(case, size, n):
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    res = {"case": case, "size": size, "n": n}
+    if case == "matmul":
+        a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+        a @ b
+        best = 0.0
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * 2048**3 / (time.perf_counter() - t))
+        res["gflops"] = best / 1e9
+        return res
+    from entangle_sim.torch import collate, pair_gram, token_gram
+    from entangle_sim.torch.measure import measure_pairs
+
+    model = _model(size)
+    res["params"] = sum(p.numel() for p in model.parameters())
+    res["matmul_params"] = sum(p.numel() for n_, p in model.named_parameters() if p.dim() == 2 and "wpe" not in n_)
+    exs = _examples(n, SIZES[size]["vocab_size"])
+    warm = _examples(1, SIZES[size]["vocab_size"], seed=1)
+    if case == "official":
+        _official_pair(model, warm[0])
+        t = time.perf_counter()
+        for ex in exs:
+            _official_pair(model, ex)
+        dt = time.perf_counter() - t
+        res["pairs_per_s"] = n / dt
+    elif case == "ours":
+        pair_gram(model, collate(warm, 0))
+        t = time.perf_counter()
+        measure_pairs(model, exs, 0, batch_size=int(os.environ.get("BENCH_BATCH", "8")))
+        dt = time.perf_counter() - t
+        res["pairs_per_s"] = n / dt
+        res["method"] = "auto"
+    elif case == "tokenmap_ours":
+        if size == "tiny":
+            token_gram(model, collate(warm, 0))
+        t = time.perf_counter()
+        tg = token_gram(model, collate(exs[:1], 0))
+        res["seconds"] = time.perf_counter() - t
+        res["shape"] = list(tg.inner.shape)
+    elif case == "tokenmap_official":
+        _official_token_map(model, warm[0])
+        t = time.perf_counter()
+        _official_token_map(model, exs[0])
+        res["seconds"] = time.perf_counter() - t
+    res["peak_gib"] = _vmhwm_gib()
+    return res
+
+
+def run(case, size, n, timeout=900):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, __file__, "--worker", case, size, str(n)], capture_output=True, text=True,
+                       timeout=timeout, env=env)
+    if p.returncode != 0:
+        return {"case": case, "size": size, "n": n, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker", nargs=3, metavar=("CASE", "SIZE", "N"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None, help="write all results here")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker[0], a.worker[1], int(a.worker[2]))))
+        return
+    results = {"uptime_before": os.popen("uptime").read().strip()}
+    results["matmul"] = run("matmul", "tiny", 0)
+    results["tiny_official"] = run("official", "tiny", 32)
+    results["tiny_ours"] = run("ours", "tiny", 256)
+    results["tiny_tokenmap_official"] = run("tokenmap_official", "tiny", 1)
+    results["tiny_tokenmap_ours"] = run("tokenmap_ours", "tiny", 1)
+    results["tiny_mem_64"] = run("ours", "tiny", 64)
+    results["tiny_mem_512"] = run("ours", "tiny", 512)
+    if not a.quick:
+        results["gpt2_official"] = run("official", "gpt2", 3)
+        results["gpt2_ours"] = run("ours", "gpt2", 8)
+        results["gpt2_tokenmap_ours"] = run("tokenmap_ours", "gpt2", 1)
+    results["uptime_after"] = os.popen("uptime").read().strip()
+    text = json.dumps(results, indent=1)
+    print(text)
+    if a.json:
+        with open(a.json, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
