@@ -163,8 +163,8 @@ def main():
         return
     results = {"uptime_before": os.popen("uptime").read().strip()}
     results["matmul"] = run("matmul", "tiny", 0)
-    results["tiny_official"] = run("official", "tiny", 32)
-    results["tiny_ours"] = run("ours", "tiny", 256)
+    results["tiny_official"] = run("official", "tiny", 16)
+    results["tiny_ours"] = run("ours", "tiny", 64)
     results["tiny_tokenmap_official"] = run("tokenmap_official", "tiny", 1)
     results["tiny_tokenmap_ours"] = run("tokenmap_ours", "tiny", 1)
     results["tiny_mem_64"] = run("ours", "tiny", 64)

@@ -21,8 +21,9 @@ Two exact methods (same numbers up to round-off):
   input embedding and the LM head (GPT-2) gets the sum of both uses, cross terms included. Biases
   and elementwise-affine norms (LayerNorm, RMSNorm) are small: their per-response gradients are
   formed exactly. Parameters used anywhere else make ghost refuse (and `auto` use exact); the first
-  chunk of every ghost call is checked against autograd's summed gradient, so an unseen use raises
-  instead of giving a wrong number.
+  ghost chunk of each model and parameter selection is checked against autograd's summed gradient,
+  so an unseen use raises instead of giving a wrong number (a model whose forward is changed after
+  that is not re-checked).
 
 ``auto`` picks ghost when every selected parameter is covered and its estimated cost is lower.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import NamedTuple, Sequence, Union
 
 import torch
@@ -421,6 +423,11 @@ def _ghost_directional(fac: dict, vecs: dict, n: int, acc) -> torch.Tensor:
     return out
 
 
+# (model -> parameter selections whose ghost factors were checked against autograd): the check costs
+# one extra parameter-gradient backward, so it runs on the first chunk of a model/selection only.
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 class _Ghost:
     """One forward + backward of a chunk with hooks; yields per-response factors."""
 
@@ -429,7 +436,11 @@ class _Ghost:
         self.params = params
         self.sel = set(params.values())
         self.acc = _acc_dtype(model)
-        self.checked = False
+        self.key = (tuple(params), tuple(id(p) for p in params.values()))
+
+    @property
+    def checked(self) -> bool:
+        return self.key in _CHECKED.get(self.model, ())
 
     def run(self, input_ids, attention_mask, completion_mask, check: bool):
         rec = _Recorder(self.model, self.params)
@@ -468,7 +479,7 @@ class _Ghost:
             if float((mine - g).abs().max()) > tol * scale:
                 raise _Unsupported("a selected parameter is used outside the hooked modules "
                                    "(ghost factors disagree with autograd)")
-        self.checked = True
+        _CHECKED.setdefault(self.model, set()).add(self.key)
 
 
 # ----------------------------------------------------------------------------------------------
