@@ -365,10 +365,6 @@ def _left_right_dot(L1, L2, acc):
     return torch.gather(L2, 2, idx).transpose(1, 2)
 
 
-def _take(x, I):
-    return x[I] if x.dim() and x.shape[0] != 1 else x.expand(len(I), *x.shape[1:])
-
-
 def _ghost_inner(fac: dict, I: torch.Tensor, J: torch.Tensor, acc, chunk: int = 64) -> torch.Tensor:
     """<g_I[p], g_J[p]> for index pairs p, from the factors (sums over every pair of uses)."""
     out = torch.zeros(len(I), dtype=acc)
