@@ -657,7 +657,10 @@ KTO_H = (_beta(), Hyper("desirable_weight", 1.0, "lambda_D", lo=0.0), Hyper("und
 
 
 @_reg("kto", "KTO (paired use): lambda_D(1 - sigma(beta(r_w - z0))) + lambda_U(1 - sigma(beta(z0 - r_l)))",
-      KTO_H, trl="KTOTrainer:kto", reference="THEORY §2.2 KTO, §10.6")
+      KTO_H, trl="KTOTrainer:kto", reference="THEORY §2.2 KTO, §10.6",
+      # Margin form (derived in this project): L = lambda_D - z with z = h_w - h_l below.
+      margin=lambda v, F, *, beta, desirable_weight, undesirable_weight, kl: (
+          desirable_weight * F.sigmoid(beta * (v.r_w - kl)) - undesirable_weight * F.sigmoid(beta * (v.r_l - kl))))
 def _kto(v, F, *, beta, desirable_weight, undesirable_weight, kl):
     return (desirable_weight * (1 - F.sigmoid(beta * (v.r_w - kl)))
             + undesirable_weight * (1 - F.sigmoid(beta * (kl - v.r_l))))

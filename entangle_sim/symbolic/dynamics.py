@@ -117,6 +117,16 @@ class Derivation:
     step_weight: Formula | None
     d_w_sign: SignInfo
     d_l_sign: SignInfo
+    spec: Any = dataclasses.field(default=None, repr=False)
+    hp: tuple = dataclasses.field(default=(), repr=False)
+
+    @functools.cached_property
+    def compact(self):
+        """Named-symbol forms (m, z, s, h', d, t_w, t_l), each proved equal to the raw ones
+        (`entangle_sim.symbolic.compact.CompactForm`)."""
+        from . import compact
+
+        return compact.build(self.spec, self, dict(self.hp))
 
     @property
     def fourth_regime_possible(self) -> bool:
@@ -145,6 +155,7 @@ class Derivation:
         d["d_w_sign"] = self.d_w_sign.as_dict()
         d["d_l_sign"] = self.d_l_sign.as_dict()
         d["fourth_regime_possible"] = self.fourth_regime_possible
+        d["compact"] = self.compact.as_dict(latex_=latex)
         return d
 
 
@@ -206,6 +217,11 @@ def sign_info(expr, names: dict, hyper_defaults: dict, n: int = 4000, seed: int 
     steps = {h: sp.Dummy("H", nonnegative=True) for h in expr.atoms(sp.Heaviside)}
     if expr.xreplace(steps).is_nonnegative:
         return SignInfo(True, "proved: every factor is nonnegative under the symbols' assumptions", cond)
+    from .compact import prove_nonnegative
+
+    how = prove_nonnegative(expr)
+    if how is not None:
+        return SignInfo(True, how, cond)
     # Search states (hyperparameters at their defaults) for a negative value, then verify exactly.
     e = expr.subs({names[k]: sp.nsimplify(v) for k, v in hyper_defaults.items() if k in names})
     proved_at_defaults = e.xreplace(steps).is_nonnegative
@@ -295,6 +311,8 @@ def _derive_cached(spec, hp_items: tuple) -> Derivation:
         step_weight=step_weight,
         d_w_sign=sign_info(dw, names, defaults),
         d_l_sign=sign_info(dl, names, defaults),
+        spec=spec,
+        hp=hp_items,
     )
 
 
