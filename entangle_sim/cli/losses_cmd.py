@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--all", action="store_true", help="every registered loss")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--latex", action="store_true", help="LaTeX instead of plain expressions")
+    p.add_argument("--table", choices=("markdown", "latex"), default=None,
+                   help="print the registry-wide condition table (t_w, t_l, incentive signs, fourth regime)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="fix a hyperparameter (others stay symbolic)")
     add_losses_flag(p)
@@ -88,35 +90,26 @@ def run_losses(args) -> int:
     return 0
 
 
-def condition_text(d) -> str:
-    lines = [f"== {d['loss']} ==", f"  loss           L = {d['loss_expr']}",
-             f"  incentives     d_w = {d['d_w']}", f"                 d_l = {d['d_l']}"]
-    if d["step_weight"]:
-        lines.append(f"  step weight    s = -m'(z) = {d['step_weight']}   (margin z = {d['margin']})")
-    lines += [f"  Delta l_w  ~ {d['delta_chosen']}", f"  Delta l_l  ~ {d['delta_rejected']}",
-              f"  Delta (l_w - l_l) ~ {d['delta_margin']}"]
-    if d["chosen_threshold"] is not None:
-        lines.append(f"  chosen rises   <=> G_wl <= ({d['chosen_threshold']}) * G_ww   [where d_l > 0]")
-    if d["rejected_threshold"] is not None:
-        lines.append(f"  rejected falls <=> G_wl <= ({d['rejected_threshold']}) * G_ll   [where d_w > 0]")
-    for side in ("d_w", "d_l"):
-        si = d[f"{side}_sign"]
-        verdict = {True: ">= 0", False: "can be < 0", None: "sign not decided"}[si["nonnegative"]]
-        extra = f"; negative when {si['negative_when']}" if si["nonnegative"] is not True else ""
-        lines.append(f"  {side} {verdict} ({si['how']}){extra}")
-    lines.append("  fourth regime (chosen down, rejected up): "
-                 + ("impossible (R5)" if not d["fourth_regime_possible"] else
-                    "possible" if False in (d["d_w_sign"]["nonnegative"], d["d_l_sign"]["nonnegative"]) else
-                    "not excluded (an incentive's sign is undecided)"))
-    return "\n".join(lines)
+def condition_text(d, trl: str | None = None) -> str:
+    """The readable block of one derivation dict: compact forms in named symbols, signs, regime."""
+    from ..symbolic.compact import block
+
+    return block(d, trl)
 
 
 def run_conditions(args) -> int:
     from .. import losses
     from ..symbolic import derive
 
+    if args.table:
+        if args.loss or args.param:
+            raise CLIError("--table prints every loss at default hyperparameters; drop LOSS and --param")
+        from ..symbolic.compact import table
+
+        print(table(args.table))
+        return 0
     if args.all == bool(args.loss):
-        raise CLIError("give exactly one of LOSS or --all")
+        raise CLIError("give exactly one of LOSS, --all or --table")
     names = losses.names() if args.all else [losses.get(args.loss).name]
     out = []
     for name in names:
@@ -126,7 +119,7 @@ def run_conditions(args) -> int:
     if args.json:
         print(json.dumps(out if args.all else out[0], indent=2))
     else:
-        print("\n\n".join(condition_text(d) for d in out))
+        print("\n\n".join(condition_text(d, losses.get(d["loss"]).trl) for d in out))
     return 0
 
 
