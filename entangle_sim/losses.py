@@ -763,3 +763,20 @@ def incentives(spec: LossSpec | str, chosen_logps, rejected_logps, ref_chosen_lo
     args = [jnp.broadcast_to(a, shape).ravel() for a in args]
     g = jax.vmap(jax.grad(loss, argnums=(0, 1)))(*args)
     return -g[0].reshape(shape), g[1].reshape(shape)
+
+
+# ---------------- Losses that set the chosen/rejected incentive ratio ----------------
+
+SHIFT_LAMBDA = Hyper("shift_lambda", 0.9, "DPO-Shift factor f(lambda) on the rejected log-ratio (<= 1)",
+                     lo=0.0, hi=1.0, lo_open=True)
+
+
+@_reg("dpo_shift", "DPO-Shift: -log sigma(beta r_w - lambda beta r_l), lambda <= 1", (_beta(), SHIFT_LAMBDA),
+      trl=None, reference="DPO-Shift (Yang et al. 2025, arXiv:2502.07599), constant f(lambda) = lambda",
+      margin=lambda v, F, beta, shift_lambda: beta * (v.r_w - shift_lambda * v.r_l))
+def _dpo_shift(v, F, *, beta, shift_lambda):
+    """DPO-Shift (Yang, Jiang, Zhang, Zhao, Li 2025, "DPO-Shift: Shifting the Distribution of Direct
+    Preference Optimization", arXiv:2502.07599): the rejected log-ratio scaled by f(lambda) <= 1,
+    here a constant lambda (the paper also schedules it). Incentives d_w = beta s, d_l = lambda beta s
+    with s = sigma(-z), so t_w = 1/lambda and t_l = lambda (derived in this project)."""
+    return -F.log_sigmoid(beta * (v.r_w - shift_lambda * v.r_l))

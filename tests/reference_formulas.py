@@ -132,6 +132,12 @@ def ref(name, lw, ll, rw0, rl0, nw, nl, hp):
     if name == "ipo_sum":
         c = 2 * (1 / (2 * b) - D)
         return (D - 1 / (2 * b)) ** 2, c, c
+    if name == "dpo_shift":
+        # Yang et al. 2025 (arXiv:2502.07599), eq. of L_DPO-Shift with constant f(lambda) = lam:
+        # -log sigma(beta log pi/pi_ref(y_w) - lam beta log pi/pi_ref(y_l)).
+        lam = hp["shift_lambda"]
+        u = b * r_w - lam * b * r_l
+        return -logsig(u), b * sig(-u), lam * b * sig(-u)
     raise KeyError(name)
 
 

@@ -55,6 +55,7 @@ HYPER_SYMBOL_NAMES = {
     "rdpo_alpha": "alpha_r",
     "delta": "delta",
     "lambda_nll": "lambda_nll",
+    "shift_lambda": "lambda_s",
 }
 
 
