@@ -266,7 +266,8 @@ def regime_grid(name: str, state: dict, n: int, *, cos_range=(-1.0, 1.0), ratio_
     tol = 1e-12 * (np.abs(dcw) + np.abs(dcl)).max()
     return {"cos": cos, "ratio": ratio, "code": np.asarray(regimes.classify(dcw, dcl, tol=tol)).astype(int),
             "delta_chosen": dcw, "delta_rejected": dcl,
-            "chosen_threshold": str(der.chosen_threshold), "rejected_threshold": str(der.rejected_threshold),
+            "chosen_threshold": der.compact.text("t_w"), "rejected_threshold": der.compact.text("t_l"),
+            "chosen_threshold_latex": der.compact.latex("t_w"), "rejected_threshold_latex": der.compact.latex("t_l"),
             "d_w": float(np.asarray(der.d_w(**vals)).ravel()[0]), "d_l": float(np.asarray(der.d_l(**vals)).ravel()[0])}
 
 
@@ -284,6 +285,8 @@ def explore(loss: str, *, beta: float | None = None, chosen_len: float = 10.0, r
     grid = regime_grid(loss, st, n, hp=hp)
     maps = {"losses": [loss], "cos": grid["cos"], "ratio": grid["ratio"], "code": grid["code"][None],
             "chosen_threshold": [grid["chosen_threshold"]], "rejected_threshold": [grid["rejected_threshold"]],
+            "chosen_threshold_latex": [grid["chosen_threshold_latex"]],
+            "rejected_threshold_latex": [grid["rejected_threshold_latex"]],
             "d_w": [grid["d_w"]], "d_l": [grid["d_l"]], "state": st}
     ev = der.evaluate(**st, **hp, G_ww=1.0, G_wl=cos * ratio, G_ll=ratio ** 2, eta=1.0)
     pred = {k: float(ev[k]) for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "delta_margin")}
@@ -299,6 +302,8 @@ def _build_maps(names, p, state=None):
             "code": np.stack([g["code"] for g in grids]),
             "chosen_threshold": [g["chosen_threshold"] for g in grids],
             "rejected_threshold": [g["rejected_threshold"] for g in grids],
+            "chosen_threshold_latex": [g["chosen_threshold_latex"] for g in grids],
+            "rejected_threshold_latex": [g["rejected_threshold_latex"] for g in grids],
             "d_w": [g["d_w"] for g in grids], "d_l": [g["d_l"] for g in grids],
             "state": state}
 
@@ -321,21 +326,18 @@ def build_regime_maps_all(p, seed):
 
 def condition_rows(losses_=None) -> list[dict[str, Any]]:
     """The loss-specific condition table (Table 2 analogue) from the symbolic engine: every
-    registered loss, or the given names / LossSpecs (user-defined ones included).
+    registered loss, or the given names / LossSpecs (user-defined ones included), in the compact
+    named-symbol forms of `entangle_sim.symbolic.compact` (text and inline LaTeX).
 
     chosen rises <=> G_wl <= t_w G_ww (where d_l > 0); rejected falls <=> G_wl <= t_l G_ll (where d_w > 0)."""
-    from . import losses
+    from .symbolic.compact import table_rows
 
     rows = []
-    for name in (losses.names() if losses_ is None else losses_):
-        spec, der, _ = derivation(name)
-        sw, sl = der.d_w_sign.nonnegative, der.d_l_sign.nonnegative
-        sign = {True: ">= 0", False: "can be < 0", None: "undecided"}
-        rows.append({"loss": spec.name, "trl": spec.trl or "-",
-                     "chosen_threshold": "-" if der.chosen_threshold is None else str(der.chosen_threshold),
-                     "rejected_threshold": "-" if der.rejected_threshold is None else str(der.rejected_threshold),
-                     "d_w_sign": sign[sw], "d_l_sign": sign[sl],
-                     "fourth_regime_possible": bool(der.fourth_regime_possible)})
+    for r in table_rows(None if losses_ is None else list(losses_)):
+        rows.append({"loss": r["loss"], "trl": r["trl"], "chosen_threshold": r["t_w"],
+                     "rejected_threshold": r["t_l"], "chosen_threshold_latex": r["t_w_latex"],
+                     "rejected_threshold_latex": r["t_l_latex"], "d_w_sign": r["d_w_sign"],
+                     "d_l_sign": r["d_l_sign"], "fourth_regime_possible": r["fourth_regime_possible"]})
     return rows
 
 

@@ -106,10 +106,11 @@ def plot_regime_maps(data, *, ax=None):
         a.grid(False)
         frac = {r: float(np.mean(codes[i] == k)) for k, r in enumerate(REGIMES)}
         label = ALGO_LABELS.get(name, name)
-        tw, tl = data["chosen_threshold"][i], data["rejected_threshold"][i]
+        tw = data.get("chosen_threshold_latex", data["chosen_threshold"])[i]
+        tl = data.get("rejected_threshold_latex", data["rejected_threshold"])[i]
         small = n > 6
         a.set_title(f"{label}: Case 1 on {100 * frac['chosen_up_rejected_down']:.0f}% of plane"
-                    + ("" if small else f"\nt_w = {_short(tw)}\nt_l = {_short(tl)}"),
+                    + ("" if small else "\n" + _wrap_math(f"t_w = {tw}", 48) + "\n" + _wrap_math(f"t_l = {tl}", 48)),
                     fontsize=7 if small else 8)
         if i % (6 if small else 3) == 0:
             a.set_ylabel("|g_l|/|g_w| (norm ratio)")
@@ -133,24 +134,51 @@ def plot_regime_maps(data, *, ax=None):
     return fig
 
 
+def _wrap_math(s: str, width: int = 44) -> str:
+    """Break a mixed text/$math$ string into lines of about `width` characters, only between
+    pieces (never inside $...$), so every piece still parses as mathtext and nothing is cut."""
+    import re
+
+    tokens = [tok for tok in re.split(r"(\$[^$]*\$)", s) if tok]
+    lines, cur = [], ""
+    for tok in tokens:
+        visible = len(re.sub(r"\\[a-zA-Z]+|[{}$]", "", tok))
+        if cur and len(re.sub(r"\\[a-zA-Z]+|[{}$]", "", cur)) + visible > width:
+            lines.append(cur.rstrip())
+            cur = tok.lstrip()
+        else:
+            cur += tok
+    lines.append(cur)
+    return "\n".join(lines)
+
+
 def plot_condition_table(data, *, ax=None):
-    """The loss-specific condition table (Table 2 analogue) rendered from the symbolic engine:
-    chosen rises iff G_wl <= t_w G_ww, rejected falls iff G_wl <= t_l G_ll, and whether the
-    fourth regime is reachable. Long expressions are shortened (the full text is in the report)."""
+    """The loss-specific condition table (Table 2 analogue; entries derived in this project by the
+    symbolic engine): chosen rises iff G_wl <= t_w G_ww, rejected falls iff G_wl <= t_l G_ll, and
+    whether the fourth regime is reachable. Thresholds are the compact forms, typeset with
+    matplotlib mathtext and wrapped (never truncated)."""
     rows = data["rows"]
-    fig, ax = new_axes(ax, figsize=(12.0, 0.32 * len(rows) + 1.2))
+    cells, heights = [], []
+    for r in rows:
+        # \dfrac: display-size fractions stay legible at table font sizes.
+        tw = _wrap_math(r.get("chosen_threshold_latex", r["chosen_threshold"])).replace(r"\frac", r"\dfrac")
+        tl = _wrap_math(r.get("rejected_threshold_latex", r["rejected_threshold"])).replace(r"\frac", r"\dfrac")
+        cells.append([r["loss"], tw, tl, f"{r['d_w_sign']} / {r['d_l_sign']}",
+                      "possible" if r["fourth_regime_possible"] else "impossible"])
+        heights.append(max(tw.count("\n"), tl.count("\n")) + 1)
+    unit = 0.5
+    fig, ax = new_axes(ax, figsize=(13.0, unit * (sum(heights) + 1) + 1.2))
     ax.axis("off")
-    cells = [[r["loss"], _short(r["chosen_threshold"], 46), _short(r["rejected_threshold"], 46),
-              f"{r['d_w_sign']} / {r['d_l_sign']}", "possible" if r["fourth_regime_possible"] else "impossible"]
-             for r in rows]
-    cols = ["loss", "chosen ↑ iff G_wl ≤ t_w·G_ww ; t_w =", "rejected ↓ iff G_wl ≤ t_l·G_ll ; t_l =",
-            "d_w / d_l sign", "4th regime"]
+    cols = ["loss", r"chosen ↑ iff $G_{wl} \leq t_w G_{ww}$ ; $t_w$ =",
+            r"rejected ↓ iff $G_{wl} \leq t_l G_{ll}$ ; $t_l$ =", "d_w / d_l sign", "4th regime"]
     table = ax.table(cellText=cells, colLabels=cols, cellLoc="left", bbox=[0, 0, 1, 1],
-                     colWidths=[0.1, 0.34, 0.34, 0.13, 0.09])
+                     colWidths=[0.1, 0.35, 0.35, 0.12, 0.08])
     table.auto_set_font_size(False)
-    table.set_fontsize(7)
+    table.set_fontsize(7.5)
+    total = sum(heights) + 1
     for (i, j), cell in table.get_celld().items():
         cell.set_edgecolor("#CCCCCC")
+        cell.set_height((1 if i == 0 else heights[i - 1]) / total)
         if i == 0:
             cell.set_facecolor("#EEEEEE")
         elif j == 4 and rows[i - 1]["fourth_regime_possible"]:
@@ -159,14 +187,16 @@ def plot_condition_table(data, *, ax=None):
     negative = [r["fourth_regime_possible"] and "can be < 0" in (r["d_w_sign"] + r["d_l_sign"]) for r in rows]
     neg = sum(negative)
     und = [r["loss"] for r, ng in zip(rows, negative) if r["fourth_regime_possible"] and not ng]
-    ax.set_title(f"Conditions of {len(rows)} losses (symbolic engine): the 4th regime (chosen ↓, rejected ↑) is not "
-                 f"excluded for {n4} losses — {neg} have an incentive that can be negative"
-                 + (f", {len(und)} an undecided sign ({', '.join(und)})" if und else ""), fontsize=9)
+    ax.set_title(f"Conditions of {len(rows)} losses (derived in this project, symbolic engine): the 4th regime "
+                 f"(chosen ↓, rejected ↑) is reachable for {n4} losses — {neg} have an incentive that can be negative"
+                 + (f", {len(und)} an undecided sign ({', '.join(und)})" if und else "")
+                 + "\nsymbols: r = l − l_ref, p = exp(l/n), z = margin, s = −m′(z), h′ = dz/dl "
+                 "(each loss's values: `entangle-sim conditions LOSS`)", fontsize=9)
     return fig
 
 
 def condition_table_markdown(rows) -> str:
-    """The condition table as Markdown (full expressions)."""
+    """The condition table as Markdown, in the compact named-symbol forms (derived in this project)."""
     out = ["| loss | TRL | chosen ↑ iff G_wl ≤ t_w G_ww, t_w = | rejected ↓ iff G_wl ≤ t_l G_ll, t_l = | "
            "d_w / d_l | 4th regime |", "|---|---|---|---|---|---|"]
     for r in rows:

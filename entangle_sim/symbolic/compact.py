@@ -654,7 +654,7 @@ def table_rows(names=None) -> list[dict[str, Any]]:
         spec = losses.get(name)
         der = derive(spec)
         c = der.compact
-        rows.append({"loss": name, "trl": spec.trl or "-", "t_w": c.text("t_w"), "t_l": c.text("t_l"),
+        rows.append({"loss": spec.name, "trl": spec.trl or "-", "t_w": c.text("t_w"), "t_l": c.text("t_l"),
                      "t_w_latex": c.latex("t_w"), "t_l_latex": c.latex("t_l"),
                      "s": c.text("s") if c.margin_form else "-", "s_latex": c.latex("s") if c.margin_form else "-",
                      "d_w_sign": _sign_word(der.d_w_sign.nonnegative),
