@@ -12,7 +12,7 @@ def _label(res):
 
 
 def plot_logps(result, *, ax=None):
-    """Eval-set mean chosen / rejected log-probs over PO steps (Fig. 4a analogue). Returns the Figure."""
+    """Eval-set mean chosen / rejected log-probs over PO steps (Fig. 3 analogue). Returns the Figure."""
     fig, ax = new_axes(ax)
     s = result["steps"]
     ax.plot(s, result["chosen_logp"], color=COLORS["chosen"], marker="o", ms=3, label="chosen")
@@ -21,14 +21,14 @@ def plot_logps(result, *, ax=None):
     dl = float(result["rejected_logp"][-1] - result["rejected_logp"][0])
     ax.set_xlabel("preference-optimisation step")
     ax.set_ylabel("mean summed log-prob (eval pairs)")
-    ax.set_title(f"Chosen {'rises' if dw > 0 else 'falls'} ({dw:+.2f}), rejected "
+    ax.set_title(f"Fig. 3 analogue: chosen {'rises' if dw > 0 else 'falls'} ({dw:+.2f}), rejected "
                  f"{'rises' if dl > 0 else 'falls'} ({dl:+.2f})\n{_label(result)}")
     ax.legend()
     return fig
 
 
 def plot_geometry(result, *, ax=None):
-    """Gradient cosine and condition ratios rho over PO steps (Fig. 3 analogue). Returns the Figure."""
+    """Gradient cosine and condition ratios rho over PO steps (Fig. 4a analogue). Returns the Figure."""
     fig, ax = new_axes(ax)
     g, s = result["geometry"], result["steps"]
     ax.plot(s, g["cos_mean"], color=COLORS["margin"], marker="o", ms=3, label="cos(g_w, g_l), mean over pairs")
@@ -40,7 +40,7 @@ def plot_geometry(result, *, ax=None):
     fin = float(g["cos_mean"][-1])
     ax.set_xlabel("preference-optimisation step")
     ax.set_ylabel("cosine / condition ratio")
-    ax.set_title(f"Gradient cosine ends {'positive' if fin > 0 else 'negative'} ({fin:+.2f}); "
+    ax.set_title(f"Fig. 4a analogue: gradient cosine ends {'positive' if fin > 0 else 'negative'} ({fin:+.2f}); "
                  f"Case 1 needs rho <= 1\n{_label(result)}")
     ax.legend(fontsize=7)
     return fig
@@ -65,5 +65,5 @@ def plot_token_heatmap(result, *, ax=None):
     msg = f"Contrastive tokens: cos {c0:+.2f}"
     if min(cos.shape) > 1:
         msg += f"; matched shared tokens: mean cos {float(np.mean(np.diag(cos)[1:])):+.2f}"
-    ax.set_title(f"{msg}\n{_label(result)}")
+    ax.set_title(f"Fig. 4b analogue: {msg}\n{_label(result)}")
     return fig

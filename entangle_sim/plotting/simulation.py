@@ -52,7 +52,7 @@ def plot_fig1(data, *, ax=None):
         a.set_title(f"|g_l|/|g_w| = {r:g}, cos = {data['cos']:g}: {word}\n"
                     f"(Δchosen {dw:+.2f}, Δrejected {dl:+.2f} nats)", fontsize=9)
         a.legend(fontsize=7)
-    fig.suptitle(f"DPO on a toy policy: the larger-norm response drags both log-probs "
+    fig.suptitle(f"Fig. 1 analogue (toy policy; this project's prediction from R7): DPO on a toy policy: the larger-norm response drags both log-probs "
                  f"(rejected dominant → {titles[0]}; chosen dominant → {titles[1]})", fontsize=9)
     return fig
 
@@ -70,7 +70,7 @@ def plot_algorithms(data, *, ax=None):
         summary.append(f"{lab} {regime_word(dw, dl)}")
         a.set_title(f"{lab}: {regime_word(dw, dl)} (Δ {dw:+.3g} / {dl:+.3g})", fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"Six losses, one toy setting (cos {data['cos']:g}, |g_l|/|g_w| = {data['ratio']:g}): "
+    fig.suptitle(f"Algorithm comparison (this project's prediction from §4.3). Six losses, one toy setting (cos {data['cos']:g}, |g_l|/|g_w| = {data['ratio']:g}): "
                  + "; ".join(summary), fontsize=8)
     return fig
 
@@ -87,7 +87,7 @@ def plot_suffix_dynamics(data, *, ax=None):
         words.append(f"{key}: {regime_word(dw, dl)}")
         a.set_title(f"suffix {key}: {regime_word(dw, dl)}\n(Δchosen {dw:+.3g}, Δrejected {dl:+.3g})", fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.suptitle("DPO on the last-layer toy model by shared-suffix length — " + "; ".join(words), fontsize=9)
+    fig.suptitle("Fig. 3 toy analogue (this project's prediction, R17): DPO on the last-layer toy model by shared-suffix length — " + "; ".join(words), fontsize=9)
     return fig
 
 
@@ -112,7 +112,7 @@ def plot_token_heatmap(data, *, ax=None):
     n = np.asarray(data["cos"]).shape[0]
     fig, ax = new_axes(ax, figsize=(4.8 + 0.12 * n, 4.0 + 0.1 * n))
     c0, diag = _heatmap(ax, data["cos"], data["chosen_tokens"], data["rejected_tokens"])
-    ax.set_title(f"Contrastive tokens: cos {c0:+.2f}; matched shared-suffix tokens: mean cos {diag:+.2f}\n"
+    ax.set_title(f"Fig. 4b toy analogue (this project): contrastive tokens: cos {c0:+.2f}; matched shared-suffix tokens: mean cos {diag:+.2f}\n"
                  f"(last-layer model, Setting A, suffix L = {int(data['L'])})", fontsize=9)
     return fig
 
@@ -138,7 +138,7 @@ def plot_transformer_logps(data, *, ax=None):
         a.set_xlabel("preference-optimisation step")
         a.set_ylabel("Δ mean summed log-prob (nats)")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Tiny transformer, synthetic sentiment task (DPO): " + "; ".join(words), fontsize=9)
+    fig.suptitle("Fig. 3 analogue (this project, tiny transformer, synthetic sentiment task, DPO): " + "; ".join(words), fontsize=9)
     return fig
 
 
@@ -156,7 +156,7 @@ def plot_transformer_cos(data, *, ax=None):
     ax.set_xlabel("preference-optimisation step")
     ax.set_ylabel("cos(g_w, g_l), mean over eval pairs")
     ax.legend(title="dataset", fontsize=7)
-    ax.set_title("Final gradient cosine by dataset: " + ", ".join(finals), fontsize=9)
+    ax.set_title("Fig. 4a analogue (this project): final gradient cosine by dataset: " + ", ".join(finals), fontsize=9)
     return fig
 
 
@@ -167,7 +167,7 @@ def plot_transformer_heatmap(data, *, ax=None):
     n = np.asarray(run["token_cos"]).shape[0]
     fig, ax = new_axes(ax, figsize=(4.8 + 0.12 * n, 4.0 + 0.1 * n))
     c0, diag = _heatmap(ax, run["token_cos"], run["chosen_tokens"], run["rejected_tokens"])
-    ax.set_title(f"Tiny transformer, {sfx} suffix: contrastive tokens cos {c0:+.2f}; "
+    ax.set_title(f"Fig. 4b analogue (this project): tiny transformer, {sfx} suffix: contrastive tokens cos {c0:+.2f}; "
                  f"matched shared tokens mean cos {diag:+.2f}", fontsize=9)
     return fig
 
@@ -200,6 +200,6 @@ def plot_mitigation_comparison(data, *, ax=None):
                  f"{mean('baseline', 'ideal_fraction'):.2f} (mean over settings)", fontsize=9)
     a2.set_title(f"One-pair theory: normalized {mean('normalized', 'pair_pred_ideal_fraction'):.2f} "
                  f"vs baseline {mean('baseline', 'pair_pred_ideal_fraction'):.2f}", fontsize=9)
-    fig.suptitle("Mitigations (SGD, DPO): pairwise normalization makes every one-pair step ideal (R19); "
+    fig.suptitle("Mitigations (derived in this project; SGD, DPO): pairwise normalization makes every one-pair step ideal (R19); "
                  "realised steps also carry cross-pair terms", fontsize=9)
     return fig

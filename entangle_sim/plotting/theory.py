@@ -76,7 +76,7 @@ def plot_table1_regions(data, *, ax=None):
     ax.set_xlabel(r"$\rho_w = G_{wl}/G_{ww}$ (dimensionless)")
     ax.set_ylabel(r"$\rho_l = G_{wl}/G_{ll}$ (dimensionless)")
     n4 = int(np.sum(code == REGIMES.index("chosen_down_rejected_up")))
-    ax.set_title("DPO: chosen falls iff ρ_w > 1, rejected rises iff ρ_l > 1;\n"
+    ax.set_title("Table 1 (paper, section 3.1) as a region map — DPO: chosen falls iff ρ_w > 1, rejected rises iff ρ_l > 1;\n"
                  f"ρ_w ρ_l = cos² ≤ 1, so no point has both (4th-regime cells: {n4})")
     ax.legend(handles=_legend_handles(code), fontsize=7, loc="upper right", frameon=True, facecolor="white",
               framealpha=1.0)
@@ -125,7 +125,7 @@ def plot_regime_maps(data, *, ax=None):
             r = REGIMES[int(np.bincount(vals[vals >= 0], minlength=len(REGIMES)).argmax())]
             groups.setdefault(REGIME_LABELS[r].split(" (")[0], []).append(ALGO_LABELS.get(name, name))
     finding = "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
-    fig.suptitle("First-order regime per loss (default hyperparameters) at "
+    fig.suptitle("First-order regime per loss (derived in this project; default hyperparameters) at "
                  f"ℓ_w={st['chosen_logps']:g}, ℓ_l={st['rejected_logps']:g}, ref=({st['ref_chosen_logps']:g}, "
                  f"{st['ref_rejected_logps']:g}), n=({st['chosen_len']:g}, {st['rejected_len']:g})\n"
                  f"Rejected-dominant, nearly parallel gradients (cos > 0.9, |g_l|/|g_w| > 3) — {finding}",
@@ -230,7 +230,7 @@ def plot_suffix_cos(data, *, ax=None):
     a2.set_xlabel("shared-suffix length L (tokens)")
     a2.set_ylabel("squared gradient norm (param units²)")
     a2.legend(fontsize=7)
-    fig.suptitle(f"R17: cos rises from {data['cos'][0]:+.2f} (L={int(L[0])}) to {data['cos'][-1]:+.2f} "
+    fig.suptitle(f"R17 (derived in this project): cos rises from {data['cos'][0]:+.2f} (L={int(L[0])}) to {data['cos'][-1]:+.2f} "
                  f"(L={int(L[-1])}); norms grow with L while |g_w − g_l|² stays "
                  f"{data['diff'][-1] / data['diff'][0]:.1f}× its L=0 value", fontsize=9)
     return fig
