@@ -1,4 +1,4 @@
-"""Benchmark: wall time per training step of each mitigation vs the plain DPO step (issue 5 item 4).
+"""Benchmark: wall time per training step of each mitigation vs the plain DPO step.
 
 For each setting, every method is compiled once (`mitigations.timed_run`: one jitted `lax.scan` of
 `--steps` steps) and run `--repeats` times; the minimum over repeats / steps is the time per step.

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 BEGIN, END = "<!-- BEGIN GENERATED CONDITION TABLE -->", "<!-- END GENERATED CONDITION TABLE -->"
-THEORY = Path(__file__).resolve().parent / "theory.md"
+PAGE = Path(__file__).resolve().parent / "theory.md"
 
 
 def render(text: str) -> str:
@@ -20,14 +20,14 @@ def render(text: str) -> str:
 
 
 def main(argv) -> int:
-    old = THEORY.read_text()
+    old = PAGE.read_text()
     new = render(old)
     if "--check" in argv:
         if new != old:
             print("docs/theory.md is stale: run python docs/gen_theory_table.py", file=sys.stderr)
             return 1
         return 0
-    THEORY.write_text(new)
+    PAGE.write_text(new)
     return 0
 
 

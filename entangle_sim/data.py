@@ -4,8 +4,8 @@ Two families:
 
 * `geometry_pairs`: tabular / log-linear pairs whose gradient geometry at the returned params has a
   prescribed cos(g_w, g_l) and norm ratio |g_l| / |g_w| -- initial conditions for the toy runs,
-  chosen with THEORY R7 (e.g. a dominant rejected norm and cos near 1 gives "both down").
-* token tasks for the sequence policies (THEORY §5.2, §6.3): '1t' (one differing token),
+  chosen with theory R7 (e.g. a dominant rejected norm and cos near 1 gives "both down").
+* token tasks for the sequence policies (theory §5.2, §6.3): '1t' (one differing token),
   'suffix' (R17: differing token then an identical suffix of length L), 'prefix' (R16: identical
   prefix of length L then a differing token), 'edit' (same length T, k differing positions).
 

@@ -1,5 +1,5 @@
 """SFT -> preference optimisation on the synthetic sentiment task, with gradient-geometry logging
-(THEORY.md §5, §6.3: Figures 3, 4a, 4b on a CPU-sized transformer).
+(docs/theory.md §5, §6.3: Figures 3, 4a, 4b on a CPU-sized transformer).
 
 Pipeline (`run_diagnose`):
   1. SFT of a tiny decoder (policies.transformer) on "prompt -> label word" (paper: SFT on

@@ -1,4 +1,4 @@
-"""Per-pair and per-token gradient geometry (THEORY.md §1, §3.3, §5.1 R13, §7.3 bugs 1-2).
+"""Per-pair and per-token gradient geometry (docs/theory.md §1, §3.3, §5.1 R13, §7.3 bugs 1-2).
 
 Sequence level, per pair:  G_ww = |g_w|^2, G_wl = <g_w, g_l>, G_ll = |g_l|^2, cos, and the condition
 ratios rho_w = G_wl/G_ww, rho_l = G_wl/G_ll, rho = max(rho_w, rho_l) (Case 1 <=> rho <= 1).
@@ -62,7 +62,7 @@ def _tree_vdot(a: PyTree, b: PyTree) -> Array:
 def gram_stats(G_ww: Array, G_wl: Array, G_ll: Array) -> PairGram:
     """Derived statistics from the three Gram entries (any broadcastable shapes).
 
-    rho is the *corrected* condition ratio max(G_wl/G_ww, G_wl/G_ll) (THEORY §7.3 bug 1: the official
+    rho is the *corrected* condition ratio max(G_wl/G_ww, G_wl/G_ll) (theory §7.3 bug 1: the official
     code computes G_wl / min(G_ww, G_ww) = rho_w and misses "rejected does not fall" whenever
     |g_l| < |g_w|). Zero norms are floored at the dtype's `tiny` so no NaN appears.
 
@@ -76,7 +76,7 @@ def gram_stats(G_ww: Array, G_wl: Array, G_ll: Array) -> PairGram:
 
 
 def aggregate(gram: PairGram) -> dict[str, float]:
-    """Aggregate per-pair statistics over pairs, each key saying how it was reduced (THEORY §3.3, §7.3 bug 2).
+    """Aggregate per-pair statistics over pairs, each key saying how it was reduced (theory §3.3, §7.3 bug 2).
 
     '*_mean'                 plain means over pairs: G_ww_mean, G_wl_mean, G_ll_mean, cos_mean,
                              norm_w_mean, norm_l_mean (unsquared |g|, the official code's Grad_*_Norm)
@@ -207,7 +207,7 @@ def _pair_gram_vmap(logp_fn, params, batch, subset, chunk_size):
 
 def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], params: PyTree,
               batch: PairBatch, *, subset: Subset = None, chunk_size: int | None = None) -> PairGram:
-    """Per-pair Gram of the summed-response gradients g_w = grad l_w, g_l = grad l_l (THEORY §1).
+    """Per-pair Gram of the summed-response gradients g_w = grad l_w, g_l = grad l_l (theory §1).
 
     logp_fn(params, batch) -> (chosen_logps [B], rejected_logps [B]), e.g. `policy.logps`; any
     batch-polymorphic JAX model. subset: parameters to differentiate (module docstring).
@@ -349,7 +349,7 @@ def _token_gram_one(token_logp_fn, params, example, subset):
 
 def token_gram(token_logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], params: PyTree,
                example_or_batch: PairBatch, *, subset: Subset = None) -> TokenGram:
-    """Token-level Gram <g_t(y_w), g_u(y_l)> and cosines (THEORY R13, Fig. 4b), rows = chosen tokens.
+    """Token-level Gram <g_t(y_w), g_u(y_l)> and cosines (theory R13, Fig. 4b), rows = chosen tokens.
 
     token_logp_fn: a Policy's `token_logps(params, batch) -> ([B,T_w], [B,T_l])`.
     example_or_batch: a PairBatch without (prompt [P]) or with (prompt [B, P]) a pair axis; with a

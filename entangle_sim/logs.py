@@ -4,7 +4,7 @@ Formats (detected from content; the extension only breaks ties and shapes error 
 
 * ``trl`` — TRL ``trainer_state.json``: ``log_history`` entries with ``logps/chosen``,
   ``logps/rejected`` (train) or ``eval_logps/chosen``, ``eval_logps/rejected`` (eval); batch
-  means of sequence-summed log-probs (THEORY.md §6.1, §10.3).
+  means of sequence-summed log-probs (docs/theory.md §6.1, §10.3).
 * ``official-csv`` / ``official-jsonl`` — per-checkpoint output of the official code's
   ``analysis/grad_plot.py`` (§7.2): ``Step, InnerProduct, Correlation, Grad_W_Norm, Grad_L_Norm,
   Grad_Condition``, each a mean over pairs; the norms are *not* squared, and ``Grad_Condition``
@@ -59,7 +59,7 @@ CONDITION_AGGREGATE = ("ratio of per-step means: rho_w = InnerProduct / Grad_W_N
                        "(mean |g|)^2 <= mean |g|^2)")
 LOGGED_CONDITION = ("Grad_Condition as logged by the official code: mean over pairs of G_wl/G_ww "
                     "(divides by the chosen norm twice, so it tests only the chosen half of "
-                    "Condition 1; THEORY.md section 7.3, bug 1)")
+                    "Condition 1; docs/theory.md section 7.3, bug 1)")
 
 
 class LogFormatError(ValueError):

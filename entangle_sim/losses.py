@@ -1,9 +1,9 @@
-"""Registry of margin-based preference losses (THEORY.md §2.2 and §10).
+"""Registry of margin-based preference losses (docs/theory.md §2.2 and §10).
 
 Every loss is written ONCE, as a builder `build(v, F, **hp)` over a math backend `F`:
 with `F = JAX` it is the JAX per-pair loss, with `F = SYM` it is the SymPy expression that the
 symbolic engine differentiates. One source of truth, two backends; the tests prove the SymPy
-derivatives equal `jax.grad` and finite differences, and match THEORY.md §10's formulas.
+derivatives equal `jax.grad` and finite differences, and match docs/theory.md §10's formulas.
 
 Conventions (TRL): `chosen_logps` / `rejected_logps` are SUMMED completion log-probs `l_w`, `l_l`;
 `ref_*` the reference model's; `chosen_len` / `rejected_len` the completion token counts `n_w`,
@@ -144,7 +144,7 @@ ALPHA_CLAMP = 80.0  # TRL clamps the alpha-divergence exponent at 80 in fp32/bf1
 
 
 def score(r, F, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
-    """TRL's score map phi(r) (THEORY §10.1): reverse_kl r; forward_kl -e^-r; js log sigma(r);
+    """TRL's score map phi(r) (theory §10.1): reverse_kl r; forward_kl -e^-r; js log sigma(r);
     alpha e^{min((a-1) r, 80)}/(a-1), falling back to r when |a-1| < 1e-6 (concrete a only)."""
     if f_divergence_type == "reverse_kl":
         return r
@@ -190,7 +190,7 @@ class LossSpec:
     nll_weight: str | None = None  # hyperparameter holding a token-mean NLL weight (batch form)
     nll: Callable[..., Any] | None = None  # the additive NLL regulariser inside the loss, if any
     aliases: tuple[str, ...] = ()
-    reference: str = ""  # where the formula comes from (THEORY section)
+    reference: str = ""  # where the formula comes from (docs/theory.md section)
 
     # ---- hyperparameters
     @property
@@ -261,7 +261,7 @@ class LossSpec:
         return full
 
     def symbolic(self, **hp) -> sp.Expr:
-        """The per-pair loss as a SymPy expression in THEORY's symbols (see `sym_hypers`)."""
+        """The per-pair loss as a SymPy expression in the theory's symbols (docs/theory.md §1) (see `sym_hypers`)."""
         return self.build(PairVars(**PAIR_VARS), SYM, **self.sym_hypers(**hp))
 
     def symbolic_margin(self, **hp):
@@ -414,11 +414,11 @@ def _reg(name, description, hypers, trl=None, **kw):
 
 _DPO_F = (FDIV, FALPHA)
 
-# ---------------- DPOTrainer (TRL v1.9.0, THEORY §10.2) ----------------
+# ---------------- DPOTrainer (TRL v1.9.0, theory §10.2) ----------------
 
 
 @_reg("sigmoid", "DPO: -log sigma(beta D)", (_beta(), *_DPO_F), trl="DPOTrainer:sigmoid",
-      aliases=("dpo",), reference="THEORY §2.2 DPO, §10.2 sigmoid",
+      aliases=("dpo",), reference="theory §2.2 DPO, §10.2 sigmoid",
       margin=lambda v, F, beta, **hp: beta * (lambda s: s[0] - s[1])(_scores(v, F, hp)))
 def _sigmoid(v, F, *, beta, **hp):
     phi_w, phi_l = _scores(v, F, hp)
@@ -426,7 +426,7 @@ def _sigmoid(v, F, *, beta, **hp):
 
 
 @_reg("hinge", "SLiC/RSO hinge: max(0, 1 - beta D)", (_beta(), *_DPO_F), trl="DPOTrainer:hinge",
-      reference="THEORY §10.2 hinge",
+      reference="theory §10.2 hinge",
       margin=lambda v, F, beta, **hp: beta * (lambda s: s[0] - s[1])(_scores(v, F, hp)))
 def _hinge(v, F, *, beta, **hp):
     phi_w, phi_l = _scores(v, F, hp)
@@ -439,7 +439,7 @@ def _dbar(v, F, hp):
 
 
 @_reg("ipo", "IPO (TRL, length-averaged): (Dbar - 1/(2 beta))^2", (_beta(), *_DPO_F),
-      trl="DPOTrainer:ipo", aliases=("ipo_avg",), reference="THEORY §2.2 IPO (TRL form), §10.2 ipo",
+      trl="DPOTrainer:ipo", aliases=("ipo_avg",), reference="theory §2.2 IPO (TRL form), §10.2 ipo",
       margin=lambda v, F, beta, **hp: _dbar(v, F, hp))
 def _ipo(v, F, *, beta, **hp):
     return (_dbar(v, F, hp) - 1 / (2 * beta)) ** 2
@@ -450,7 +450,7 @@ EXO_EPS = Hyper("label_smoothing", 1e-3, "epsilon > 0 (TRL raises at its default
 
 
 @_reg("exo_pair", "EXO (pairwise): KL(q || 1-eps label), q = sigma(beta D)", (_beta(), EXO_EPS, *_DPO_F),
-      trl="DPOTrainer:exo_pair", reference="THEORY §10.2 exo_pair")
+      trl="DPOTrainer:exo_pair", reference="theory §10.2 exo_pair")
 def _exo_pair(v, F, *, beta, label_smoothing, **hp):
     phi_w, phi_l = _scores(v, F, hp)
     z = beta * (phi_w - phi_l)
@@ -460,7 +460,7 @@ def _exo_pair(v, F, *, beta, label_smoothing, **hp):
 
 
 @_reg("nca_pair", "NCA (pairwise): absolute per-response terms", (_beta(), *_DPO_F),
-      trl="DPOTrainer:nca_pair", reference="THEORY §10.2 nca_pair")
+      trl="DPOTrainer:nca_pair", reference="theory §10.2 nca_pair")
 def _nca_pair(v, F, *, beta, **hp):
     phi_w, phi_l = _scores(v, F, hp)
     return (-F.log_sigmoid(beta * phi_w) - F.log_sigmoid(-beta * phi_w) / 2
@@ -468,7 +468,7 @@ def _nca_pair(v, F, *, beta, **hp):
 
 
 @_reg("robust", "Robust DPO: unbiased under label-flip rate eps", (_beta(), EPS, *_DPO_F),
-      trl="DPOTrainer:robust", reference="THEORY §10.2 robust",
+      trl="DPOTrainer:robust", reference="theory §10.2 robust",
       margin=lambda v, F, beta, **hp: beta * (lambda s: s[0] - s[1])(_scores(v, F, hp)))
 def _robust(v, F, *, beta, label_smoothing, **hp):
     phi_w, phi_l = _scores(v, F, hp)
@@ -477,14 +477,14 @@ def _robust(v, F, *, beta, label_smoothing, **hp):
 
 
 @_reg("bco_pair", "BCO (pairwise): -log sigma(beta phi_w) - log sigma(-beta phi_l)", (_beta(), *_DPO_F),
-      trl="DPOTrainer:bco_pair", reference="THEORY §10.2 bco_pair (v1.x, no running-mean shift)")
+      trl="DPOTrainer:bco_pair", reference="theory §10.2 bco_pair (v1.x, no running-mean shift)")
 def _bco_pair(v, F, *, beta, **hp):
     phi_w, phi_l = _scores(v, F, hp)
     return -F.log_sigmoid(beta * phi_w) - F.log_sigmoid(-beta * phi_l)
 
 
 @_reg("sppo_hard", "SPPO (hard labels): (phi_w - 1/(2beta))^2 + (phi_l + 1/(2beta))^2",
-      (_beta(), *_DPO_F), trl="DPOTrainer:sppo_hard", reference="THEORY §10.2 sppo_hard")
+      (_beta(), *_DPO_F), trl="DPOTrainer:sppo_hard", reference="theory §10.2 sppo_hard")
 def _sppo_hard(v, F, *, beta, **hp):
     phi_w, phi_l = _scores(v, F, hp)
     return (phi_w - 1 / (2 * beta)) ** 2 + (phi_l + 1 / (2 * beta)) ** 2
@@ -506,7 +506,7 @@ def _aot_unpaired_batch(v, F, *, beta, label_smoothing):
 
 
 @_reg("aot", "AOT (paired): sorted margins vs sorted reference margins (batch-coupled)", (_beta(), EPS),
-      trl="DPOTrainer:aot", batch_coupled=True, batch_build=_aot_batch, reference="THEORY §10.2 aot")
+      trl="DPOTrainer:aot", batch_coupled=True, batch_build=_aot_batch, reference="theory §10.2 aot")
 def _aot(v, F, *, beta, label_smoothing):
     # A batch of one pair: the sort is the identity.
     return _aot_loss((v.chosen_logps - v.rejected_logps) - (v.ref_chosen_logps - v.ref_rejected_logps),
@@ -515,19 +515,19 @@ def _aot(v, F, *, beta, label_smoothing):
 
 @_reg("aot_unpaired", "AOT (unpaired): sorted r_w vs sorted r_l (batch-coupled)", (_beta(), EPS),
       trl="DPOTrainer:aot_unpaired", batch_coupled=True, batch_build=_aot_unpaired_batch,
-      aliases=("aot_pair",), reference="THEORY §10.2 aot_unpaired")
+      aliases=("aot_pair",), reference="theory §10.2 aot_unpaired")
 def _aot_unpaired(v, F, *, beta, label_smoothing):
     return _aot_loss(v.r_w - v.r_l, F, beta, label_smoothing)
 
 
 @_reg("apo_zero", "APO-zero: (1 - sigma(beta r_w)) + sigma(beta r_l)", (_beta(),),
-      trl="DPOTrainer:apo_zero", reference="THEORY §10.2 apo_zero (raw log-ratios)")
+      trl="DPOTrainer:apo_zero", reference="theory §10.2 apo_zero (raw log-ratios)")
 def _apo_zero(v, F, *, beta):
     return (1 - F.sigmoid(beta * v.r_w)) + F.sigmoid(beta * v.r_l)
 
 
 @_reg("apo_down", "APO-down: sigma(beta r_w) + (1 - sigma(beta D))", (_beta(), *_DPO_F),
-      trl="DPOTrainer:apo_down", reference="THEORY §10.2 apo_down (first term raw r_w)")
+      trl="DPOTrainer:apo_down", reference="theory §10.2 apo_down (first term raw r_w)")
 def _apo_down(v, F, *, beta, **hp):
     phi_w, phi_l = _scores(v, F, hp)
     return F.sigmoid(beta * v.r_w) + (1 - F.sigmoid(beta * (phi_w - phi_l)))
@@ -537,7 +537,7 @@ DISCOPOP_TAU = Hyper("discopop_tau", 0.05, "DiscoPOP modulation temperature", lo
 
 
 @_reg("discopop", "DiscoPOP: log-ratio modulated mix of logistic and exponential losses",
-      (_beta(), DISCOPOP_TAU, *_DPO_F), trl="DPOTrainer:discopop", reference="THEORY §10.2 discopop",
+      (_beta(), DISCOPOP_TAU, *_DPO_F), trl="DPOTrainer:discopop", reference="theory §10.2 discopop",
       margin=lambda v, F, beta, **hp: beta * (lambda s: s[0] - s[1])(_scores(v, F, hp)))
 def _discopop(v, F, *, beta, discopop_tau, **hp):
     phi_w, phi_l = _scores(v, F, hp)
@@ -553,19 +553,19 @@ def _sft_batch(v, F):
 
 @_reg("sft", "SFT: token-mean NLL of all chosen completion tokens of the batch", (),
       trl="DPOTrainer:sft", uses_reference=False, batch_coupled=True, batch_build=_sft_batch,
-      reference="THEORY §10.2 sft")
+      reference="theory §10.2 sft")
 def _sft(v, F):
     return -v.chosen_logps / v.chosen_len
 
 
 @_reg("sigmoid_norm", "length-normalised reference DPO: -log sigma(beta Dbar)", (_beta(), *_DPO_F),
-      trl="DPOTrainer:sigmoid_norm", reference="THEORY §10.2 sigmoid_norm",
+      trl="DPOTrainer:sigmoid_norm", reference="theory §10.2 sigmoid_norm",
       margin=lambda v, F, beta, **hp: beta * _dbar(v, F, hp))
 def _sigmoid_norm(v, F, *, beta, **hp):
     return -F.log_sigmoid(beta * _dbar(v, F, hp))
 
 
-# ---------------- CPOTrainer family (reference-free, THEORY §10.4) ----------------
+# ---------------- CPOTrainer family (reference-free, theory §10.4) ----------------
 
 def _cpo_margin(v, F, *, average, alpha):
     lw, ll = (v.avg_w, v.avg_l) if average else (v.chosen_logps, v.rejected_logps)
@@ -616,7 +616,7 @@ def _cpo_family(name, kind, *, trl, nll_default, description, aliases=(), alpha_
     register(LossSpec(name=name, description=description, build=build, hypers=tuple(hypers), trl=trl,
                       uses_reference=False, margin=margin, nll_weight="cpo_alpha", aliases=aliases,
                       nll=lambda v, F, cpo_alpha, **hp: cpo_alpha * _nll(v),
-                      reference="THEORY §10.4 CPOTrainer"))
+                      reference="theory §10.4 CPOTrainer"))
 
 
 _cpo_family("cpo_sigmoid", "sigmoid", trl="CPOTrainer:sigmoid", nll_default=1.0, aliases=("cpo",),
@@ -633,7 +633,7 @@ _cpo_family("alphapo", "simpo", trl="CPOTrainer:alphapo", nll_default=0.0,
             description="AlphaPO: SimPO on u = (1 - p^-alpha)/alpha, p = exp(lbar); set alpha != 0")
 
 
-# ---------------- ORPO (THEORY §10.5) ----------------
+# ---------------- ORPO (theory §10.5) ----------------
 
 
 def _orpo_log_odds(v, F):
@@ -642,7 +642,7 @@ def _orpo_log_odds(v, F):
 
 
 @_reg("orpo", "ORPO: NLL(prompt+chosen) - beta log sigma(log odds ratio)", (_beta(),), trl="ORPOTrainer",
-      uses_reference=False, reference="THEORY §2.2 ORPO, §10.5",
+      uses_reference=False, reference="theory §2.2 ORPO, §10.5",
       nll=lambda v, F, beta: -(v.chosen_logps + v.prompt_logps) / (v.chosen_len + v.prompt_len),
       margin=lambda v, F, beta: _orpo_log_odds(v, F))
 def _orpo(v, F, *, beta):
@@ -650,14 +650,14 @@ def _orpo(v, F, *, beta):
     return nll - beta * F.log_sigmoid(_orpo_log_odds(v, F))
 
 
-# ---------------- KTO (paired use, THEORY §2.2, §10.6) ----------------
+# ---------------- KTO (paired use, theory §2.2, §10.6) ----------------
 
 KTO_H = (_beta(), Hyper("desirable_weight", 1.0, "lambda_D", lo=0.0), Hyper("undesirable_weight", 1.0,
          "lambda_U", lo=0.0), Hyper("kl", 0.0, "detached KL estimate z0 (>= 0; TRL clamps at 0)", lo=0.0))
 
 
 @_reg("kto", "KTO (paired use): lambda_D(1 - sigma(beta(r_w - z0))) + lambda_U(1 - sigma(beta(z0 - r_l)))",
-      KTO_H, trl="KTOTrainer:kto", reference="THEORY §2.2 KTO, §10.6",
+      KTO_H, trl="KTOTrainer:kto", reference="theory §2.2 KTO, §10.6",
       # Margin form (derived in this project): L = lambda_D - z with z = h_w - h_l below.
       margin=lambda v, F, *, beta, desirable_weight, undesirable_weight, kl: (
           desirable_weight * F.sigmoid(beta * (v.r_w - kl)) - undesirable_weight * F.sigmoid(beta * (v.r_l - kl))))
@@ -668,17 +668,17 @@ def _kto(v, F, *, beta, desirable_weight, undesirable_weight, kl):
 
 @_reg("apo_zero_unpaired", "APO-zero (unpaired rows, paired use): lambda_D(1 - sigma(beta r_w)) + "
       "lambda_U sigma(beta r_l)", KTO_H[:3], trl="KTOTrainer:apo_zero_unpaired",
-      reference="THEORY §10.6")
+      reference="theory §10.6")
 def _apo_zero_unpaired(v, F, *, beta, desirable_weight, undesirable_weight):
     return desirable_weight * (1 - F.sigmoid(beta * v.r_w)) + undesirable_weight * F.sigmoid(beta * v.r_l)
 
 
-# ---------------- Official code (THEORY §7.1, §10.7) and §2.2 extras ----------------
+# ---------------- Official code (theory §7.1, §10.7) and §2.2 extras ----------------
 
 
 @_reg("dpop", "DPOP (Smaug): DPO with a penalty lambda * max(0, l_ref_w - l_w) inside the margin",
       (_beta(), Hyper("dpop_lambda", 50.0, "DPOP penalty weight lambda_p (official code: 50)", lo=0.0)),
-      trl=None, aliases=("pdpo",), reference="THEORY §2.2 DPOP, §10.7 pdpo",
+      trl=None, aliases=("pdpo",), reference="theory §2.2 DPOP, §10.7 pdpo",
       margin=lambda v, F, beta, dpop_lambda: beta * (v.r_w - v.r_l - dpop_lambda * F.relu(-v.r_w)))
 def _dpop(v, F, *, beta, dpop_lambda):
     return -F.log_sigmoid(beta * (v.r_w - v.r_l - dpop_lambda * F.relu(v.ref_chosen_logps - v.chosen_logps)))
@@ -686,14 +686,14 @@ def _dpop(v, F, *, beta, dpop_lambda):
 
 @_reg("rdpo", "R-DPO: -log sigma(beta D + alpha (n_w - n_l))",
       (_beta(), Hyper("rdpo_alpha", 0.2, "length coefficient (official code: 0.2)")),
-      trl=None, reference="THEORY §2.2 R-DPO, §10.7 rdpo",
+      trl=None, reference="theory §2.2 R-DPO, §10.7 rdpo",
       margin=lambda v, F, beta, rdpo_alpha: beta * (v.r_w - v.r_l) + rdpo_alpha * (v.chosen_len - v.rejected_len))
 def _rdpo(v, F, *, beta, rdpo_alpha):
     return -F.log_sigmoid(beta * (v.r_w - v.r_l) + rdpo_alpha * (v.chosen_len - v.rejected_len))
 
 
 @_reg("rrhf", "RRHF (pairwise): max(0, -lbar_w + lbar_l) + cpo_alpha * NLL(chosen)", (CPO_ALPHA,),
-      trl=None, uses_reference=False, nll_weight="cpo_alpha", reference="THEORY §2.2 RRHF, §10.7 rrhf",
+      trl=None, uses_reference=False, nll_weight="cpo_alpha", reference="theory §2.2 RRHF, §10.7 rrhf",
       nll=lambda v, F, cpo_alpha: cpo_alpha * _nll(v),
       margin=lambda v, F, cpo_alpha: v.avg_w - v.avg_l)
 def _rrhf(v, F, *, cpo_alpha):
@@ -701,7 +701,7 @@ def _rrhf(v, F, *, cpo_alpha):
 
 
 @_reg("sppo", "SPPO (official code): ((r_w - 0.5/beta)^2 + (r_l + 0.5/beta)^2) / 2", (_beta(),),
-      trl=None, reference="THEORY §10.7 sppo")
+      trl=None, reference="theory §10.7 sppo")
 def _sppo(v, F, *, beta):
     return ((v.r_w - 1 / (2 * beta)) ** 2 + (v.r_l + 1 / (2 * beta)) ** 2) / 2
 
@@ -709,7 +709,7 @@ def _sppo(v, F, *, beta):
 @_reg("slic", "SLiC-HF: max(0, delta - (l_w - l_l)) - lambda_nll * l_w (summed NLL)",
       (Hyper("delta", 1.0, "calibration margin delta", lo=0.0, lo_open=True),
        Hyper("lambda_nll", 0.1, "weight of the summed NLL on the chosen response", lo=0.0)),
-      trl=None, uses_reference=False, reference="THEORY §2.2 SLiC-HF",
+      trl=None, uses_reference=False, reference="theory §2.2 SLiC-HF",
       nll=lambda v, F, delta, lambda_nll: -lambda_nll * v.chosen_logps,
       margin=lambda v, F, **hp: v.chosen_logps - v.rejected_logps)
 def _slic(v, F, *, delta, lambda_nll):
@@ -717,14 +717,14 @@ def _slic(v, F, *, delta, lambda_nll):
 
 
 @_reg("ipo_sum", "IPO (original, summed log-ratios): (D - 1/(2 beta))^2", (_beta(),), trl=None,
-      reference="THEORY §2.2 IPO (original form)",
+      reference="theory §2.2 IPO (original form)",
       margin=lambda v, F, beta: v.r_w - v.r_l)
 def _ipo_sum(v, F, *, beta):
     return (v.r_w - v.r_l - 1 / (2 * beta)) ** 2
 
 
 # --------------------------------------------------------------------------------------------
-# Modifiers acting on token log-probs (THEORY §10.1)
+# Modifiers acting on token log-probs (theory §10.1)
 
 
 def ld_logps(token_logps, mask, other_mask, *, ld_alpha):

@@ -1,5 +1,5 @@
 """Mitigations of gradient entanglement and the geometry of preconditioned / batched updates
-(THEORY.md §8 R19, R20; ISSUE 5).
+(docs/theory.md §8 R19, R20).
 
 Every method's plain-gradient update direction lies in the span of (effective) response gradients:
 
@@ -13,7 +13,7 @@ gradients (rows g_w,i then g_l,i):
     pair_pred_*              one-pair SGD theory:  eta (a_i <g_*,i, g~_w,i> - b_i <g_*,i, g~_l,i>)
     batch_pred_*             batch theory:        eta J J~^T c     (2B x 2B Gram, cross-pair terms)
     pc_pair_pred_*, pc_batch_pred_*   the same with the diagonal preconditioner P of the optimizer
-                             state (Adam: 1/(sqrt(v_hat)+eps)); zeros for SGD.   [issue 5 item 4]
+                             state (Adam: 1/(sqrt(v_hat)+eps)); zeros for SGD.
     lin_*                    J . (actual update), first order of the real step (any optimizer)
     real_*                   realised change l(theta_{t+1}) - l(theta_t)
 
@@ -28,13 +28,13 @@ Methods (`METHODS`):
                       every policy, and jax.grad of it is checked against the formula in the tests.
                       s_i = -m'(z_i) = d_l / h'_l for margin-form losses (h'_l = -dz/dl_l; the NLL of
                       CPO-style losses sits on the chosen side only), (d_w + d_l)/2 otherwise; or 1.
-    normalized_sq     counterexample variant g/|g|^2 (no guarantee; THEORY §8.1)
-    normalized_batch  per-batch normalisation (THEORY §11.5): eta s_bar (u_w/|u_w| - u_l/|u_l|),
+    normalized_sq     counterexample variant g/|g|^2 (no guarantee; theory §8.1)
+    normalized_batch  per-batch normalisation (theory §11.5): eta s_bar (u_w/|u_w| - u_l/|u_l|),
                       u_* = sum_i w_i s_i g_*,i; guarantees only the batch aggregate
     oracle_mask       R20 with m_t = 1 on tokens that differ between chosen and rejected, 0 elsewhere
     learned_mask      R20 with free per-token masks m = sigmoid(u), l1 penalty lambda sum m (SGD on u)
     feature_mask      R20 with m_t = sigmoid(v . h_t + c) from the hidden state h_t predicting token t
-                      (THEORY §8.2; h_t stop-gradient, from `build_setting(..., with_features=True)`)
+                      (theory §8.2; h_t stop-gradient, from `build_setting(..., with_features=True)`)
     dpop              comparator: DPOP loss (lambda_p = dpop_lambda) instead of the configured loss
     nll               comparator: configured loss + alpha * NLL(chosen) token mean (RPO / CPO style)
 
@@ -193,7 +193,7 @@ def oracle_masks(batch: PairBatch) -> tuple[Array, Array]:
 
 
 # ----------------------------------------------------------------------------------------------
-# preconditioned geometry (issue 5 item 4)
+# preconditioned geometry
 # ----------------------------------------------------------------------------------------------
 def _find_adam_state(opt_state):
     found = []
@@ -221,7 +221,7 @@ def adam_preconditioner(opt_state, eps: float | None = None, *, b2: float | None
     like params). nu_hat = nu / (1 - b2^count) is the bias-corrected second moment.
 
     Adam's update is -lr * mu_hat * P, so with mu_hat -> grad (b1 = 0 or the first step) it is the
-    preconditioned step delta_theta = -lr P grad L of THEORY-extension item 4. eps / b2 default to the
+    preconditioned step delta_theta = -lr P grad L of the preconditioning extension. eps / b2 default to the
     values stored by `optax.inject_hyperparams` (else 1e-8 / 0.999). Sign descent is the limit
     nu = grad^2, eps -> 0 (P = 1/|grad|).
 
@@ -266,7 +266,7 @@ def preconditioned_gram(logp_fn, params: PyTree, batch: PairBatch, precond: PyTr
 def batch_gram(logp_fn, params: PyTree, batch: PairBatch, precond: PyTree | None = None) -> Array:
     """The 2B x 2B Gram J P J^T of all responses (rows/cols: chosen 0..B-1, then rejected 0..B-1).
 
-    Batch-level first order (issue 5 item 5): delta_l = -eta G dL/dl with l = [l_w; l_l] and
+    Batch-level first order: delta_l = -eta G dL/dl with l = [l_w; l_l] and
     L the batch loss; the own-pair 2x2 blocks are the per-pair Gram, the rest are cross-pair terms.
     """
     flat, unravel = ravel_pytree(params)
@@ -650,7 +650,7 @@ LR_TARGET = 0.05     # calibrate_lr target: mean first-step |Delta log-prob| of 
 def build_setting(name: str, key: Array, *, pairs: int = 8, sft_steps: int = 150, with_features: bool = False):
     """(policy, params, batch) of a comparison setting; with_features=True appends `features`
     (params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D]), the hidden state that predicts each response
-    token (the h_t of THEORY §8.2's m_t = sigmoid(v . h_t)), or None where there is none (tabular, linear).
+    token (the h_t of theory §8.2's m_t = sigmoid(v . h_t)), or None where there is none (tabular, linear).
 
     tabular           softmax bandit, geometry pairs cos = -0.3, |g_l|/|g_w| = 1.5 (R15: always Case 1)
     linear            linear-softmax geometry pairs cos = 0.9, ratio 2 (R7: 'both down' under DPO)
@@ -737,7 +737,7 @@ def run_comparison(settings=SETTINGS, methods=COMPARISON_METHODS, *, steps: int 
                    seed: int = 0, optimizer: str = "sgd", lr: dict | float | None = None, loss: str = "sigmoid",
                    loss_params: tuple = (), sft_steps: int = 150, lr_target: float = LR_TARGET,
                    keep_records: bool = False, progress=None, **method_kw) -> dict[str, Any]:
-    """Method x setting comparison (issue 5 item 6). Returns {'rows': [...], 'records': {...}}; each row:
+    """Method x setting comparison. Returns {'rows': [...], 'records': {...}}; each row:
     setting, method, optimizer, lr, lr_rule, ideal_fraction, delta_chosen, delta_rejected,
     preference_accuracy, sec_per_step (compiled, recorded step; min of 2 runs), rho/rho_eff,
     batch_vs_pair_flip, sgd_vs_precond_flip, sign agreements, diverged, max_step_change, mask stats.

@@ -1,4 +1,4 @@
-"""Co-movement regimes of (chosen, rejected) log-probability changes (THEORY.md §3.1, R4/R9).
+"""Co-movement regimes of (chosen, rejected) log-probability changes (docs/theory.md §3.1, R4/R9).
 
 Integer codes are used inside jitted code; `REGIMES[code]` is the name. A change within `tol`
 of zero counts as zero; both zero is `stationary`.

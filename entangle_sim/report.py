@@ -1,4 +1,4 @@
-"""Verification report: one check per result R1-R21 of THEORY.md §12 and per qualitative claim.
+"""Verification report: one check per result R1-R21 of docs/theory.md §12 and per qualitative claim.
 
 Each entry is {id, statement, check, measured, threshold, pass, note}: `measured` is computed now
 (never hard-coded), `pass` is True / False, or None with a note when the check cannot run here
@@ -176,7 +176,7 @@ def _incentive_errors(names, n, seed):
 
 def check_R1(p, seed):
     worst, per, bad = _incentive_errors(R1_LOSSES, p["points"], seed)
-    return [entry("R1", "s, h'_w, h'_l (incentives d_w, d_l) of every loss in THEORY §2.2",
+    return [entry("R1", "s, h'_w, h'_l (incentives d_w, d_l) of every loss in theory §2.2",
                   f"lambdified SymPy d_w, d_l vs jax.grad of the registry loss at {p['points']} random states "
                   f"for {len(R1_LOSSES)} losses; max relative error",
                   {"max_rel_error": worst, "mismatched_nonfinite": bad, "per_loss": per},
@@ -189,7 +189,7 @@ def check_R21(p, seed):
 
     names = [n for n in losses.names() if losses.get(n).trl]
     worst, per, bad = _incentive_errors(names, p["points"], seed + 1)
-    return [entry("R21", "TRL incentives d_w, d_l of every registered TRL loss (THEORY §10)",
+    return [entry("R21", "TRL incentives d_w, d_l of every registered TRL loss (theory §10)",
                   f"lambdified SymPy d_w, d_l vs jax.grad at {p['points']} random states for {len(names)} TRL losses",
                   {"max_rel_error": worst, "mismatched_nonfinite": bad, "per_loss": per},
                   "max rel. error <= 1e-9 and no finite/non-finite mismatch", worst <= 1e-9 and bad == 0)]
@@ -434,7 +434,7 @@ def check_R9_R11_R12(p, seed):
                            and sp.simplify(der.rejected_threshold - tl) == 0)
     d50 = derive(losses.get("dpop"), dpop_lambda=50)
     dpop51 = bool(sp.simplify(d50.rejected_threshold.subs(H, 1) - sp.Rational(1, 51)) == 0)
-    out.append(entry("R12", "Per-loss specialisation (THEORY §4.3 table), e.g. SimPO n_l/n_w, DPOP 1 + lambda_p",
+    out.append(entry("R12", "Per-loss specialisation (theory §4.3 table), e.g. SimPO n_l/n_w, DPOP 1 + lambda_p",
                      "engine thresholds simplified against the §4.3 rows; DPOP lambda_p = 50 gives G_ll/51; "
                      "predicted vs simulated regime per loss (R9 experiment)",
                      {"rows_matching": sum(match.values()), "rows": len(match), "per_row": match,
@@ -709,7 +709,7 @@ def mitigation_claims(preset_name: str, cache_dir, seed) -> list[dict]:
     eff = {s: get(s, "oracle_mask", "rho_eff_first") for s in sfx}
     full = {s: get(s, "baseline", "rho_first") for s in sfx}
     learned = {s: get(s, "learned_mask", "mask_fraction_last") for s in sfx}
-    setting_a = [s for s in sfx if s.startswith("lastlayer")]  # THEORY §8.2 states the guarantee in Setting A
+    setting_a = [s for s in sfx if s.startswith("lastlayer")]  # theory §8.2 states the guarantee in Setting A
     out.append(entry("R20", "Sparse token masking (Setting A): masking the shared suffix removes the positively "
                      "aligned block from the effective inner product (conditional guarantee)",
                      "mitigations.run_comparison: effective rho with the oracle mask vs rho of the full gradients "
@@ -717,7 +717,7 @@ def mitigation_claims(preset_name: str, cache_dir, seed) -> list[dict]:
                      {"rho_eff_oracle_mask": eff, "rho_full_baseline": full, "learned_mask_fraction": learned},
                      "rho_eff(oracle) < rho(full) on every Setting-A (last-layer) shared-suffix setting",
                      bool(setting_a) and all(eff[s] < full[s] for s in setting_a),
-                     note="the guarantee is conditional (THEORY §8.2, Setting A); other settings are listed for "
+                     note="the guarantee is conditional (theory §8.2, Setting A); other settings are listed for "
                           "information -- where rho_eff > rho the contrastive tokens' own gradients are aligned "
                           "(trainable embeddings, cf. R18)"))
     return out

@@ -1,6 +1,6 @@
 """Figure data for `entangle-sim reproduce`: presets, builders, a cache keyed by configuration hash.
 
-Every figure of THEORY.md §9 that has a CPU toy analogue is one entry of `FIGURES`:
+Every figure of docs/theory.md §9 that has a CPU toy analogue is one entry of `FIGURES`:
 
     name -> Figure(build(preset) -> data dict, plot(data) -> matplotlib Figure, doc)
 
@@ -31,7 +31,7 @@ from . import __version__, results
 
 SEED = 0
 
-# The six losses of the algorithm comparison (THEORY §6.2, §9): DPO (sigmoid), IPO, R-DPO, DPOP, SimPO, RRHF.
+# The six losses of the algorithm comparison (theory §6.2, §9): DPO (sigmoid), IPO, R-DPO, DPOP, SimPO, RRHF.
 ALGORITHMS = ("sigmoid", "ipo", "rdpo", "dpop", "simpo", "rrhf")
 ALGO_LABELS = {"sigmoid": "DPO", "ipo": "IPO", "rdpo": "R-DPO", "dpop": "DPOP", "simpo": "SimPO", "rrhf": "RRHF"}
 
@@ -379,7 +379,7 @@ def build_fig1(p, seed):
 
 def build_algorithms(p, seed):
     """Algorithm comparison analogue: the six losses on one toy setting (linear policy, cos 0.9,
-    |g_l|/|g_w| = 1.5, SGD), showing the regimes predicted by THEORY §4.3."""
+    |g_l|/|g_w| = 1.5, SGD), showing the regimes predicted by theory §4.3."""
     runs = {n: _sim(n, 0.9, 1.5, p["algo_pairs"], p["algo_steps"], p["lr"], seed) for n in ALGORITHMS}
     return {"runs": runs, "order": list(ALGORITHMS), "labels": dict(ALGO_LABELS), "cos": 0.9, "ratio": 1.5}
 
@@ -494,7 +494,7 @@ def build_transformer(p, seed):
 
 
 def build_mitigations(p, seed):
-    """Mitigation comparison (THEORY §8, R19/R20): `mitigations.run_comparison` rows, SGD, DPO."""
+    """Mitigation comparison (theory §8, R19/R20): `mitigations.run_comparison` rows, SGD, DPO."""
     from . import mitigations
 
     kw = dict(p["mitig"])

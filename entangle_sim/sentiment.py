@@ -1,4 +1,4 @@
-"""Synthetic sentiment task mirroring THEORY.md §6.3 / §11 item 3: "prompt -> [pos | neg] + shared suffix(L)".
+"""Synthetic sentiment task mirroring docs/theory.md §6.3 / §11 item 3: "prompt -> [pos | neg] + shared suffix(L)".
 
 Vocabulary (ids):  0 PAD, 1 BOS, 2 'pos', 3 'neg' (the two response sentiment words), then
 n_pos_words positive and n_neg_words negative prompt words, n_neutral neutral prompt words, and

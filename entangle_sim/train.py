@@ -1,5 +1,5 @@
 """Compiled trainer: any registered loss x any policy x any optax optimizer, one `lax.scan` per run,
-`vmap` over runs, sharded over devices when several are present (DESIGN.md §3.2, §4).
+`vmap` over runs, sharded over devices when several are present.
 
 At every step and for every pair it records what the theory predicted and what happened:
 
@@ -11,9 +11,9 @@ At every step and for every pair it records what the theory predicted and what h
     lin_chosen, lin_rejected    first order of the actual update: J dtheta (any optimizer, batch)
     real_chosen, real_rejected  realised change l(theta_{t+1}) - l(theta_t)
 
-`pred_*` is the per-pair theory of THEORY §3-4 (the symbolic engine at that state); `lin_*` is the
+`pred_*` is the per-pair theory of docs/theory.md §3-4 (the symbolic engine at that state); `lin_*` is the
 exact first-order change of the real update, which includes cross-pair terms and the optimizer's
-preconditioning; the gap between them is what issue 5 studies. The reference model is the initial
+preconditioning; the gap between them is what `entangle_sim.mitigations` studies. The reference model is the initial
 policy (r = 0 at step 0), as in DPO.
 
 Example:
@@ -231,7 +231,7 @@ def pretrain_sft(policy: Policy, params: PyTree, batch: PairBatch, *, steps: int
     """Supervised warm start on the chosen responses (TRL `sft` loss), as one compiled scan.
 
     Preference optimisation in practice starts from an SFT model in which the chosen responses
-    are already likely; the reference model is then this SFT policy (THEORY §6.3).
+    are already likely; the reference model is then this SFT policy (theory §6.3).
     """
     cfg = TrainConfig(loss="sft", optimizer=optimizer, lr=lr, steps=steps, record=False)
     step = make_step(policy, batch, cfg, jax.lax.stop_gradient(policy.logps(params, batch)))

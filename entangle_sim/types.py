@@ -50,7 +50,7 @@ class PairBatch(NamedTuple):
 
 
 class Policy(NamedTuple):
-    """Two-function policy protocol (DESIGN.md §3.3): trainer and geometry never branch on the type.
+    """Two-function policy protocol: trainer and geometry never branch on the type.
 
     init(key) -> params                                   trainable pytree
     token_logps(params, batch) -> (tok_w [B,T_w], tok_l [B,T_l])

@@ -1,4 +1,4 @@
-"""Strict JAX for every test (DESIGN.md §3.12): float64, rank-promotion errors, CPU only."""
+"""Strict JAX for every test: float64, rank-promotion errors, CPU only."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -1,4 +1,4 @@
-"""Independent NumPy reference formulas, transcribed from THEORY.md §2.2, §10.2-§10.7.
+"""Independent NumPy reference formulas, transcribed from docs/theory.md §2.2, §10.2-§10.7.
 
 Written from the specification, not from the package: each entry gives (loss, d_w, d_l) for one
 pair in float64, with the stable forms logsig(x) = -logaddexp(0, -x). Incentives are the

@@ -43,7 +43,7 @@ STATE = dict(lw=-12.0, ll=-15.0, rw0=-11.0, rl0=-14.5, nw=6.0, nl=9.0)
 
 @pytest.mark.parametrize("name", losses.names())
 def test_predict_agrees_with_sympy_and_finite_differences(capsys, name):
-    """Done-when of issue 2: predict == SymPy == FD of the JAX loss to 1e-9 relative (float64)."""
+    """predict == SymPy == FD of the JAX loss to 1e-9 relative (float64)."""
     spec = losses.get(name)
     G = dict(gww=2.0, gwl=1.1, gll=3.0, eta=0.01)
     args = ["predict", name, "--chosen-logp", str(STATE["lw"]), "--rejected-logp", str(STATE["ll"]),

@@ -262,5 +262,5 @@ def test_aggregate_labelled_and_correct():
     assert set(agg) == set(expect)
     for k, v in expect.items():
         np.testing.assert_allclose(agg[k], v, rtol=1e-14, err_msg=k)  # float64 arithmetic, a few ops
-    # the two reductions really differ here (bug 2 of THEORY §7.3 is not cosmetic)
+    # the two reductions really differ here (bug 2 of theory §7.3 is not cosmetic)
     assert abs(agg["rho_mean_of_ratios"] - agg["rho_ratio_of_means"]) > 0.1

@@ -1,5 +1,5 @@
 """analyze-log: parsing each format, regimes vs hand-computed signs, the corrected condition
-(THEORY.md §7.3 bug 1), error paths (one line, exit 2), --out files, figure rendering."""
+(docs/theory.md §7.3 bug 1), error paths (one line, exit 2), --out files, figure rendering."""
 import csv
 import json
 import os
@@ -143,7 +143,7 @@ def test_official_csv_and_jsonl_parse_identically_sorted_by_step():
 
 
 def test_corrected_condition_flags_the_logged_bug():
-    """Regression (THEORY.md §7.3 bug 1): with |g_l| < |g_w| and only G_wl/G_ll > 1 the logged
+    """Regression (docs/theory.md §7.3 bug 1): with |g_l| < |g_w| and only G_wl/G_ll > 1 the logged
     mean(G_wl/G_ww) says Case 1; rho = max(rho_w, rho_l) must say it fails."""
     with open(CSV) as f:
         rows = sorted(csv.DictReader(f), key=lambda r: float(r["Step"]))

@@ -1,7 +1,7 @@
-"""Loss registry vs THEORY §10 (R1, R21): values and incentives three ways in float64.
+"""Loss registry vs theory §10 (R1, R21): values and incentives three ways in float64.
 
 For every registered loss at random states (margins |z| up to 1e3, lengths 1..4096):
-  reference formula (tests/reference_formulas.py, transcribed from THEORY)  ==  JAX loss
+  reference formula (tests/reference_formulas.py, written from docs/theory.md)  ==  JAX loss
   reference incentives  ==  SymPy d_w, d_l  ==  jax.grad  ==  finite differences.
 """
 import math
@@ -102,7 +102,7 @@ def test_incentives_match_finite_differences(name):
     ("forward_kl", lambda r: np.exp(-r)), ("js_divergence", lambda r: 1 / (1 + np.exp(r))),
     ("alpha_divergence", lambda r: np.exp(-0.5 * r))])
 def test_f_divergence_score_maps(fdiv, dphi):
-    """THEORY §10.1 / R21: under another f-divergence d is multiplied by phi'(r)."""
+    """theory §10.1 / R21: under another f-divergence d is multiplied by phi'(r)."""
     spec = losses.get("sigmoid")
     rng = np.random.default_rng(3)
     r_w, r_l = rng.normal(0, 2, 50), rng.normal(0, 2, 50)
@@ -164,7 +164,7 @@ def test_batch_forms():
 
 
 def test_every_loss_dispatches_and_is_jittable():
-    """THEORY §7.3 bug 3: every registered loss is dispatched and evaluated (also under jit/vmap)."""
+    """theory §7.3 bug 3: every registered loss is dispatched and evaluated (also under jit/vmap)."""
     x = jnp.array([-3.0, -4.0])
     for name in ALL + list(losses.aliases()):
         spec = losses.get(name)
@@ -213,7 +213,7 @@ def test_ld_alpha_and_wpo_modifiers():
 
 @pytest.mark.parametrize("name", ALL)
 def test_float32_extreme_margins_stay_finite_and_accurate(name):
-    """Issue 2.6: loss values and incentives finite and accurate for margins up to +-1e4 in float32."""
+    """loss values and incentives finite and accurate for margins up to +-1e4 in float32."""
     spec = losses.get(name)
     hp = spec.resolve()
     margins = np.array([-1e4, -1e3, -30.0, -1.0, 0.0, 1.0, 30.0, 1e3, 1e4])

@@ -87,7 +87,7 @@ def test_masked_positions_exactly_zero(name, pol, params, batch):
 
 @pytest.mark.parametrize("name, pol, params, batch", POLICIES, ids=IDS)
 def test_vmap_over_examples_equals_batched(name, pol, params, batch):
-    """DESIGN §3.4: vmap(f)(single examples) == f(batch); tolerance 1e-13 (reduction order only)."""
+    """vmap(f)(single examples) == f(batch); tolerance 1e-13 (reduction order only)."""
     def single(ex):
         tw, tl = pol.token_logps(params, jax.tree.map(lambda a: a[None], ex))
         return tw[0], tl[0]

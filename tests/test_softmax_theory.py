@@ -1,4 +1,4 @@
-"""R13-R18 (THEORY §5): SymPy proofs, and closed forms vs jax.grad on the last-layer model (float64)."""
+"""R13-R18 (theory §5): SymPy proofs, and closed forms vs jax.grad on the last-layer model (float64)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -36,7 +36,7 @@ def test_R3_dpo_first_order_is_C_times_gram_differences():
     assert to_exp(der.delta_margin.expr - C * (G_ww - 2 * G_wl + G_ll)) == 0
 
 
-# THEORY §4.3 table (R12): chosen threshold t_w and rejected threshold t_l per loss.
+# theory §4.3 table (R12): chosen threshold t_w and rejected threshold t_l per loss.
 R12 = {
     "sigmoid": (1, 1), "rdpo": (1, 1), "hinge": (1, 1), "robust": (1, 1), "ipo_sum": (1, 1),
     "sigmoid_norm": (nl_s / nw_s, nw_s / nl_s), "ipo": (nl_s / nw_s, nw_s / nl_s),
@@ -78,7 +78,7 @@ def test_R12_dpop_cpo_rrhf_kto_orpo_thresholds():
     dw, dl = der.d_w.expr, der.d_l.expr
     assert sp.simplify((der.chosen_threshold - dw / dl).rewrite(sp.exp)) == 0
     # ORPO: reciprocal factors n_l(1-p_l)/(n_w(1-p_w)) on the odds-ratio part (no NLL weight here
-    # since the NLL is intrinsic): check numerically against the closed form of THEORY §4.3 + R11.
+    # since the NLL is intrinsic): check numerically against the closed form of theory §4.3 + R11.
     der = derive(losses.get("orpo"))
     lw, ll, nw, nl, beta = -3.0, -5.0, 4.0, 3.0, 0.1
     pw, pl = np.exp(lw / nw), np.exp(ll / nl)

@@ -1,5 +1,5 @@
 """SymPy derivations of entangle_sim.symbolic.mitigations, each checked against jax.grad / finite
-differences in float64 (R19, R20, preconditioned and batch-level first order; issue 5)."""
+differences in float64 (R19, R20, preconditioned and batch-level first order)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -1,4 +1,4 @@
-"""Trainer: theory vs simulation (issue 3 §4), compile-once, vmap == loop, sharding, CLI."""
+"""Trainer: theory vs simulation, compile-once, vmap == loop, sharding, CLI."""
 import json
 import os
 import subprocess
@@ -53,11 +53,11 @@ def test_R7_initial_conditions_give_both_down_and_both_up():
         first = regimes.fractions(t.regime_pred[0])
         assert first[regime] == 1.0
         real = regimes.fractions(regimes.classify(t.real_chosen[0], t.real_rejected[0]))
-        assert real[regime] >= 0.75, real  # cross-pair terms can flip a few pairs (issue 5)
+        assert real[regime] >= 0.75, real  # cross-pair terms can flip a few pairs
 
 
 def test_dpop_and_rrhf_push_both_up_on_aligned_gradients():
-    """THEORY §4.3: DPOP (lambda = 50) with r_w < 0 and RRHF with its NLL put positively aligned
+    """theory §4.3: DPOP (lambda = 50) with r_w < 0 and RRHF with its NLL put positively aligned
     pairs in Case 3 (both up). DPOP's penalty acts only below the reference (r_w < 0), so the
     reference sits 1 nat above the chosen log-prob, as after DPO has dragged it down."""
     gp = _geometry("linear", cos=0.6, ratio=1.0)

@@ -1,4 +1,4 @@
-"""`entangle-sim mitigate`: method x setting comparison of the mitigations (issue 5 item 6).
+"""`entangle-sim mitigate`: method x setting comparison of the mitigations.
 
 Prints the comparison table (markdown; --json: the rows). With --out DIR it also writes
 DIR/mitigations.md, DIR/mitigations.json and DIR/mitigations.png (ideal-fraction bars).

@@ -1,4 +1,4 @@
-"""Plotting: `plot_*(data, *, ax=None) -> Figure`, Axes API only, no file I/O (DESIGN.md §3.13).
+"""Plotting: `plot_*(data, *, ax=None) -> Figure`, Axes API only, no file I/O.
 
 Modules by topic share the style of `style.py` (Okabe-Ito colourblind-safe palette).
 """

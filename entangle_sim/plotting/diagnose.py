@@ -1,4 +1,4 @@
-"""Figures of a `diagnose.run_diagnose` result (THEORY §6.3: Figs. 3, 4a, 4b analogues). Axes API only."""
+"""Figures of a `diagnose.run_diagnose` result (theory §6.3: Figs. 3, 4a, 4b analogues). Axes API only."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Figures for the mitigations (issue 5): comparison grid, log-prob trajectories, masked token maps.
+"""Figures for the mitigations: comparison grid, log-prob trajectories, masked token maps.
 Functions return a Figure; no file I/O."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Theory figures: Table 1 region map, per-loss regime maps, the condition table (Table 2
 analogue) and the R17 suffix-length curve. `plot_*(data, *, ax=None) -> Figure`, Axes API only,
-no file I/O (DESIGN.md §3.13). Data come from `entangle_sim.reproduce` builders.
+no file I/O. Data come from `entangle_sim.reproduce` builders.
 
 Multi-panel figures accept `ax` as a sequence of Axes (one per panel) or None.
 """

@@ -1,4 +1,4 @@
-"""Softmax last layer on causal context features (THEORY §5.2 Setting A, §5.3 Setting B).
+"""Softmax last layer on causal context features (theory §5.2 Setting A, §5.3 Setting B).
 
 Model, for one example with prompt x = (x_1..x_P) and response y = (y_1..y_T):
 

@@ -4,7 +4,7 @@
 
 Gradient of one response: g(y|x) = phi(x, y) - phibar(x), phibar(x) = sum_k pi(k|x) phi(x, k),
 so G_wl = <phi_a - phibar, phi_b - phibar> can take any sign and any norm ratio (unlike the tabular
-policy, R15) -- this is the toy model for Cases 2 and 3 (THEORY R4, R7).
+policy, R15) -- this is the toy model for Cases 2 and 3 (theory R4, R7).
 
 Features phi [P, K, d] are either passed to `make` or drawn from `feature_seed` as
 feature_scale * N(0, 1) / sqrt(d); they are frozen and closed over (not a parameter).

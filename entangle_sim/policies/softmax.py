@@ -2,7 +2,7 @@
 
     pi(y | x) = softmax(logits[x])[y],        params: logits [P, K]
 
-Gradient of one response (THEORY R14/R15 with h = e_x): d log pi(a|x) / d logits[x] = e_a - p,
+Gradient of one response (theory R14/R15 with h = e_x): d log pi(a|x) / d logits[x] = e_a - p,
 all other rows zero. So a pair on one prompt row has G_ww = 1 - 2p_a + |p|^2,
 G_wl = |p|^2 - p_a - p_b, G_ll = 1 - 2p_b + |p|^2 (R15 with |h| = 1).
 

@@ -41,7 +41,7 @@ class TransformerConfig:
 
     d_ff defaults to 4 * d_model. init_std is the N(0, std) scale of matrices; residual output
     projections are further scaled by 1/sqrt(2 n_layers) (GPT-2). tie_embeddings=False by default;
-    analysis code must never flip it (THEORY §7.3 bug 5).
+    analysis code must never flip it (theory §7.3 bug 5).
     """
 
     vocab: int = 64

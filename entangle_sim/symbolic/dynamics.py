@@ -1,4 +1,4 @@
-"""First-order dynamics of one gradient step for any loss definition (THEORY.md R3, R4, R8-R12).
+"""First-order dynamics of one gradient step for any loss definition (docs/theory.md R3, R4, R8-R12).
 
 The engine receives a loss definition as an argument (anything with `symbolic(**hp)`,
 `symbolic_margin(**hp)`, `sym_hypers(**hp)`, `name`, `hypers`) and never imports the registry.
@@ -88,7 +88,7 @@ class SignInfo:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Derivation:
-    """Everything the first-order theory says about one loss (THEORY §3-4).
+    """Everything the first-order theory says about one loss (theory §3-4).
 
     Formulas (callable, LaTeX): loss, d_w, d_l, delta_chosen, delta_rejected, delta_margin,
     delta_loss and, for margin-form losses, margin z, delta_z and the step weight s = -m'(z).

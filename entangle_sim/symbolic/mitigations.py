@@ -1,5 +1,5 @@
 """SymPy derivations for the mitigations and for preconditioned / batch-level entanglement
-(THEORY.md §8 R19, R20; ISSUE 5 items 1, 2, 4, 5). Proof style as in `proofs.py`: an identity that
+(docs/theory.md §8 R19, R20). Proof style as in `proofs.py`: an identity that
 expands to 0 plus a certificate whose sign follows from the symbols' assumptions alone.
 
 Gram parametrisation (as in proofs.py): a = |g_w|, b = |g_l|, c = cos = 1 - e, e >= 0.

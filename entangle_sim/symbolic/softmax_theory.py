@@ -1,6 +1,6 @@
-"""SymPy derivations for the softmax last layer: THEORY §5, results R14-R18.
+"""SymPy derivations for the softmax last layer: theory §5, results R14-R18.
 
-Conventions (DESIGN §3.8): functions take SymPy symbols / matrices as arguments and return
+Conventions: functions take SymPy symbols / matrices as arguments and return
 expressions, `Eq` (unevaluated: derived form == closed form) or `Relational`s; proofs are done by
 targeted simplification (`expand`, `cancel`) and by substitutions that make a sign manifest from
 symbol assumptions (e.g. 1 - p_a = s with s >= 0). `is_identity(eq)` checks an `Eq` by expansion.

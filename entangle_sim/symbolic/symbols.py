@@ -1,4 +1,4 @@
-"""Symbols, declared once with their assumptions (DESIGN.md §3.8). Names follow THEORY.md §1.
+"""Symbols, declared once with their assumptions. Names follow docs/theory.md §1.
 
 The pair variables use TRL's argument names as keys (`chosen_logps`, ...), so a SymPy result can be
 evaluated on the same keyword arguments as the JAX loss.
