@@ -168,7 +168,9 @@ def geometry_pairs(key: Array, policy_kind: str, n_pairs: int, K: int, target_co
 
     Example (R7 "both down": rejected norm dominant, nearly parallel gradients):
         >>> gp = geometry_pairs(jax.random.PRNGKey(0), 'linear', 8, K=6, target_cos=0.9, norm_ratio=2.0)
-        >>> pair_gram(gp.policy().logps, gp.params, gp.batch).cos      # ~0.9 for all 8 pairs
+        >>> from entangle_sim.geometry import pair_gram
+        >>> bool(jnp.allclose(pair_gram(gp.policy().logps, gp.params, gp.batch).cos, 0.9, atol=0.05))
+        True
     """
     if policy_kind not in ("softmax", "linear"):
         raise ValueError(f"policy_kind must be 'softmax' or 'linear', got {policy_kind!r}")
@@ -257,7 +259,8 @@ def _prompt_and_contrast(key: Array, n_pairs: int, K: int, prompt_len: int):
 def one_token(key: Array, n_pairs: int, K: int, prompt_len: int = 1, *, pad: int = 0) -> PairBatch:
     """'1t' (R15): chosen = (a), rejected = (b), a != b uniform; nothing else. Responses [B, 1 + pad].
 
-    >>> one_token(jax.random.PRNGKey(0), 4, K=5).chosen.shape   # (4, 1)
+    >>> one_token(jax.random.PRNGKey(0), 4, K=5).chosen.shape
+    (4, 1)
     """
     _check_common(n_pairs, K, prompt_len, pad)
     prompt, a, b = _prompt_and_contrast(key, n_pairs, K, prompt_len)
@@ -312,7 +315,8 @@ def make_task(name: str, key: Array, **kw) -> PairBatch | GeometryPairs:
     """Dispatch by name: 'geometry' -> geometry_pairs (GeometryPairs), '1t' -> one_token,
     'suffix' -> shared_suffix, 'prefix' -> shared_prefix, 'edit' -> edit_distance (PairBatch).
 
-    >>> make_task('suffix', jax.random.PRNGKey(0), n_pairs=4, K=8, L=3).chosen.shape   # (4, 4)
+    >>> make_task('suffix', jax.random.PRNGKey(0), n_pairs=4, K=8, L=3).chosen.shape
+    (4, 4)
     """
     table = {"geometry": geometry_pairs, "1t": one_token, "suffix": shared_suffix,
              "prefix": shared_prefix, "edit": edit_distance}

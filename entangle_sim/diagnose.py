@@ -13,8 +13,8 @@ Pipeline (`run_diagnose`):
   4. Regimes: `regimes.classify` of the changes of the eval-set mean log-probs over consecutive
      logged intervals, and per PO step of the training batch's mean log-probs across the update.
 
->>> res = run_diagnose(DiagnoseConfig(suffix="long"))
->>> res["summary"]["final_cosine"], res["summary"]["regime_fractions"]
+>>> res = run_diagnose(DiagnoseConfig(suffix="long"))  # doctest: +SKIP
+>>> res["summary"]["final_cosine"], res["summary"]["regime_fractions"]  # doctest: +SKIP
 """
 from __future__ import annotations
 

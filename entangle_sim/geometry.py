@@ -66,7 +66,8 @@ def gram_stats(G_ww: Array, G_wl: Array, G_ll: Array) -> PairGram:
     code computes G_wl / min(G_ww, G_ww) = rho_w and misses "rejected does not fall" whenever
     |g_l| < |g_w|). Zero norms are floored at the dtype's `tiny` so no NaN appears.
 
-    >>> gram_stats(4.0, 2.0, 1.25).rho      # rho_w = 0.5, rho_l = 1.6 -> 1.6 (Case 1 violated)
+    >>> float(gram_stats(4.0, 2.0, 1.25).rho)   # rho_w = 0.5, rho_l = 1.6 -> 1.6 (Case 1 violated)
+    1.6
     """
     tiny = jnp.finfo(jnp.result_type(G_ww, float)).tiny
     cos = G_wl / jnp.sqrt(jnp.maximum(G_ww * G_ll, tiny))
@@ -87,7 +88,7 @@ def aggregate(gram: PairGram) -> dict[str, float]:
     'case1_fraction'         fraction of pairs with rho <= 1 (chosen up and rejected down, first order)
     'n_pairs'                number of pairs
 
-    >>> aggregate(gram_stats(jnp.array([1., 4.]), jnp.array([.5, 2.]), jnp.array([1., 1.])))['rho_ratio_of_means']
+    >>> float(aggregate(gram_stats(jnp.array([1., 4.]), jnp.array([.5, 2.]), jnp.array([1., 1.])))['rho_ratio_of_means'])
     1.25
     """
     G_ww, G_wl, G_ll = (jnp.asarray(x, float) for x in (gram.G_ww, gram.G_wl, gram.G_ll))
@@ -214,7 +215,10 @@ def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], param
     chunk_size: pairs vmapped at once (None = all B); memory ~ 2 * chunk_size * |selected params|.
     Returns PairGram of [B] arrays. Jitted; logp_fn and subset must be hashable.
 
-    >>> pair_gram(policy.logps, params, batch, subset=["unembed"]).cos   # [B]
+    >>> from entangle_sim import data
+    >>> gp = data.geometry_pairs(jax.random.PRNGKey(0), "linear", 8, K=6, target_cos=0.9, norm_ratio=2.0)
+    >>> pair_gram(gp.policy().logps, gp.params, gp.batch).cos.shape   # [B]
+    (8,)
     """
     return _pair_gram_vmap(logp_fn, params, batch, _freeze_subset(subset), chunk_size)
 
@@ -356,7 +360,7 @@ def token_gram(token_logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]]
     pair axis every field of the result gets a leading [B] (pairs are vmapped).
     Memory: (T_w + T_l) x |selected params| per pair (use `subset` for very large models).
 
-    >>> tg = token_gram(policy.token_logps, params, batch.take(jnp.arange(1)))   # inner [1, T_w, T_l]
+    >>> tg = token_gram(policy.token_logps, params, batch.take(jnp.arange(1)))  # doctest: +SKIP
     """
     return _token_gram_jit(token_logp_fn, params, example_or_batch, _freeze_subset(subset))
 

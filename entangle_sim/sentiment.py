@@ -10,7 +10,9 @@ short_len / long_len). The suffix is one fixed token sequence (drawn from suffix
 in chosen and rejected and across the dataset; responses are right-padded to response_len if given.
 
 >>> cfg = SentimentConfig(mode="short")
->>> pairs = preference_pairs(cfg, jax.random.key(0), 128)      # PairBatch, T_w = T_l = 5
+>>> pairs = preference_pairs(cfg, jax.random.key(0), 128)      # PairBatch
+>>> pairs.chosen.shape[0]
+128
 """
 from __future__ import annotations
 

@@ -24,7 +24,9 @@ real tokens independent of it). token_logps returns ([B, T_w], [B, T_l]), exactl
 Example:
     >>> cfg = LastLayerConfig(K=8, d=4)
     >>> pol = make(cfg); params = pol.init(jax.random.PRNGKey(0))   # {'W': [8, 4]}
-    >>> fp = features_and_probs(cfg, params, batch)                  # h_w [B, T_w, 4], p_w [B, T_w, 8]
+    >>> params['W'].shape
+    (8, 4)
+    >>> fp = features_and_probs(cfg, params, batch)  # doctest: +SKIP
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ rejected[:,0] = response indices, masks ones [B,1]); token_logps returns ([B,1],
 
 Example:
     >>> pol = make(LinearConfig(P=2, K=4, d=3))
-    >>> theta = pol.init(jax.random.PRNGKey(0))               # [3]
+    >>> theta = pol.init(jax.random.PRNGKey(0))
+    >>> theta.shape
+    (3,)
 """
 from __future__ import annotations
 

@@ -15,7 +15,9 @@ token_logps returns ([B, 1], [B, 1]).
 Example:
     >>> pol = make(SoftmaxConfig(P=2, K=3))
     >>> logits = pol.init(jax.random.PRNGKey(0))            # [2, 3]
-    >>> tw, tl = pol.token_logps(logits, batch)              # [B, 1] each
+    >>> logits.shape
+    (2, 3)
+    >>> tw, tl = pol.token_logps(logits, batch)  # doctest: +SKIP
 """
 from __future__ import annotations
 

@@ -16,8 +16,9 @@ Example:
     >>> der = symbolic.derive(losses.get("sigmoid"))
     >>> der.chosen_threshold          # chosen rises iff G_wl <= 1 * G_ww  (Condition 1)
     1
-    >>> der.delta_chosen(chosen_logps=-3., rejected_logps=-4., ref_chosen_logps=-3.,
-    ...                  ref_rejected_logps=-3., G_ww=1., G_wl=2., G_ll=3., eta=1., beta=0.1)
+    >>> round(float(der.delta_chosen(chosen_logps=-3., rejected_logps=-4., ref_chosen_logps=-3.,
+    ...                  ref_rejected_logps=-3., G_ww=1., G_wl=2., G_ll=3., eta=1., beta=0.1)), 6)
+    -0.047502
 """
 from __future__ import annotations
 
