@@ -22,7 +22,8 @@ Example:
     >>> gp = data.geometry_pairs(jax.random.PRNGKey(0), "linear", 8, K=6, target_cos=0.9, norm_ratio=2.0)
     >>> cfg = train.TrainConfig(loss="sigmoid", optimizer="sgd", lr=0.05, steps=50)
     >>> traj = train.train(gp.policy(), gp.params, gp.batch, cfg, jax.random.PRNGKey(1))
-    >>> train.summarize(traj)["regime_fractions"]["both_down"] > 0.5   # R7: rejected norm dominates
+    >>> fractions = train.summarize(traj)["regime_fractions"]
+    >>> fractions["both_down"] > 0.5   # R7: rejected norm dominates
     True
 """
 from __future__ import annotations
