@@ -536,6 +536,12 @@ def _prefer_written_out(cands):
     return min(cands, key=lambda c: len(text(c)))
 
 
+def raw_form(der, why: str) -> CompactForm:
+    """Fallback: the raw incentives and thresholds (no named symbols), with the reason."""
+    ex = {"d_w": der.d_w.expr, "d_l": der.d_l.expr, "t_w": der.chosen_threshold, "t_l": der.rejected_threshold}
+    return CompactForm(der.loss_name, False, ex, {k: why for k in ex}, True)
+
+
 def _unpiece(e):
     """A Piecewise produced by `cases` back to Heaviside form (for further arithmetic)."""
     if not e.has(sp.Piecewise):

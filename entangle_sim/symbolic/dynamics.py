@@ -127,7 +127,10 @@ class Derivation:
         (`entangle_sim.symbolic.compact.CompactForm`)."""
         from . import compact
 
-        return compact.build(self.spec, self, dict(self.hp))
+        try:
+            return compact.build(self.spec, self, dict(self.hp))
+        except Exception as err:  # noqa: BLE001 - e.g. a user loss of unusual shape: show the raw forms
+            return compact.raw_form(self, f"compact form not available ({type(err).__name__}: {err})"[:200])
 
     @property
     def fourth_regime_possible(self) -> bool:
