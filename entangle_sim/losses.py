@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import sympy as sp
 
 from .symbolic.functions import Log1mExp, LogSigmoid, Sigmoid, jax_log1mexp
@@ -40,14 +41,32 @@ def _jax_relu(x):
     return jnp.maximum(x, 0.0)
 
 
+def _jax_expm1_diff(a, b):
+    """expm1(a) - expm1(b) without overflow: once max(a, b) exceeds C (80 in float32, 700 in
+    float64) it returns e^C (e^{a-m} - e^{b-m}), m = max(a, b): the true value scaled down by
+    e^{m-C}, same sign, still beyond every saturation point of the losses that use it (AlphaPO).
+    Both branches stay finite, so gradients never pick up inf * 0 = NaN."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
+    dtype = jnp.result_type(a, b)
+    C = 80.0 if jnp.finfo(dtype).bits <= 32 else 700.0
+    m = jnp.maximum(a, b)
+    big = m > C
+    small = jnp.expm1(jnp.where(big, 0.0, a)) - jnp.expm1(jnp.where(big, 0.0, b))
+    m_b = jnp.where(big, m, 0.0)
+    scaled = jnp.exp(C) * (jnp.exp(jnp.where(big, a, 0.0) - m_b) - jnp.exp(jnp.where(big, b, 0.0) - m_b))
+    return jnp.where(big, scaled, small)
+
+
 JAX = SimpleNamespace(
     name="jax", log_sigmoid=jax.nn.log_sigmoid, sigmoid=jax.nn.sigmoid, exp=jnp.exp, log=jnp.log,
     expm1=jnp.expm1, log1mexp=jax_log1mexp, relu=_jax_relu, minimum=jnp.minimum,
+    expm1_diff=_jax_expm1_diff,
 )
 
 SYM = SimpleNamespace(
     name="sympy", log_sigmoid=LogSigmoid, sigmoid=Sigmoid, exp=sp.exp, log=sp.log,
     expm1=lambda x: sp.exp(x) - 1, log1mexp=Log1mExp, relu=lambda x: sp.Max(0, x), minimum=sp.Min,
+    expm1_diff=lambda a, b: sp.exp(a) - sp.exp(b),
 )
 
 
@@ -92,6 +111,7 @@ class Hyper:
     hi_open: bool = False
     choices: tuple[str, ...] | None = None
     keep_value: bool = False  # derivations substitute the value (it changes the formula's shape)
+    note: str = ""  # appended to a refusal (e.g. why TRL refuses a choice)
 
     @property
     def structural(self) -> bool:
@@ -100,20 +120,31 @@ class Hyper:
     def check(self, value) -> None:
         """Raise ValueError if a concrete value is invalid; traced values are not checked."""
         if self.choices is not None:
-            if value not in self.choices:
-                raise ValueError(f"hyperparameter {self.name}={value!r} is not one of {list(self.choices)}")
+            if not isinstance(value, str) or value not in self.choices:
+                raise ValueError(f"hyperparameter {self.name}={value!r} is not one of {list(self.choices)}"
+                                 + (f" ({self.note})" if self.note else ""))
             return
-        if isinstance(value, (jax.core.Tracer, sp.Basic)):
+        if isinstance(value, jax.core.Tracer):
             return
+        if isinstance(value, sp.Basic):
+            if value.is_number:  # an exact number: checked like a float; symbols pass
+                self.check(float(value))
+            return
+        if isinstance(value, (str, bytes, bool)) or value is None:
+            raise TypeError(f"hyperparameter {self.name}={value!r} must be a number, "
+                            f"not {type(value).__name__}")
         try:
-            x = float(value)
+            x = np.asarray(value, dtype=float)
         except (TypeError, ValueError):
-            raise ValueError(f"hyperparameter {self.name}={value!r} is not a number") from None
-        if not math.isfinite(x):
+            raise TypeError(f"hyperparameter {self.name}={value!r} is not a number") from None
+        if x.size == 0:
+            raise ValueError(f"hyperparameter {self.name} is empty")
+        if not np.all(np.isfinite(x)):
             raise ValueError(f"hyperparameter {self.name}={value!r} must be finite")
-        if self.lo is not None and (x < self.lo or (self.lo_open and x == self.lo)):
+        lo_v, hi_v = float(x.min()), float(x.max())
+        if self.lo is not None and (lo_v < self.lo or (self.lo_open and lo_v == self.lo)):
             raise ValueError(f"hyperparameter {self.name}={value!r} out of range {self.range_str()}")
-        if self.hi is not None and (x > self.hi or (self.hi_open and x == self.hi)):
+        if self.hi is not None and (hi_v > self.hi or (self.hi_open and hi_v == self.hi)):
             raise ValueError(f"hyperparameter {self.name}={value!r} out of range {self.range_str()}")
 
     def range_str(self) -> str:
@@ -132,31 +163,67 @@ def _beta(default=0.1):
     return Hyper("beta", default, "inverse temperature / scale of the margin", lo=0.0, lo_open=True)
 
 
+#: The TRL release line the registry follows, and the release its equivalence tests call.
+TRL_SEMANTICS = "TRL 1.10-1.16"
+TRL_TESTED = "1.16.0"
+
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-FDIV = Hyper("f_divergence_type", "reverse_kl", "score map phi(r) of the log-ratio (TRL §10.1)",
-             choices=F_DIVERGENCES)
-FALPHA = Hyper("f_alpha_divergence_coef", 0.5, "alpha-divergence coefficient a", lo=None)
+#: Losses for which TRL >= 1.10 accepts an f-divergence (the others raise at configuration time).
+F_DIVERGENCE_LOSSES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+FDIV = Hyper("f_divergence_type", "reverse_kl", "score map phi(r) of the log-ratio", choices=F_DIVERGENCES)
+# The absolute-score losses use raw log-ratios: the f-DPO reparameterisation leaves a beta log Z(x)
+# term that cancels only in phi_w - phi_l, so TRL >= 1.10 refuses any other f-divergence for them.
+FDIV_RKL = Hyper("f_divergence_type", "reverse_kl", "only reverse_kl (raw log-ratios)",
+                 choices=("reverse_kl",),
+                 note="TRL >= 1.10 supports an f-divergence only with " + ", ".join(F_DIVERGENCE_LOSSES))
+FALPHA = Hyper("f_alpha_divergence_coef", 0.5, "alpha-divergence coefficient a (|a-1| < 1e-6: reverse KL)",
+               lo=None)
 EPS = Hyper("label_smoothing", 0.0, "label smoothing epsilon", lo=0.0, hi=0.5, hi_open=True, keep_value=True)
 CPO_ALPHA = Hyper("cpo_alpha", 1.0, "weight of the token-mean NLL on the chosen completion", lo=0.0)
 ALPHA_PO = Hyper("alpha", 0.0, "AlphaPO reward shape: u = (1 - p^-alpha)/alpha (0: plain log-prob)",
                  keep_value=True)
 ALPHA_CLAMP = 80.0  # TRL clamps the alpha-divergence exponent at 80 in fp32/bf16
+_ALPHA_FALLBACK = 1e-6  # TRL: |a - 1| < 1e-6 is the reverse-KL limit
+
+
+def _alpha_is_one(a):
+    """True/False for a concrete a, None for a symbol or a traced value."""
+    if isinstance(a, sp.Basic):
+        return bool(abs(a - 1) < _ALPHA_FALLBACK) if a.is_number else None
+    if isinstance(a, jax.core.Tracer):
+        return None
+    return bool(abs(float(a) - 1.0) < _ALPHA_FALLBACK)
 
 
 def score(r, F, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5):
-    """TRL's score map phi(r) (theory §10.1): reverse_kl r; forward_kl -e^-r; js log sigma(r);
-    alpha e^{min((a-1) r, 80)}/(a-1), falling back to r when |a-1| < 1e-6 (concrete a only)."""
+    """TRL >= 1.10 score map phi(r) (vanishes at r = 0): reverse_kl r; forward_kl 1 - e^-r;
+    js log 2 + log sigma(r); alpha (e^{min((a-1) r, 80)} - 1)/(a-1), reverse KL when |a-1| < 1e-6
+    (on every path: concrete a, traced a in JAX, symbolic a in SymPy as a Piecewise).
+
+    TRL 1.9 dropped the constants (-e^-r, log sigma(r), e^{(a-1)r}/(a-1)); they cancel in
+    D = phi_w - phi_l but not in the length-normalised Dbar of `ipo` and `sigmoid_norm`.
+    TRL evaluates the alpha-divergence exponential in float32; the registry keeps the input dtype.
+    """
     if f_divergence_type == "reverse_kl":
         return r
     if f_divergence_type == "forward_kl":
-        return -F.exp(-r)
+        return 1 - F.exp(-r)
     if f_divergence_type == "js_divergence":
-        return F.log_sigmoid(r)
+        return (sp.log(2) if F.name == "sympy" else math.log(2)) + F.log_sigmoid(r)
     if f_divergence_type == "alpha_divergence":
         a = f_alpha_divergence_coef
-        if isinstance(a, (int, float)) and abs(a - 1.0) < 1e-6:
+        one = _alpha_is_one(a)
+        if one:
             return r
-        return F.exp(F.minimum((a - 1) * r, ALPHA_CLAMP)) / (a - 1)
+        if one is False:
+            return F.expm1(F.minimum((a - 1) * r, ALPHA_CLAMP)) / (a - 1)
+        if F.name == "sympy":
+            return sp.Piecewise((r, sp.Abs(a - 1) < sp.Float(_ALPHA_FALLBACK)),
+                                (F.expm1(F.minimum((a - 1) * r, ALPHA_CLAMP)) / (a - 1), True))
+        near = jnp.abs(a - 1) < _ALPHA_FALLBACK
+        a_safe = jnp.where(near, 0.5, a)  # keeps the unused branch (and its gradient) finite
+        alpha_score = F.expm1(F.minimum((a_safe - 1) * r, ALPHA_CLAMP)) / (a_safe - 1)
+        return jnp.where(near, r, alpha_score)
     raise ValueError(f"unknown f_divergence_type {f_divergence_type!r}; valid: {list(F_DIVERGENCES)}")
 
 
@@ -190,7 +257,9 @@ class LossSpec:
     nll_weight: str | None = None  # hyperparameter holding a token-mean NLL weight (batch form)
     nll: Callable[..., Any] | None = None  # the additive NLL regulariser inside the loss, if any
     aliases: tuple[str, ...] = ()
-    reference: str = ""  # where the formula comes from (docs/theory.md section)
+    reference: str = ""  # where the formula comes from
+    trl_version: str | None = None  # the TRL release line whose code this entry equals
+    notes: str = ""  # conventions a user must know (row normalisation, dtype, ...)
 
     # ---- hyperparameters
     @property
@@ -284,6 +353,8 @@ class LossSpec:
         return {
             "name": self.name,
             "trl": self.trl,
+            "trl_version": self.trl_version,
+            "notes": self.notes,
             "description": self.description,
             "aliases": list(self.aliases),
             "uses_reference": self.uses_reference,
@@ -405,6 +476,9 @@ def undefine(name: str) -> None:
 
 
 def _reg(name, description, hypers, trl=None, **kw):
+    if trl is not None:
+        kw.setdefault("trl_version", f"{TRL_SEMANTICS} (tested against {TRL_TESTED})")
+
     def deco(build):
         register(LossSpec(name=name, description=description, build=build, hypers=tuple(hypers),
                           trl=trl, **kw))
@@ -414,7 +488,7 @@ def _reg(name, description, hypers, trl=None, **kw):
 
 _DPO_F = (FDIV, FALPHA)
 
-# ---------------- DPOTrainer (TRL v1.9.0, theory §10.2) ----------------
+# ---------------- DPOTrainer (TRL 1.10-1.16 `_compute_loss`) ----------------
 
 
 @_reg("sigmoid", "DPO: -log sigma(beta D)", (_beta(), *_DPO_F), trl="DPOTrainer:sigmoid",
@@ -454,17 +528,19 @@ EXO_EPS = Hyper("label_smoothing", 1e-3, "epsilon > 0 (TRL raises at its default
 def _exo_pair(v, F, *, beta, label_smoothing, **hp):
     phi_w, phi_l = _scores(v, F, hp)
     z = beta * (phi_w - phi_l)
-    q, log_q, log_1mq = F.sigmoid(z), F.log_sigmoid(z), F.log_sigmoid(-z)  # stable log q, log(1-q)
+    # Log space: q = e^{log sigma(z)}, 1 - q = e^{log sigma(-z)}. Autodiff then forms
+    # dq/dz = q sigma(-z) and d(1-q)/dz = -(1-q) sigma(z), keeping the e^{-|z|} factors that
+    # sigma(z)(1 - sigma(z)) rounds to 0 at large |z| (incentives exact to beta*D ~ 700).
+    log_q, log_1mq = F.log_sigmoid(z), F.log_sigmoid(-z)
     eps = label_smoothing
-    return q * (log_q - F.log(1 - eps)) + (1 - q) * (log_1mq - F.log(eps))
+    return F.exp(log_q) * (log_q - F.log(1 - eps)) + F.exp(log_1mq) * (log_1mq - F.log(eps))
 
 
-@_reg("nca_pair", "NCA (pairwise): absolute per-response terms", (_beta(), *_DPO_F),
-      trl="DPOTrainer:nca_pair", reference="theory §10.2 nca_pair")
+@_reg("nca_pair", "NCA (pairwise): absolute per-response terms on raw log-ratios", (_beta(), FDIV_RKL),
+      trl="DPOTrainer:nca_pair", reference="TRL nca_pair (raw log-ratios; TRL 1.9 applied phi)")
 def _nca_pair(v, F, *, beta, **hp):
-    phi_w, phi_l = _scores(v, F, hp)
-    return (-F.log_sigmoid(beta * phi_w) - F.log_sigmoid(-beta * phi_w) / 2
-            - F.log_sigmoid(-beta * phi_l) / 2)
+    return (-F.log_sigmoid(beta * v.r_w) - F.log_sigmoid(-beta * v.r_w) / 2
+            - F.log_sigmoid(-beta * v.r_l) / 2)
 
 
 @_reg("robust", "Robust DPO: unbiased under label-flip rate eps", (_beta(), EPS, *_DPO_F),
@@ -476,61 +552,58 @@ def _robust(v, F, *, beta, label_smoothing, **hp):
     return (-(1 - eps) * F.log_sigmoid(z) + eps * F.log_sigmoid(-z)) / (1 - 2 * eps)
 
 
-@_reg("bco_pair", "BCO (pairwise): -log sigma(beta phi_w) - log sigma(-beta phi_l)", (_beta(), *_DPO_F),
-      trl="DPOTrainer:bco_pair", reference="theory §10.2 bco_pair (v1.x, no running-mean shift)")
+@_reg("bco_pair", "BCO (pairwise): -log sigma(beta r_w) - log sigma(-beta r_l)", (_beta(), FDIV_RKL),
+      trl="DPOTrainer:bco_pair", reference="TRL bco_pair (raw log-ratios, no running-mean shift)")
 def _bco_pair(v, F, *, beta, **hp):
-    phi_w, phi_l = _scores(v, F, hp)
-    return -F.log_sigmoid(beta * phi_w) - F.log_sigmoid(-beta * phi_l)
+    return -F.log_sigmoid(beta * v.r_w) - F.log_sigmoid(-beta * v.r_l)
 
 
-@_reg("sppo_hard", "SPPO (hard labels): (phi_w - 1/(2beta))^2 + (phi_l + 1/(2beta))^2",
-      (_beta(), *_DPO_F), trl="DPOTrainer:sppo_hard", reference="theory §10.2 sppo_hard")
+@_reg("sppo_hard", "SPPO (hard labels): (r_w - 1/(2beta))^2 + (r_l + 1/(2beta))^2",
+      (_beta(), FDIV_RKL), trl="DPOTrainer:sppo_hard", reference="TRL sppo_hard (raw log-ratios)")
 def _sppo_hard(v, F, *, beta, **hp):
-    phi_w, phi_l = _scores(v, F, hp)
-    return (phi_w - 1 / (2 * beta)) ** 2 + (phi_l + 1 / (2 * beta)) ** 2
+    return (v.r_w - 1 / (2 * beta)) ** 2 + (v.r_l + 1 / (2 * beta)) ** 2
 
 
 def _aot_loss(x, F, beta, eps):
     return -(1 - eps) * F.log_sigmoid(beta * x) - eps * F.log_sigmoid(-beta * x)
 
 
-def _aot_batch(v, F, *, beta, label_smoothing):
+def _aot_batch(v, F, *, beta, label_smoothing, **hp):
     # Both sides sorted independently along the batch (raw log-probs; ignores f-divergence).
     x = jnp.sort(v.chosen_logps - v.rejected_logps) - jnp.sort(v.ref_chosen_logps - v.ref_rejected_logps)
     return _aot_loss(x, F, beta, label_smoothing).mean()
 
 
-def _aot_unpaired_batch(v, F, *, beta, label_smoothing):
+def _aot_unpaired_batch(v, F, *, beta, label_smoothing, **hp):
     x = jnp.sort(v.r_w) - jnp.sort(v.r_l)
     return _aot_loss(x, F, beta, label_smoothing).mean()
 
 
-@_reg("aot", "AOT (paired): sorted margins vs sorted reference margins (batch-coupled)", (_beta(), EPS),
+@_reg("aot", "AOT (paired): sorted margins vs sorted reference margins (batch-coupled)", (_beta(), EPS, FDIV_RKL),
       trl="DPOTrainer:aot", batch_coupled=True, batch_build=_aot_batch, reference="theory §10.2 aot")
-def _aot(v, F, *, beta, label_smoothing):
+def _aot(v, F, *, beta, label_smoothing, **hp):
     # A batch of one pair: the sort is the identity.
     return _aot_loss((v.chosen_logps - v.rejected_logps) - (v.ref_chosen_logps - v.ref_rejected_logps),
                      F, beta, label_smoothing)
 
 
-@_reg("aot_unpaired", "AOT (unpaired): sorted r_w vs sorted r_l (batch-coupled)", (_beta(), EPS),
+@_reg("aot_unpaired", "AOT (unpaired): sorted r_w vs sorted r_l (batch-coupled)", (_beta(), EPS, FDIV_RKL),
       trl="DPOTrainer:aot_unpaired", batch_coupled=True, batch_build=_aot_unpaired_batch,
       aliases=("aot_pair",), reference="theory §10.2 aot_unpaired")
-def _aot_unpaired(v, F, *, beta, label_smoothing):
+def _aot_unpaired(v, F, *, beta, label_smoothing, **hp):
     return _aot_loss(v.r_w - v.r_l, F, beta, label_smoothing)
 
 
-@_reg("apo_zero", "APO-zero: (1 - sigma(beta r_w)) + sigma(beta r_l)", (_beta(),),
-      trl="DPOTrainer:apo_zero", reference="theory §10.2 apo_zero (raw log-ratios)")
-def _apo_zero(v, F, *, beta):
+@_reg("apo_zero", "APO-zero: (1 - sigma(beta r_w)) + sigma(beta r_l)", (_beta(), FDIV_RKL),
+      trl="DPOTrainer:apo_zero", reference="TRL apo_zero (raw log-ratios)")
+def _apo_zero(v, F, *, beta, **hp):
     return (1 - F.sigmoid(beta * v.r_w)) + F.sigmoid(beta * v.r_l)
 
 
-@_reg("apo_down", "APO-down: sigma(beta r_w) + (1 - sigma(beta D))", (_beta(), *_DPO_F),
-      trl="DPOTrainer:apo_down", reference="theory §10.2 apo_down (first term raw r_w)")
+@_reg("apo_down", "APO-down: sigma(beta r_w) + (1 - sigma(beta (r_w - r_l)))", (_beta(), FDIV_RKL),
+      trl="DPOTrainer:apo_down", reference="TRL apo_down (raw log-ratios)")
 def _apo_down(v, F, *, beta, **hp):
-    phi_w, phi_l = _scores(v, F, hp)
-    return F.sigmoid(beta * v.r_w) + (1 - F.sigmoid(beta * (phi_w - phi_l)))
+    return F.sigmoid(beta * v.r_w) + (1 - F.sigmoid(beta * (v.r_w - v.r_l)))
 
 
 DISCOPOP_TAU = Hyper("discopop_tau", 0.05, "DiscoPOP modulation temperature", lo=0.0, lo_open=True)
@@ -571,8 +644,9 @@ def _cpo_margin(v, F, *, average, alpha):
     lw, ll = (v.avg_w, v.avg_l) if average else (v.chosen_logps, v.rejected_logps)
     if (isinstance(alpha, (int, float)) and alpha == 0) or (isinstance(alpha, sp.Basic) and alpha.is_zero):
         return lw - ll
-    # AlphaPO: u = (1 - p^-alpha)/alpha with p = e^{l}: u = -expm1(-alpha l)/alpha.
-    return (-F.expm1(-alpha * lw) + F.expm1(-alpha * ll)) / alpha
+    # AlphaPO: u = (1 - p^-alpha)/alpha with p = e^{l}: u = -expm1(-alpha l)/alpha, so
+    # u_w - u_l = (expm1(-alpha l_l) - expm1(-alpha l_w))/alpha, overflow-guarded in JAX.
+    return F.expm1_diff(-alpha * ll, -alpha * lw) / alpha
 
 
 def _nll(v):
@@ -616,7 +690,8 @@ def _cpo_family(name, kind, *, trl, nll_default, description, aliases=(), alpha_
     register(LossSpec(name=name, description=description, build=build, hypers=tuple(hypers), trl=trl,
                       uses_reference=False, margin=margin, nll_weight="cpo_alpha", aliases=aliases,
                       nll=lambda v, F, cpo_alpha, **hp: cpo_alpha * _nll(v),
-                      reference="theory §10.4 CPOTrainer"))
+                      reference="CPO/SimPO/AlphaPO papers; TRL experimental CPOTrainer",
+                      trl_version=f"{TRL_SEMANTICS} (tested against {TRL_TESTED})"))
 
 
 _cpo_family("cpo_sigmoid", "sigmoid", trl="CPOTrainer:sigmoid", nll_default=1.0, aliases=("cpo",),
@@ -641,8 +716,17 @@ def _orpo_log_odds(v, F):
     return (v.avg_w - v.avg_l) - (F.log1mexp(v.avg_w) - F.log1mexp(v.avg_l))
 
 
+def _orpo_batch(v, F, *, beta):
+    # TRL: one token mean over all chosen prompt+completion tokens of the batch (not a mean of means).
+    nll = -(v.chosen_logps + v.prompt_logps).sum() / (v.chosen_len + v.prompt_len).sum()
+    return nll - beta * F.log_sigmoid(_orpo_log_odds(v, F)).mean()
+
+
 @_reg("orpo", "ORPO: NLL(prompt+chosen) - beta log sigma(log odds ratio)", (_beta(),), trl="ORPOTrainer",
-      uses_reference=False, reference="theory §2.2 ORPO, §10.5",
+      uses_reference=False, reference="ORPO paper; TRL ORPOTrainer", batch_build=_orpo_batch,
+      notes="prompt_logps/prompt_len: the scored prompt tokens of the chosen sequence (TRL's NLL covers "
+            "prompt + completion); batch NLL is one token mean over the batch; TRL evaluates the odds "
+            "ratio in float32, the registry in the input dtype.",
       nll=lambda v, F, beta: -(v.chosen_logps + v.prompt_logps) / (v.chosen_len + v.prompt_len),
       margin=lambda v, F, beta: _orpo_log_odds(v, F))
 def _orpo(v, F, *, beta):
@@ -652,25 +736,86 @@ def _orpo(v, F, *, beta):
 
 # ---------------- KTO (paired use, theory §2.2, §10.6) ----------------
 
+# Row convention: TRL's KTOTrainer takes the mean over ROWS and a pair is two rows (chosen row,
+# rejected row), so a pair contributes half of the paired-use sum. `reduction="pair_sum"` (default,
+# the paired-use loss of the theory) sums the two rows; `reduction="row_mean"` is TRL's value
+# (factor 1/2 on the loss and on every incentive and predicted step).
+KTO_REDUCTION = Hyper("reduction", "pair_sum", "pair_sum: chosen row + rejected row; row_mean: TRL's mean "
+                      "over rows (1/2 of pair_sum)", choices=("pair_sum", "row_mean"))
 KTO_H = (_beta(), Hyper("desirable_weight", 1.0, "lambda_D", lo=0.0), Hyper("undesirable_weight", 1.0,
-         "lambda_U", lo=0.0), Hyper("kl", 0.0, "detached KL estimate z0 (>= 0; TRL clamps at 0)", lo=0.0))
+         "lambda_U", lo=0.0), Hyper("kl", 0.0, "detached KL estimate z0 (>= 0; TRL clamps at 0)", lo=0.0),
+         KTO_REDUCTION)
+_KTO_NOTE = ("TRL's KTO loss is a mean over rows (a pair is two rows): with reduction='pair_sum' (default) "
+             "the registry value and incentives are twice TRL's; reduction='row_mean' equals TRL.")
+
+
+def _kto_scale(reduction, F):
+    if reduction != "row_mean":
+        return 1
+    return sp.Rational(1, 2) if F.name == "sympy" else 0.5
 
 
 @_reg("kto", "KTO (paired use): lambda_D(1 - sigma(beta(r_w - z0))) + lambda_U(1 - sigma(beta(z0 - r_l)))",
-      KTO_H, trl="KTOTrainer:kto", reference="theory §2.2 KTO, §10.6",
-      # Margin form (derived in this project): L = lambda_D - z with z = h_w - h_l below.
-      margin=lambda v, F, *, beta, desirable_weight, undesirable_weight, kl: (
-          desirable_weight * F.sigmoid(beta * (v.r_w - kl)) - undesirable_weight * F.sigmoid(beta * (v.r_l - kl))))
-def _kto(v, F, *, beta, desirable_weight, undesirable_weight, kl):
-    return (desirable_weight * (1 - F.sigmoid(beta * (v.r_w - kl)))
-            + undesirable_weight * (1 - F.sigmoid(beta * (kl - v.r_l))))
+      KTO_H, trl="KTOTrainer:kto", reference="KTO paper; TRL KTOTrainer", notes=_KTO_NOTE)
+def _kto(v, F, *, beta, desirable_weight, undesirable_weight, kl, reduction="pair_sum"):
+    return _kto_scale(reduction, F) * (desirable_weight * (1 - F.sigmoid(beta * (v.r_w - kl)))
+                                    + undesirable_weight * (1 - F.sigmoid(beta * (kl - v.r_l))))
 
 
 @_reg("apo_zero_unpaired", "APO-zero (unpaired rows, paired use): lambda_D(1 - sigma(beta r_w)) + "
-      "lambda_U sigma(beta r_l)", KTO_H[:3], trl="KTOTrainer:apo_zero_unpaired",
-      reference="theory §10.6")
-def _apo_zero_unpaired(v, F, *, beta, desirable_weight, undesirable_weight):
-    return desirable_weight * (1 - F.sigmoid(beta * v.r_w)) + undesirable_weight * F.sigmoid(beta * v.r_l)
+      "lambda_U sigma(beta r_l)", (*KTO_H[:3], KTO_REDUCTION), trl="KTOTrainer:apo_zero_unpaired",
+      reference="APO paper; TRL KTOTrainer", notes=_KTO_NOTE)
+def _apo_zero_unpaired(v, F, *, beta, desirable_weight, undesirable_weight, reduction="pair_sum"):
+    return _kto_scale(reduction, F) * (desirable_weight * (1 - F.sigmoid(beta * v.r_w))
+                                    + undesirable_weight * F.sigmoid(beta * v.r_l))
+
+
+# ---------------- TPO (TRL `trl.experimental.tpo.TPOTrainer`) ----------------
+# TPO's loss is a reference-free contrastive term on (chosen, rejected) plus tpo_alpha * the
+# token-mean NLL of a THIRD, "gold" response. The contrastive term is expressed below. The gold
+# NLL is not a function of l_w or l_l: it adds nothing to d_w, d_l, and its effect on the
+# chosen/rejected log-probs goes through the gradient overlap of the gold response with g_w and
+# g_l, a third Gram row the two-response theory does not carry. So each entry equals TRL's
+# TPOTrainer with tpo_alpha = 0 (value and incentives); for tpo_alpha != 0 the incentives still
+# equal TRL's and the value differs by tpo_alpha * NLL(gold).
+
+TPO_NOTE = ("equals TRL TPOTrainer with tpo_alpha=0; TRL's gold-response NLL (tpo_alpha * NLL(gold)) "
+            "has no incentive on l_w, l_l and is not modelled (it needs a third response)")
+TPO_GAMMA = Hyper("tpo_l_gamma", 0.5, "TPO-L target reward margin gamma", lo=0.0)
+
+
+def _tpo_family(name, kind, description):
+    hypers = [_beta(0.01)]
+    if kind in ("sigmoid", "tpo-l"):
+        hypers.append(EPS)
+    if kind == "tpo-l":
+        hypers.append(TPO_GAMMA)
+    average = kind in ("ipo", "tpo-l")
+
+    def margin(v, F, *, beta, **hp):
+        z = (v.avg_w - v.avg_l) if average else (v.chosen_logps - v.rejected_logps)
+        return z if kind == "ipo" else beta * z - hp.get("tpo_l_gamma", 0.0)
+
+    def build(v, F, *, beta, label_smoothing=0.0, **hp):
+        z = (v.avg_w - v.avg_l) if average else (v.chosen_logps - v.rejected_logps)
+        if kind == "sigmoid":
+            return _aot_loss(z, F, beta, label_smoothing)
+        if kind == "tpo-l":
+            return _aot_loss(z - hp["tpo_l_gamma"] / beta, F, beta, label_smoothing)
+        if kind == "hinge":
+            return F.relu(1 - beta * z)
+        return (z - 1 / (2 * beta)) ** 2
+
+    register(LossSpec(name=name, description=description, build=build, hypers=tuple(hypers),
+                      trl=f"TPOTrainer:{kind} (tpo_alpha=0)", uses_reference=False, margin=margin,
+                      reference="TPO paper; TRL experimental TPOTrainer", notes=TPO_NOTE,
+                      trl_version=f"{TRL_SEMANTICS} (tested against {TRL_TESTED})"))
+
+
+_tpo_family("tpo", "sigmoid", "TPO (contrastive part): -log sigma(beta (l_w - l_l)), beta = 0.01")
+_tpo_family("tpo_hinge", "hinge", "TPO hinge (contrastive part): max(0, 1 - beta (l_w - l_l))")
+_tpo_family("tpo_ipo", "ipo", "TPO-IPO (contrastive part): (lbar_w - lbar_l - 1/(2 beta))^2")
+_tpo_family("tpo_l", "tpo-l", "TPO-L (contrastive part): -log sigma(beta (lbar_w - lbar_l) - gamma)")
 
 
 # ---------------- Official code (theory §7.1, §10.7) and §2.2 extras ----------------

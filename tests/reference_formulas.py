@@ -1,4 +1,11 @@
-"""Independent NumPy reference formulas, transcribed from docs/theory.md §2.2, §10.2-§10.7.
+"""Independent NumPy reference formulas, transcribed from the specification of each loss.
+
+DPO-family entries follow the current TRL line (1.10-1.16), which supersedes the TRL 1.9 forms:
+`nca_pair`, `bco_pair`, `sppo_hard`, `apo_down` use the raw log-ratios (they are only defined for
+reverse KL; other f-divergences are refused), and f-divergence score maps keep their constants
+(only reverse KL is exercised here; see tests/test_trl_equivalence.py for the others). `kto` /
+`apo_zero_unpaired` are in their default paired-use convention (chosen row + rejected row); TPO
+entries are TRL's TPOTrainer contrastive term (tpo_alpha = 0).
 
 Written from the specification, not from the package: each entry gives (loss, d_w, d_l) for one
 pair in float64, with the stable forms logsig(x) = -logaddexp(0, -x). Incentives are the
@@ -105,6 +112,22 @@ def ref(name, lw, ll, rw0, rl0, nw, nl, hp):
         nll = -(lw + hp.get("prompt_logps", 0.0)) / (nw + hp.get("prompt_len", 0.0))
         dw = b * sig(-LO) / ((1 - pw) * nw) + 1 / (nw + hp.get("prompt_len", 0.0))
         return nll - b * logsig(LO), dw, b * sig(-LO) / ((1 - pl) * nl)
+    if name in ("tpo", "tpo_hinge", "tpo_ipo", "tpo_l"):
+        eps = hp.get("label_smoothing", 0.0)
+        if name in ("tpo", "tpo_hinge"):
+            z, sw, sl = lw - ll, 1.0, 1.0
+        else:
+            z, sw, sl = lw / nw - ll / nl, 1 / nw, 1 / nl
+        if name == "tpo":
+            loss, s = -(1 - eps) * logsig(b * z) - eps * logsig(-b * z), b * ((1 - eps) * sig(-b * z) - eps * sig(b * z))
+        elif name == "tpo_l":
+            x = b * z - hp["tpo_l_gamma"]
+            loss, s = -(1 - eps) * logsig(x) - eps * logsig(-x), b * ((1 - eps) * sig(-x) - eps * sig(x))
+        elif name == "tpo_hinge":
+            loss, s = max(0.0, 1 - b * z), b * float(b * z < 1)
+        else:
+            loss, s = (z - 1 / (2 * b)) ** 2, 2 * (1 / (2 * b) - z)
+        return loss, s * sw, s * sl
     if name == "kto":
         lD, lU, z0 = hp["desirable_weight"], hp["undesirable_weight"], hp["kl"]
         loss = lD * (1 - sig(b * (r_w - z0))) + lU * (1 - sig(b * (z0 - r_l)))
@@ -147,7 +170,7 @@ def kinks(name, lw, ll, rw0, rl0, nw, nl, hp):
     D = (lw - rw0) - (ll - rl0)
     if name == "hinge":
         return abs(1 - b * D) / b
-    if name == "cpo_hinge":
+    if name in ("cpo_hinge", "tpo_hinge"):
         return abs(1 - b * (lw - ll)) / b
     if name == "rrhf":
         return abs(-lw / nw + ll / nl) * min(nw, nl)
