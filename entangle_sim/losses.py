@@ -620,14 +620,15 @@ def _discopop(v, F, *, beta, discopop_tau, **hp):
     return (1 - mu) * (-F.log_sigmoid(z)) + F.exp(F.log_sigmoid(z / discopop_tau) - z)
 
 
-def _sft_batch(v, F):
+def _sft_batch(v, F, **hp):
     return -v.chosen_logps.sum() / v.chosen_len.sum()
 
 
-@_reg("sft", "SFT: token-mean NLL of all chosen completion tokens of the batch", (),
+# TRL accepts (and ignores) an f-divergence with sft; so does the registry.
+@_reg("sft", "SFT: token-mean NLL of all chosen completion tokens of the batch", _DPO_F,
       trl="DPOTrainer:sft", uses_reference=False, batch_coupled=True, batch_build=_sft_batch,
       reference="theory §10.2 sft")
-def _sft(v, F):
+def _sft(v, F, **hp):
     return -v.chosen_logps / v.chosen_len
 
 

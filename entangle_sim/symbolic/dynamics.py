@@ -52,7 +52,11 @@ class Formula:
         if missing:
             raise ValueError(f"missing values for {missing}")
         fn = lambdify_jax([s for _, s in self.names], self.expr)
-        return fn(*[values[n] for n, _ in self.names])
+        # Arrays, not Python floats: a branch a Piecewise does not take (e.g. the alpha-divergence
+        # score at a = 1) may divide by zero, which must give inf inside jnp.select, not raise.
+        import jax.numpy as jnp
+
+        return fn(*[jnp.asarray(values[n]) for n, _ in self.names])
 
     @property
     def arg_names(self) -> list[str]:
