@@ -187,6 +187,26 @@ def _map_pairs(fn, batch, chunk_size):
     return jax.tree.map(lambda a: a.reshape(n * chunk_size, *a.shape[2:])[:B], out)
 
 
+def check_pair_inputs(params: PyTree, batch: PairBatch) -> None:
+    """ValueError naming the field for masks whose shape differs from their tokens, inconsistent
+    batch sizes, or non-finite parameters (checked when concrete; traced values pass)."""
+    fields = getattr(batch, "_fields", None)
+    if fields is None or not {"chosen", "rejected", "chosen_mask", "rejected_mask"} <= set(fields):
+        raise TypeError(f"batch must be a PairBatch, got {type(batch).__name__}")
+    for tok, mask in (("chosen", "chosen_mask"), ("rejected", "rejected_mask")):
+        ts, ms = jnp.shape(getattr(batch, tok)), jnp.shape(getattr(batch, mask))
+        if ts != ms:
+            raise ValueError(f"batch.{mask} has shape {ms}, but batch.{tok} has shape {ts}; they must match")
+    sizes = {f: jnp.shape(getattr(batch, f))[0] for f in fields if jnp.ndim(getattr(batch, f)) >= 1}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"batch fields disagree on the number of pairs B: {sizes}")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            continue
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(f"params{jax.tree_util.keystr(path)} holds NaN or inf")
+
+
 # ----------------------------------------------------------------------------------------------
 # sequence-level Gram: generic vmap(grad) path
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +240,7 @@ def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], param
     >>> pair_gram(gp.policy().logps, gp.params, gp.batch).cos.shape   # [B]
     (8,)
     """
+    check_pair_inputs(params, batch)
     return _pair_gram_vmap(logp_fn, params, batch, _freeze_subset(subset), chunk_size)
 
 
@@ -309,6 +330,7 @@ def pair_gram_layerwise(factor_fn: Callable[..., GradFactors], params: PyTree, b
     No per-example parameter-sized gradient is formed; per pair it holds activations, the
     back-propagated signals and S x S' Gram blocks. chunk_size as in `pair_gram`.
     """
+    check_pair_inputs(params, batch)
     return _pair_gram_layerwise(factor_fn, params, batch, _freeze_subset(subset), chunk_size)
 
 

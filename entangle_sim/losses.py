@@ -410,6 +410,8 @@ def get(name: str) -> LossSpec:
     """The loss registered under `name` or one of its aliases; ValueError with a suggestion."""
     if isinstance(name, LossSpec):
         return name
+    if not isinstance(name, str):
+        raise TypeError(f"loss name must be a string (or a LossSpec), got {name!r} ({type(name).__name__})")
     key = _ALIASES.get(name, name)
     if key not in _REGISTRY:
         raise ValueError(f"unknown loss {name!r}" + _did_you_mean(name, [*_REGISTRY, *_ALIASES])

@@ -10,6 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import validate as _v
 from . import data, results
 from .policies import lastlayer, softmax
 from .train import TrainConfig, Trajectory, pretrain_sft, sweep, train
@@ -53,14 +54,19 @@ class SimConfig:
             raise ValueError(f"task 'geometry' needs --policy softmax or linear, got {self.policy!r}")
         if self.task != "geometry" and self.policy not in ("lastlayer", "lastlayer-embed"):
             raise ValueError(f"token task {self.task!r} needs --policy lastlayer or lastlayer-embed")
-        if self.K < 2:
-            raise ValueError(f"K must be >= 2 (a pair needs two responses), got K={self.K}")
-        if self.L < 0:
-            raise ValueError(f"suffix/prefix length L must be >= 0, got L={self.L}")
-        if self.pairs < 1:
-            raise ValueError(f"pairs must be >= 1, got {self.pairs}")
-        if self.sft_steps < 0:
-            raise ValueError(f"sft_steps must be >= 0, got {self.sft_steps}")
+        _v.integer("K", self.K, lo=2)  # a pair needs two responses
+        _v.integer("suffix/prefix length L", self.L, lo=0)
+        _v.integer("pairs", self.pairs, lo=1)
+        _v.integer("d", self.d, lo=1)
+        _v.integer("sft_steps", self.sft_steps, lo=0)
+        _v.integer("prompt_len", self.prompt_len, lo=1)
+        _v.integer("edit_T", self.edit_T, lo=1)
+        _v.integer("edit_k", self.edit_k, lo=0)
+        _v.real("cos", self.cos, lo=-1, hi=1)
+        _v.real("norm_ratio", self.norm_ratio, lo=0, lo_open=True)
+        _v.real("decay", self.decay, lo=0, hi=1)
+        _v.real("init_noise", self.init_noise, lo=0)
+        _v.real("sft_lr", self.sft_lr, lo=0, lo_open=True)
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -124,14 +130,15 @@ def run_sweep(cfg: SimConfig, seed: int, runs: int, *, out=None, chunk: int | No
     for i in tqdm(range(n_chunks), desc="simulate", unit="chunk", disable=not show):
         n = min(chunk, runs - i * chunk)
         path = None if outdir is None else Path(outdir) / f"chunk_{i:04d}.npz"
-        if path is not None and path.exists():
-            parts.append(Trajectory(**results.load_npz(path)))
+        cached = None if path is None else results.load_chunk(path)  # None: missing or damaged
+        if cached is not None:
+            parts.append(Trajectory(**cached))
             continue
         params0 = params if (cfg.task == "geometry" or cfg.sft_steps > 0) else None
         traj = sweep(pol, batch, cfg.train, jax.random.fold_in(key, i + 1), n, params0=params0,
                      init_noise=cfg.init_noise)
         traj = jax.tree.map(np.asarray, traj)
         if path is not None:
-            results.save_npz(path, **traj._asdict())
+            results.save_chunk(path, **traj._asdict())
         parts.append(traj)
     return Trajectory(*[np.concatenate(xs, 0) for xs in zip(*parts)])

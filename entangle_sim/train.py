@@ -39,6 +39,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from . import losses, regimes
+from . import validate as _v
 from .symbolic import derive
 from .types import Array, PairBatch, Policy, PyTree
 
@@ -69,12 +70,11 @@ class TrainConfig:
         losses.get(self.loss).resolve(**dict(self.loss_params))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
-        if not (isinstance(self.steps, (int, np.integer)) and self.steps > 0):
-            raise ValueError(f"steps must be a positive integer, got {self.steps}")
-        if not np.isfinite(self.lr) or self.lr <= 0:
-            raise ValueError(f"lr must be positive and finite, got {self.lr}")
-        if self.batch_size < 0:
-            raise ValueError(f"batch_size must be >= 0 (0 = full batch), got {self.batch_size}")
+        _v.integer("steps", self.steps, lo=1)
+        _v.real("lr", self.lr, lo=0, lo_open=True)
+        _v.integer("batch_size (0 = full batch)", self.batch_size, lo=0)
+        _v.real("momentum", self.momentum, lo=0, hi=1)
+        _v.real("weight_decay", self.weight_decay, lo=0)
 
     @property
     def hp(self) -> dict[str, Any]:

@@ -153,8 +153,8 @@ def test_simulate_cli_json(capsys, tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (["simulate", "--policy", "mlp"], "invalid choice"),
     (["simulate", "--optimizer", "lion"], "invalid choice"),
-    (["simulate", "--steps", "0"], "--steps must be positive"),
-    (["simulate", "--K", "1"], "--K must be >= 2"),
+    (["simulate", "--steps", "0"], "argument --steps: must be >= 1"),  # refused at parse time
+    (["simulate", "--K", "1"], "argument --K: must be >= 2"),
     (["simulate", "--policy", "lastlayer", "--task", "suffix", "--suffix-len", "-1"], "--suffix-len"),
     (["simulate", "--loss", "dpoo"], "did you mean"),
 ])

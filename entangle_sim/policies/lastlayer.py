@@ -59,12 +59,14 @@ class LastLayerConfig:
     init_scale: float = 1.0
 
     def __post_init__(self):
-        if int(self.K) < 2:
-            raise ValueError(f"LastLayerConfig: need vocabulary K >= 2, got K={self.K}")
-        if int(self.d) < 1:
-            raise ValueError(f"LastLayerConfig: need feature width d >= 1, got d={self.d}")
-        if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"LastLayerConfig: decay must lie in [0, 1], got {self.decay}")
+        from .. import validate as _v
+
+        _v.integer("LastLayerConfig: vocabulary K", self.K, lo=2)
+        _v.integer("LastLayerConfig: feature width d", self.d, lo=1)
+        _v.real("LastLayerConfig: decay", self.decay, lo=0, hi=1)
+        _v.integer("LastLayerConfig: seed", self.seed, lo=0)
+        _v.real("LastLayerConfig: embed_scale", self.embed_scale, lo=0)
+        _v.real("LastLayerConfig: init_scale", self.init_scale, lo=0)
         if self.nonlinearity not in NONLINEARITIES:
             raise ValueError(f"LastLayerConfig: nonlinearity must be one of {NONLINEARITIES}, "
                              f"got {self.nonlinearity!r}")

@@ -38,12 +38,11 @@ class SoftmaxConfig:
     init_scale: float = 1.0
 
     def __post_init__(self):
-        if int(self.P) < 1:
-            raise ValueError(f"SoftmaxConfig: need P >= 1 prompts, got P={self.P}")
-        if int(self.K) < 2:
-            raise ValueError(f"SoftmaxConfig: need K >= 2 responses (a pair needs two), got K={self.K}")
-        if not self.init_scale >= 0:
-            raise ValueError(f"SoftmaxConfig: init_scale must be >= 0, got {self.init_scale}")
+        from .. import validate as _v
+
+        _v.integer("SoftmaxConfig: prompts P", self.P, lo=1)
+        _v.integer("SoftmaxConfig: responses K (a pair needs two)", self.K, lo=2)
+        _v.real("SoftmaxConfig: init_scale", self.init_scale, lo=0)
 
 
 def response_logp(logits: Array, x: Array, y: Array) -> Array:

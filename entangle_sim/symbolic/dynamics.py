@@ -124,6 +124,7 @@ class Derivation:
     d_l_sign: SignInfo
     spec: Any = dataclasses.field(default=None, repr=False)
     hp: tuple = dataclasses.field(default=(), repr=False)
+    hypers: tuple = ()  # the loss's hyperparameter definitions (each has .name, .check, .structural)
 
     @functools.cached_property
     def compact(self):
@@ -142,11 +143,29 @@ class Derivation:
         return not (self.d_w_sign.nonnegative and self.d_l_sign.nonnegative)
 
     def evaluate(self, **values) -> dict[str, Any]:
-        """Numbers at a state: d_w, d_l, the three first-order changes and the regime name/code."""
+        """Numbers at a state: d_w, d_l, the three first-order changes and the regime name/code.
+
+        Hyperparameter values are checked exactly as the loss checks them (range, type, finite);
+        a structural one (e.g. f_divergence_type) must equal the value this derivation was made for.
+        """
+        self.check_hyperparameters(values)
         out = {k: getattr(self, k)(**values) for k in
                ("d_w", "d_l", "delta_chosen", "delta_rejected", "delta_margin")}
         out["regime_code"] = _regimes.classify(out["delta_chosen"], out["delta_rejected"])
         return out
+
+    def check_hyperparameters(self, values: dict) -> None:
+        """ValueError/TypeError naming the hyperparameter for a value the loss would refuse."""
+        for h in self.hypers:
+            if h.name not in values:
+                continue
+            h.check(values[h.name])
+            fixed = self.hyper.get(h.name)
+            if (h.structural or getattr(h, "keep_value", False)) and not isinstance(fixed, sp.Symbol):
+                same = values[h.name] == fixed if h.structural else sp.nsimplify(values[h.name]) == fixed
+                if not same:
+                    raise ValueError(f"hyperparameter {h.name}={values[h.name]!r} differs from this "
+                                     f"derivation's {h.name}={fixed}; derive again with it")
 
     def as_dict(self, latex: bool = False) -> dict[str, Any]:
         """JSON-ready strings (or LaTeX) of every result."""
@@ -321,15 +340,27 @@ def _derive_cached(spec, hp_items: tuple) -> Derivation:
         d_l_sign=sign_info(dl, names, defaults),
         spec=spec,
         hp=hp_items,
+        hypers=tuple(spec.hypers),
     )
 
 
 def derive(spec, **hp) -> Derivation:
     """Derive the first-order dynamics of one loss (cached per loss and hyperparameters).
 
-    spec: a loss definition (e.g. `entangle_sim.losses.get("sigmoid")`); hp: hyperparameters to
-    fix (numbers become exact rationals); the others stay symbols.
+    spec: a loss definition (e.g. `entangle_sim.losses.get("sigmoid")`) or a registered loss name;
+    hp: hyperparameters to fix (numbers become exact rationals); the others stay symbols.
     """
+    if isinstance(spec, str):  # a name: resolved through the registry (imported only here)
+        from .. import losses
+
+        spec = losses.get(spec)
+    missing = [a for a in ("symbolic", "symbolic_margin", "sym_hypers", "name", "hypers") if not hasattr(spec, a)]
+    if missing:
+        raise TypeError(f"derive() needs a loss name or a loss definition (e.g. losses.get('sigmoid')); "
+                        f"{spec!r} lacks {missing}")
+    for k, v in hp.items():
+        if not isinstance(v, (str, int, float, sp.Basic)) and not hasattr(v, "__float__"):
+            raise TypeError(f"hyperparameter {k}={v!r} must be a number or a string")
     return _derive_cached(spec, tuple(sorted((k, _hashable(v)) for k, v in hp.items())))
 
 
