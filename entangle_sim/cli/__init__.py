@@ -97,7 +97,7 @@ def main(argv=None) -> int:
         print(f"entangle-sim: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except _BAD_INPUT as e:
-        if debug:
+        if debug and not isinstance(e, CLIError):
             raise
         print(f"entangle-sim: error: {_one_line(e)}", file=sys.stderr)
         return 2

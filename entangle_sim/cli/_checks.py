@@ -94,11 +94,11 @@ def check_out_dir(path, flag: str = "--out", *, create: bool = True) -> Path:
         raise CLIError(f"{flag} must not be empty")
     p = Path(text).expanduser()
     if p.exists() and not p.is_dir():
-        raise CLIError(f"{flag} {text!r} exists and is not a folder")
+        raise CLIError(f"{flag} {text!r} exists and is not a directory")
     for parent in p.parents:  # the nearest existing ancestor must be a writable folder
         if parent.exists():
             if not parent.is_dir():
-                raise CLIError(f"{flag} {text!r}: {str(parent)!r} is a file, not a folder")
+                raise CLIError(f"{flag} {text!r}: {str(parent)!r} is a file, not a directory")
             break
     if not create:
         return p

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 
 from . import CLIError
 from .. import logs, regimes
@@ -32,29 +31,31 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ._checks import check_out_dir, dumps
+
     if not (math.isfinite(args.tol) and args.tol >= 0):
         raise CLIError(f"--tol must be a finite number >= 0, got {args.tol}")
-    series = logs.load_log(args.path, fmt=args.fmt, split=args.split)
+    if args.out is not None:
+        check_out_dir(args.out)  # before reading the log
+    try:
+        series = logs.load_log(args.path, fmt=args.fmt, split=args.split)
+    except RecursionError:
+        raise CLIError(f"{args.path}: JSON nested too deeply to be a log") from None
     summary = logs.summarize(series, tol=args.tol)
     if args.out:
         _write_outputs(args.out, summary)
-    print(json.dumps(summary, indent=2) if args.json else _human(summary))
+    print(dumps(summary, indent=2) if args.json else _human(summary))
     return 0
 
 
 def _atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same directory, then rename: a reader never sees
-    a half-written file, and an interrupted run leaves the previous one intact."""
-    d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write through a temporary file in the same directory, then rename (ordinary file mode): a
+    reader never sees a half-written file, and an interrupted run leaves the previous one intact."""
+    from pathlib import Path
+
+    from ..results import _atomic_write as atomic
+
+    atomic(Path(path), write)
 
 
 def _write_outputs(out: str, summary: dict) -> None:
@@ -72,7 +73,9 @@ def _write_outputs(out: str, summary: dict) -> None:
                               lambda f, ext=ext: fig.savefig(f, format=ext))
         finally:
             plt.close(fig)
-        text = (json.dumps(summary, indent=2) + "\n").encode()
+        from ..results import strict_json_value
+
+        text = (json.dumps(strict_json_value(summary), indent=2, allow_nan=False) + "\n").encode()
         _atomic_write(os.path.join(out, "summary.json"), lambda f: f.write(text))
     except OSError as e:
         raise CLIError(f"--out {out}: cannot write: {e.strerror or e}") from None

@@ -8,6 +8,7 @@ import sys
 
 from . import CLIError
 from ._user_losses import add_flag as add_losses_flag
+from ._checks import dumps
 
 
 def _x64():
@@ -63,16 +64,22 @@ def parse_params(spec, items) -> dict:
         name, value = item.split("=", 1)
         h = spec.hyper(name.strip())
         val = value.strip() if h.structural else _float(value, f"--param {name}")
-        h.check(val)
+        try:
+            h.check(val)
+        except TypeError as e:
+            raise CLIError(str(e)) from None
         out[h.name] = val
     return out
 
 
 def _float(value, what) -> float:
     try:
-        return float(value)
+        x = float(value)
     except ValueError:
         raise CLIError(f"{what}: {value!r} is not a number") from None
+    if not math.isfinite(x):
+        raise CLIError(f"{what}: {value!r} must be finite")
+    return x
 
 
 def run_losses(args) -> int:
@@ -110,6 +117,8 @@ def run_conditions(args) -> int:
         return 0
     if args.all == bool(args.loss):
         raise CLIError("give exactly one of LOSS, --all or --table")
+    if args.all and args.param:
+        raise CLIError("--param fixes a hyperparameter of one loss; it cannot be combined with --all")
     names = losses.names() if args.all else [losses.get(args.loss).name]
     out = []
     for name in names:
@@ -117,7 +126,7 @@ def run_conditions(args) -> int:
         hp = parse_params(spec, args.param) if not args.all else {}
         out.append(derive(spec, **hp).as_dict(latex=args.latex))
     if args.json:
-        print(json.dumps(out if args.all else out[0], indent=2))
+        print(dumps(out if args.all else out[0], indent=2))
     else:
         print("\n\n".join(condition_text(d, losses.get(d["loss"]).trl) for d in out))
     return 0
@@ -127,6 +136,8 @@ def predict(loss_name: str, *, chosen_logp, rejected_logp, ref_chosen_logp=None,
             chosen_len=1.0, rejected_len=1.0, prompt_logp=0.0, prompt_len=0.0, gww, gwl, gll, eta=1.0,
             params=None) -> dict:
     """First-order prediction at one state (validated); the body of `entangle-sim predict`."""
+    import numpy as np
+
     from .. import losses, regimes
     from ..symbolic import derive
 
@@ -166,7 +177,12 @@ def predict(loss_name: str, *, chosen_logp, rejected_logp, ref_chosen_logp=None,
               "chosen_len": chosen_len, "rejected_len": rejected_len, "prompt_logps": prompt_logp,
               "prompt_len": prompt_len, "G_ww": gww, "G_wl": gwl, "G_ll": gll, "eta": eta}
     values = {k: v for k, v in values.items() if not isinstance(v, str)}
-    ev = der.evaluate(**values)
+    try:
+        with np.errstate(all="raise"):
+            ev = der.evaluate(**values)
+    except (OverflowError, ZeroDivisionError, FloatingPointError) as e:
+        raise CLIError(f"the formulas of {spec.name!r} overflow at these values ({e}); "
+                       "use less extreme hyperparameters or inputs") from None
     out = {"loss": spec.name}
     for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "delta_margin"):
         out[k] = float(ev[k])
@@ -193,7 +209,7 @@ def run_predict(args) -> int:
                   prompt_len=args.prompt_len, gww=args.gww, gwl=args.gwl, gll=args.gll, eta=args.eta,
                   params=parse_params(spec, args.param))
     if args.json:
-        print(json.dumps(out))
+        print(dumps(out))
         return 0
     print(f"{out['loss']}: d_w = {out['d_w']:.6g}, d_l = {out['d_l']:.6g}")
     print(f"  Delta l_w ~ {out['delta_chosen']:+.6g}   Delta l_l ~ {out['delta_rejected']:+.6g}   "

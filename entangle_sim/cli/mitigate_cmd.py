@@ -5,11 +5,11 @@ DIR/mitigations.md, DIR/mitigations.json and DIR/mitigations.png (ideal-fraction
 """
 from __future__ import annotations
 
-import json
 import math
 
 from . import CLIError
 from ._user_losses import add_flag as add_losses_flag
+from ._checks import COUNT, SEED, STEPS, add_allow_large, check_out_dir, check_size, dumps, int_in, real_in
 
 
 def register(sub) -> None:
@@ -20,22 +20,38 @@ def register(sub) -> None:
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(COMPARISON_METHODS))
     p.add_argument("--loss", default="sigmoid")
     p.add_argument("--optimizer", choices=("sgd", "momentum", "adam", "adamw"), default="sgd")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=real_in(0, lo_open=True), default=None,
                    help="one lr for every setting and method (default: calibrated per setting on the baseline "
                         "so its first step moves log-probs by --lr-target; shared by all methods)")
-    p.add_argument("--lr-target", type=float, default=LR_TARGET,
+    p.add_argument("--lr-target", type=real_in(0, lo_open=True), default=LR_TARGET,
                    help="mean first-step |change of log-prob| of the baseline used by the lr calibration")
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--pairs", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sft-steps", type=int, default=150, help="transformer SFT steps before preference training")
-    p.add_argument("--mask-l1", type=float, default=None, help="l1 weight of the learned / feature masks")
-    p.add_argument("--mask-lr", type=float, default=None, help="SGD step on the mask parameters")
+    p.add_argument("--steps", type=STEPS, default=40)
+    p.add_argument("--pairs", type=COUNT, default=8)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--sft-steps", type=int_in(0, 10**9), default=150,
+                   help="transformer SFT steps before preference training")
+    p.add_argument("--mask-l1", type=real_in(0), default=None, help="l1 weight of the learned / feature masks")
+    p.add_argument("--mask-lr", type=real_in(0, lo_open=True), default=None, help="SGD step on the mask parameters")
     p.add_argument("--out", default=None, help="directory: writes mitigations.md, mitigations.json, mitigations.png")
     p.add_argument("--figure", default=None, help="also save the comparison figure to this path")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     add_losses_flag(p)
+    add_allow_large(p)
     p.set_defaults(func=run)
+
+
+#: Parameters of the largest comparison model (the transformer settings, ~1e5) as an upper bound.
+_MODEL_PARAMS = 1.2e5
+
+
+def estimate(args) -> tuple[float, float]:
+    """(bytes, per-pair gradient evaluations) upper bounds: per-pair gradients of the largest
+    model (2 per pair, 8 bytes a value, held at once for the Gram) plus per-step records of every
+    (setting, method) run; work counts SFT and preference steps of every run."""
+    runs = len(args.settings) * len(args.methods)
+    mem = 2 * args.pairs * _MODEL_PARAMS * 8 + runs * args.steps * args.pairs * 16 * 8
+    work = runs * (args.steps + args.sft_steps) * 2 * args.pairs
+    return float(mem), float(work)
 
 
 def _check(args) -> None:
@@ -55,10 +71,17 @@ def _check(args) -> None:
         get(args.loss)
     except (KeyError, ValueError) as e:
         raise CLIError(str(e.args[0] if e.args else e)) from e
+    mem, work = estimate(args)
+    check_size(args, memory_bytes=mem, work=work, flags="--pairs/--steps/--sft-steps")
     if args.out is not None:
+        check_out_dir(args.out)  # before the work, not after it
+    if args.figure is not None:
         from pathlib import Path
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise CLIError(f"--out {args.out!r} exists and is not a directory")
+
+        fig = Path(args.figure)
+        if not str(args.figure).strip() or fig.is_dir():
+            raise CLIError(f"--figure {args.figure!r} must be a file path")
+        check_out_dir(fig.parent if str(fig.parent) else ".", "--figure folder")
 
 
 def run(args) -> int:
@@ -80,8 +103,10 @@ def run(args) -> int:
         from ..results import save_json
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        from ..results import _atomic_write
+
         save_json(out / "mitigations.json", clean)
-        (out / "mitigations.md").write_text(table + "\n")
+        _atomic_write(out / "mitigations.md", lambda f: f.write((table + "\n").encode()))
         figs.append(str(out / "mitigations.png"))
     if figs:
         import matplotlib.pyplot as plt
@@ -91,5 +116,5 @@ def run(args) -> int:
         for f in figs:
             fig.savefig(f, bbox_inches="tight")
         plt.close(fig)
-    print(json.dumps(clean) if args.json else table)
+    print(dumps(clean) if args.json else table)
     return 0

@@ -1,12 +1,15 @@
 """`entangle-sim reproduce [--quick] [--out DIR]`: every CPU figure (PNG + PDF), report.md,
 report.json, the condition table and conditions.md (the per-loss conditions of
 `entangle-sim conditions --all`). Figure data and report checks are cached by configuration hash
-under DIR/../cache (or --cache); a second run reuses them and an interrupted run resumes."""
+under DIR/cache (inside the output folder; or --cache DIR2); a second run reuses them and an
+interrupted run resumes."""
 from __future__ import annotations
 
 import sys
 import time
 from pathlib import Path
+
+from ._checks import SEED, check_out_dir
 
 DEFAULT_OUT = "paper_figs/out"
 
@@ -17,10 +20,10 @@ def register(sub) -> None:
     p.add_argument("--preset", choices=("tiny", "quick", "full"), default=None,
                    help="explicit preset (default: full, or quick with --quick)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
-    p.add_argument("--cache", default=None, help="cache folder (default: paper_figs/cache next to --out)")
+    p.add_argument("--cache", default=None, help="cache folder (default: OUT/cache, inside the output folder)")
     p.add_argument("--only", action="append", default=None, metavar="FIGURE", help="only these figures")
     p.add_argument("--no-report", action="store_true", help="skip report.md / report.json")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.set_defaults(func=run)
 
 
@@ -48,12 +51,13 @@ def reproduce(out, *, preset: str = "full", cache=None, only=None, report: bool 
     from . import CLIError
 
     t0 = time.perf_counter()
-    out = Path(out)
-    cache = Path(cache) if cache else out.parent / "cache"
     names = list(rp.FIGURES) if not only else list(only)
     for n in names:
         if n not in rp.FIGURES:
             raise CLIError(f"unknown figure {n!r}; valid: {', '.join(rp.FIGURES)}")
+    # Both folders validated (and created) before any work.
+    out = check_out_dir(out, "--out")
+    cache = check_out_dir(cache, "--cache") if cache is not None else check_out_dir(out / "cache", "--cache")
     show = sys.stderr.isatty() if progress is None else progress
     done, skipped, timings = [], [], {}
     steps = len(names) + (1 if report else 0)

@@ -61,9 +61,15 @@ class LastLayerConfig:
     def __post_init__(self):
         from .. import validate as _v
 
-        _v.integer("LastLayerConfig: vocabulary K", self.K, lo=2)
-        _v.integer("LastLayerConfig: feature width d", self.d, lo=1)
-        _v.real("LastLayerConfig: decay", self.decay, lo=0, hi=1)
+        _v.integer("LastLayerConfig: K", self.K)  # type: 2.5 or '3' refused (TypeError)
+        _v.integer("LastLayerConfig: d", self.d)
+        if int(self.K) < 2:
+            raise ValueError(f"LastLayerConfig: need vocabulary K >= 2, got K={self.K}")
+        if int(self.d) < 1:
+            raise ValueError(f"LastLayerConfig: need feature width d >= 1, got d={self.d}")
+        _v.real("LastLayerConfig: decay", self.decay)
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"LastLayerConfig: decay must lie in [0, 1], got {self.decay}")
         _v.integer("LastLayerConfig: seed", self.seed, lo=0)
         _v.real("LastLayerConfig: embed_scale", self.embed_scale, lo=0)
         _v.real("LastLayerConfig: init_scale", self.init_scale, lo=0)

@@ -40,8 +40,12 @@ class SoftmaxConfig:
     def __post_init__(self):
         from .. import validate as _v
 
-        _v.integer("SoftmaxConfig: prompts P", self.P, lo=1)
-        _v.integer("SoftmaxConfig: responses K (a pair needs two)", self.K, lo=2)
+        _v.integer("SoftmaxConfig: P", self.P)  # type: 2.5 or '3' refused (TypeError)
+        _v.integer("SoftmaxConfig: K", self.K)
+        if int(self.P) < 1:
+            raise ValueError(f"SoftmaxConfig: need P >= 1 prompts, got P={self.P}")
+        if int(self.K) < 2:
+            raise ValueError(f"SoftmaxConfig: need K >= 2 responses (a pair needs two), got K={self.K}")
         _v.real("SoftmaxConfig: init_scale", self.init_scale, lo=0)
 
 
