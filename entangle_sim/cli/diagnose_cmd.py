@@ -48,7 +48,7 @@ def run(args) -> int:
                          sft_with_suffix=not args.no_sft_suffix, **kw)
     mem, work = estimate(cfg)
     check_size(args, memory_bytes=mem, work=work, flags="--steps")
-    if args.out:
+    if args.out is not None:
         check_out_dir(args.out)  # before the work, not after it
 
     show = sys.stderr.isatty()
