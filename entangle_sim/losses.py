@@ -1,9 +1,23 @@
-"""Registry of margin-based preference losses (docs/theory.md §2.2 and §10).
+"""Registry of margin-based preference losses.
 
 Every loss is written ONCE, as a builder `build(v, F, **hp)` over a math backend `F`:
 with `F = JAX` it is the JAX per-pair loss, with `F = SYM` it is the SymPy expression that the
 symbolic engine differentiates. One source of truth, two backends; the tests prove the SymPy
-derivatives equal `jax.grad` and finite differences, and match docs/theory.md §10's formulas.
+derivatives equal `jax.grad` and finite differences, and match reference formulas.
+
+TRL equivalence: each entry with a `trl` equivalent follows the current TRL line (1.10-1.16;
+`trl_version` says so) and is checked against TRL 1.16.0's own loss code (value and both
+incentives, per pair and batch, float64). Changes from TRL 1.9 (not kept as variants): the
+f-divergence score maps keep their constants (1 - e^-r, log 2 + log sigma(r),
+(e^{(a-1)r} - 1)/(a-1)), which matter in the length-normalised `ipo` / `sigmoid_norm`;
+`nca_pair`, `bco_pair`, `sppo_hard`, `apo_down` use raw log-ratios, and they, `aot`,
+`aot_unpaired` and `apo_zero` refuse any f-divergence but reverse KL (TRL raises too). Every
+path (JAX, traced JAX, SymPy) falls back to reverse KL when |a - 1| < 1e-6. Conventions: KTO
+is a mean over rows in TRL (`reduction="row_mean"`; the default `pair_sum` is twice that);
+ORPO's batch NLL is one token mean over all chosen prompt+completion tokens; TRL evaluates
+alpha-divergence scores (it cannot run them in float64) and ORPO's odds ratio in float32, the
+registry in the input dtype. TPO (`tpo*`): TRL's contrastive term; the gold-response NLL needs
+a third response and is not modelled (see the TPO section).
 
 Conventions (TRL): `chosen_logps` / `rejected_logps` are SUMMED completion log-probs `l_w`, `l_l`;
 `ref_*` the reference model's; `chosen_len` / `rejected_len` the completion token counts `n_w`,
