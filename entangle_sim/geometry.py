@@ -30,6 +30,7 @@ from typing import Callable, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .types import Array, PairBatch, PyTree
 
@@ -203,7 +204,8 @@ def check_pair_inputs(params: PyTree, batch: PairBatch) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue
-        if not bool(jnp.all(jnp.isfinite(leaf))):
+        # numpy, not jnp: inside an outer jit a jnp op on a constant would itself be traced
+        if not np.all(np.isfinite(np.asarray(leaf))):
             raise ValueError(f"params{jax.tree_util.keystr(path)} holds NaN or inf")
 
 
