@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import sys
 
-from . import CLIError
 from ._user_losses import add_flag as add_losses_flag
 from ._checks import SEED, STEPS, add_allow_large, check_out_dir, check_size, dumps, require_finite
 
