@@ -773,7 +773,11 @@ def _kto_scale(reduction, F):
 
 
 @_reg("kto", "KTO (paired use): lambda_D(1 - sigma(beta(r_w - z0))) + lambda_U(1 - sigma(beta(z0 - r_l)))",
-      KTO_H, trl="KTOTrainer:kto", reference="KTO paper; TRL KTOTrainer", notes=_KTO_NOTE)
+      KTO_H, trl="KTOTrainer:kto", reference="KTO paper; TRL KTOTrainer", notes=_KTO_NOTE,
+      # Margin form (derived in this project): L = c (lambda_D - z) with z = h_w - h_l below and
+      # c = 1 (pair_sum) or 1/2 (row_mean).
+      margin=lambda v, F, *, beta, desirable_weight, undesirable_weight, kl, **hp: (
+          desirable_weight * F.sigmoid(beta * (v.r_w - kl)) - undesirable_weight * F.sigmoid(beta * (v.r_l - kl))))
 def _kto(v, F, *, beta, desirable_weight, undesirable_weight, kl, reduction="pair_sum"):
     return _kto_scale(reduction, F) * (desirable_weight * (1 - F.sigmoid(beta * (v.r_w - kl)))
                                     + undesirable_weight * (1 - F.sigmoid(beta * (kl - v.r_l))))
