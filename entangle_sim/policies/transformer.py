@@ -138,8 +138,9 @@ def zero_taps(cfg: TransformerConfig, P: int, T: int, dtype=None) -> dict[str, A
     return {k: jnp.zeros(s, dtype) for k, s in tap_shapes(cfg, P, T).items()}
 
 
-def _apply(cfg: TransformerConfig, params, prompt, response, mask, taps):
-    """One sequence -> (token log-probs [T], recorded inputs of every tapped layer, final hidden [T, D])."""
+def _body(cfg: TransformerConfig, params, prompt, response, taps):
+    """One sequence up to the read-out -> (final hidden hf [T, D] at the positions predicting the
+    response, recorded inputs of every tapped dense layer)."""
     P, T = prompt.shape[0], response.shape[0]
     _check_lengths(cfg, P, T)
     H, D = cfg.n_heads, cfg.d_model
@@ -170,11 +171,22 @@ def _apply(cfg: TransformerConfig, params, prompt, response, mask, taps):
         u = jax.nn.gelu(dense(f"blocks/{i}/mlp/W_in", _layer_norm(h, blk["ln2"], cfg.ln_eps), m["W_in"], m["b_in"]))
         h = h + dense(f"blocks/{i}/mlp/W_out", u, m["W_out"], m["b_out"])
     hf = _layer_norm(h, params["ln_f"], cfg.ln_eps)[P - 1:]     # [T, D] positions predicting the response
-    if cfg.tie_embeddings:
-        logits = tap("unembed", hf @ params["embed"]["tok"].T)
-    else:
+    return hf, inputs
+
+
+def _readout_matrix(cfg: TransformerConfig, params) -> Array:
+    """[D, V]: logits = hf @ this (embed/tok^T when tied)."""
+    return params["embed"]["tok"].T if cfg.tie_embeddings else params["unembed"]["W"]
+
+
+def _apply(cfg: TransformerConfig, params, prompt, response, mask, taps):
+    """One sequence -> (token log-probs [T], recorded inputs of every tapped layer, final hidden [T, D])."""
+    hf, inputs = _body(cfg, params, prompt, response, taps)
+    logits = hf @ _readout_matrix(cfg, params)
+    if taps is not None:
+        logits = logits + taps["unembed"]
+    if not cfg.tie_embeddings:
         inputs["unembed/W"] = hf
-        logits = tap("unembed", hf @ params["unembed"]["W"])
     logp = jax.nn.log_softmax(logits, axis=-1)
     tok = jnp.take_along_axis(logp, response[:, None], axis=-1)[:, 0]
     return jnp.where(mask > 0, tok, 0.0), inputs, hf
