@@ -375,23 +375,171 @@ def _token_gram_one(token_logp_fn, params, example, subset):
     return TokenGram(inner, cos, norm_w, norm_l)
 
 
+TOKEN_METHODS = ("auto", "jacrev", "factored")
+
+
 def token_gram(token_logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], params: PyTree,
-               example_or_batch: PairBatch, *, subset: Subset = None) -> TokenGram:
+               example_or_batch: PairBatch, *, subset: Subset = None, method: str = "auto",
+               factor_fn: Callable | None = None, chunk_size: int | None = None) -> TokenGram:
     """Token-level Gram <g_t(y_w), g_u(y_l)> and cosines (theory R13, Fig. 4b), rows = chosen tokens.
 
     token_logp_fn: a Policy's `token_logps(params, batch) -> ([B,T_w], [B,T_l])`.
     example_or_batch: a PairBatch without (prompt [P]) or with (prompt [B, P]) a pair axis; with a
-    pair axis every field of the result gets a leading [B] (pairs are vmapped).
-    Memory: (T_w + T_l) x |selected params| per pair (use `subset` for very large models).
+    pair axis every field of the result gets a leading [B] (pairs are vmapped, `chunk_size` at a time).
+    method:
+      'jacrev'    one forward and T_w + T_l vmapped full backward passes; memory (T_w + T_l) x |params|
+                  per pair (use `subset` for very large models). Works for any model.
+      'factored'  per-token gradients in factored form from `factor_fn(params, example) ->
+                  (TokenGradFactors chosen, TokenGradFactors rejected)` (e.g.
+                  `transformer.token_grad_factors(cfg)`): dense layers from activation x signal Gram
+                  blocks, the read-out in closed form; no parameter-sized per-token gradient is formed.
+      'auto'      'factored' when factor_fn is given and `geometry_cost` predicts fewer FLOPs, else 'jacrev'.
+    All methods are exact (same numbers up to round-off).
 
     >>> tg = token_gram(policy.token_logps, params, batch.take(jnp.arange(1)))  # doctest: +SKIP
+    >>> tg = token_gram(policy.token_logps, params, ex,  # doctest: +SKIP
+    ...                 factor_fn=transformer.token_grad_factors(cfg))
     """
-    return _token_gram_jit(token_logp_fn, params, example_or_batch, _freeze_subset(subset))
+    if method not in TOKEN_METHODS:
+        raise ValueError(f"method must be one of {TOKEN_METHODS}, got {method!r}")
+    if method == "factored" and factor_fn is None:
+        raise ValueError("method='factored' needs factor_fn (e.g. transformer.token_grad_factors(cfg))")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if method == "auto":
+        method = "jacrev" if factor_fn is None else _auto_token_method(factor_fn, params, example_or_batch)
+    if method == "factored":
+        return _token_gram_factored_jit(factor_fn, params, example_or_batch, _freeze_subset(subset), chunk_size)
+    return _token_gram_jit(token_logp_fn, params, example_or_batch, _freeze_subset(subset), chunk_size)
 
 
-@partial(jax.jit, static_argnums=(0, 3))
-def _token_gram_jit(token_logp_fn, params, example_or_batch, subset):
+def _auto_token_method(factor_fn, params, example_or_batch) -> str:
+    from . import geometry_cost  # local: geometry_cost imports this module
+
+    return geometry_cost.choose_token_method(factor_fn, params, _first_example(example_or_batch))
+
+
+def _has_pair_axis(example_or_batch) -> bool:
+    return example_or_batch.prompt.ndim != 1
+
+
+def _first_example(example_or_batch):
+    if _has_pair_axis(example_or_batch):
+        return jax.tree.map(lambda a: a[0], example_or_batch)
+    return example_or_batch
+
+
+def _map_leading(fn, tree, chunk_size):
+    """vmap fn over the leading axis of every leaf of `tree`, chunk_size at a time (any pytree)."""
+    B = jax.tree.leaves(tree)[0].shape[0]
+    if chunk_size is None or chunk_size >= B:
+        return jax.vmap(fn)(tree)
+    n = -(-B // chunk_size)
+    # pad by repeating the last item (sliced off after) so the body compiles once
+    idx = jnp.minimum(jnp.arange(n * chunk_size), B - 1).reshape(n, chunk_size)
+    out = jax.lax.map(jax.vmap(fn), jax.tree.map(lambda a: a[idx], tree))
+    return jax.tree.map(lambda a: a.reshape(n * chunk_size, *a.shape[2:])[:B], out)
+
+
+# ----------------------------------------------------------------------------------------------
+# token-level Gram from per-token factors (no per-token backward pass through the weights)
+# ----------------------------------------------------------------------------------------------
+class TokenFactor(NamedTuple):
+    """One use of a matrix M [m, n] in per-token form: grad of token t's log-prob = left_t^T @ right_t.
+
+    left:  int [S] (one-hot rows, an embedding gather), float [S, m] (shared by all tokens: the layer
+           inputs a_s) or float [T, S, m] (per token)
+    right: float [T, S, n] (per token: the back-propagated signal delta_{t,s} at the layer's output)
+    E.g. dense y_s = a_s W: TokenFactor(a [S, in], delta [T, S, out]) with
+    grad_W logp_t = sum_s a_s delta_{t,s}^T; read-out logits_t = h_t W:
+    TokenFactor(h[:, None] [T, 1, D], (e_{y_t} - p_t)[:, None] [T, 1, V]).
+    """
+
+    left: Array
+    right: Array
+
+
+class TokenGradFactors(NamedTuple):
+    """Per-token gradients of one response's token log-probs [T] in factored form.
+
+    dense:    {path: [T, *leaf.shape]} per-token gradient of small leaves (biases, LayerNorm)
+    factored: {path: tuple[TokenFactor, ...]} per-token gradient = sum over the tuple of left_t^T right_t
+    Together the keys must cover every parameter path exactly once.
+    """
+
+    dense: dict
+    factored: dict
+
+
+def _token_factor_inner(a: TokenFactor, b: TokenFactor, diag: bool) -> Array:
+    """[T, U] of <grad_t(a), grad_u(b)>, or its diagonal [T] when diag (a, b of the same response).
+
+    = sum_{s,q} <left_a[t?, s], left_b[u?, q]> <right_a[t, s], right_b[u, q]>; one einsum whose
+    contraction order opt_einsum picks (for dense layers: left Gram [S, S'], then S S' U n, T U S n).
+    """
+    u = "t" if diag else "u"
+    out = "t" if diag else "tu"
+    ai, bi = (jnp.issubdtype(x.left.dtype, jnp.integer) for x in (a, b))
+    if ai or bi:
+        if ai and bi:
+            lg, sub = (a.left[:, None] == b.left[None, :]).astype(a.right.dtype), "sq"
+        elif ai:   # b float: [S', m] -> [S, S'] or [U, S', m] -> [U, S', S]
+            lg, sub = (b.left[:, a.left].T, "sq") if b.left.ndim == 2 else (b.left[:, :, a.left], u + "qs")
+        else:
+            lg, sub = (a.left[:, b.left], "sq") if a.left.ndim == 2 else (a.left[:, :, b.left], "tsq")
+        return jnp.einsum(f"{sub},tsn,{u}qn->{out}", lg, a.right, b.right)
+    sa = "sm" if a.left.ndim == 2 else "tsm"
+    sb = "qm" if b.left.ndim == 2 else u + "qm"
+    return jnp.einsum(f"{sa},{sb},tsn,{u}qn->{out}", a.left, b.left, a.right, b.right, optimize="optimal")
+
+
+def _token_factors_inner(fa: TokenGradFactors, fb: TokenGradFactors, keep, diag: bool) -> Array:
+    total = 0.0
+    for k, ga in fa.dense.items():
+        if keep(k):
+            ga, gb = ga.reshape(ga.shape[0], -1), fb.dense[k].reshape(fb.dense[k].shape[0], -1)
+            total = total + (jnp.sum(ga * gb, 1) if diag else ga @ gb.T)
+    for k, us in fa.factored.items():
+        if keep(k):
+            for x in us:
+                for y in fb.factored[k]:
+                    total = total + _token_factor_inner(x, y, diag)
+    return total
+
+
+def _check_cover(f: TokenGradFactors, paths):
+    covered = sorted(list(f.dense) + list(f.factored))
+    if covered != sorted(paths):
+        raise ValueError(f"factor_fn must cover every parameter path once; got {covered}, params have {sorted(paths)}")
+
+
+def _token_gram_factored_one(factor_fn, params, example, subset):
+    keep = subset_predicate(subset)
+    _selected(params, subset)  # raises on an empty selection
+    fw, fl = factor_fn(params, example)
+    paths = param_paths(params)
+    _check_cover(fw, paths)
+    _check_cover(fl, paths)
+    inner = _token_factors_inner(fw, fl, keep, diag=False)
+    # clip: the diagonal is a sum of squares up to round-off
+    norm_w = jnp.sqrt(jnp.maximum(_token_factors_inner(fw, fw, keep, diag=True), 0.0))
+    norm_l = jnp.sqrt(jnp.maximum(_token_factors_inner(fl, fl, keep, diag=True), 0.0))
+    tiny = jnp.finfo(inner.dtype).tiny
+    cos = inner / jnp.maximum(norm_w[:, None] * norm_l[None, :], tiny)
+    return TokenGram(inner, cos, norm_w, norm_l)
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _token_gram_factored_jit(factor_fn, params, example_or_batch, subset, chunk_size):
+    if not _has_pair_axis(example_or_batch):
+        return _token_gram_factored_one(factor_fn, params, example_or_batch, subset)
+    return _map_leading(lambda ex: _token_gram_factored_one(factor_fn, params, ex, subset),
+                        example_or_batch, chunk_size)
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def _token_gram_jit(token_logp_fn, params, example_or_batch, subset, chunk_size=None):
     # Compiled once per (model function, subset, shapes): the eager version re-dispatched every op.
-    if example_or_batch.prompt.ndim == 1:
+    if not _has_pair_axis(example_or_batch):
         return _token_gram_one(token_logp_fn, params, example_or_batch, subset)
-    return jax.vmap(lambda ex: _token_gram_one(token_logp_fn, params, ex, subset))(example_or_batch)
+    return _map_leading(lambda ex: _token_gram_one(token_logp_fn, params, ex, subset), example_or_batch, chunk_size)

@@ -166,3 +166,36 @@ def features_and_probs(cfg: LastLayerConfig, params: PyTree, batch: PairBatch) -
     h_w, p_w = jax.vmap(one)(batch.prompt, batch.chosen)
     h_l, p_l = jax.vmap(one)(batch.prompt, batch.rejected)
     return FeaturesProbs(h_w, p_w, h_l, p_l)
+
+
+def token_grad_factors(cfg: LastLayerConfig):
+    """Factor function for `geometry.token_gram(..., method='factored')`:
+    fn(params, example) -> (TokenGradFactors chosen, TokenGradFactors rejected) for one pair.
+
+    W [K, d]: closed form (R14), grad_t W = r_t h_t^T with r_t = mask_t (e_{y_t} - p_t), no backward.
+    E [K, d] (Setting B): grad_t E = sum_i onehot(z_i) delta_{t,i}^T, delta_{t,i} = d logp_t / d emb_i,
+    all T signals from one vjp vmapped over T cotangents (row t of d/dh: r_t W).
+    """
+    from ..geometry import TokenFactor, TokenGradFactors
+
+    E0 = frozen_embedding(cfg)
+
+    def side(params, prompt, response, mask):
+        W, E = params["W"], _embedding(cfg, params, E0)
+        z = jnp.concatenate([prompt, response])
+        P, T = prompt.shape[0], response.shape[0]
+        h, vjp = jax.vjp(lambda emb: context_features(emb, P, cfg.decay, cfg.nonlinearity), E[z])
+        p = jax.nn.softmax(h @ W.T, axis=-1)
+        r = (jax.nn.one_hot(response, cfg.K, dtype=h.dtype) - p) * mask[:, None]      # [T, K]
+        factored = {"W": (TokenFactor(r[:, None, :], h[:, None, :]),)}
+        if cfg.trainable_embedding:
+            cts = jnp.eye(T, dtype=h.dtype)[:, :, None] * (r @ W)[None, :, :]         # [T, T, d]
+            (delta,) = jax.vmap(vjp)(cts)                                              # [T, P + T, d]
+            factored["E"] = (TokenFactor(z, delta),)
+        return TokenGradFactors({}, factored)
+
+    def fn(params, example):
+        return (side(params, example.prompt, example.chosen, example.chosen_mask),
+                side(params, example.prompt, example.rejected, example.rejected_mask))
+
+    return fn

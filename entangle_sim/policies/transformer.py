@@ -31,7 +31,7 @@ from functools import lru_cache, partial
 import jax
 import jax.numpy as jnp
 
-from ..geometry import Factor, GradFactors, param_paths
+from ..geometry import Factor, GradFactors, TokenFactor, TokenGradFactors, param_paths
 from ..types import Array, PairBatch, Policy, PyTree
 
 
@@ -269,3 +269,79 @@ def _grad_factors_fn(cfg: TransformerConfig):
         return GradFactors(dense, factored)
 
     return fn
+
+
+# ----------------------------------------------------------------------------------------------
+def token_grad_factors(cfg: TransformerConfig):
+    """Factor function for `geometry.token_gram(..., method='factored')`: per-token gradients of both
+    responses of one pair, fn(params, example) -> (TokenGradFactors chosen, TokenGradFactors rejected).
+
+    example: one pair (fields prompt [P], chosen [T_w], rejected [T_l] and their masks). Per response:
+        read-out (unembed/W, or the tied use of embed/tok): closed form, grad_t = h_t r_t^T with
+                    r_t = mask_t (e_{y_t} - p_t) -- no backward through the logits;
+        W_qkv, W_o, W_in, W_out: TokenFactor(inputs a [S, in], delta [T, S, out]),
+                    delta_{t,s} = d logp_t / d(output at s);
+        embed/tok, embed/pos: one-hot TokenFactor(tokens / positions [S], delta_embed [T, S, D]);
+        biases, LayerNorm: per-token gradients [T, ...].
+    One forward of the body and ONE batched vjp with T cotangents (row t of d/d hf: W r_t), so the
+    signals of all T tokens come from a single vmapped backward to the activations; no weight
+    gradient is formed. Cached per cfg.
+    """
+    return _token_grad_factors_fn(cfg)
+
+
+def _token_side(cfg: TransformerConfig, params, prompt, response, mask) -> TokenGradFactors:
+    P, T = prompt.shape[0], response.shape[0]
+    _check_lengths(cfg, P, T)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = param_paths(params)
+    big = [_is_factored(p) for p in paths]
+    small = [leaf for (_, leaf), b in zip(flat, big) if not b]
+    dtype = params["embed"]["tok"].dtype
+
+    def f(small_leaves, taps):
+        it = iter(small_leaves)
+        full = jax.tree.unflatten(treedef, [leaf if b else next(it) for (_, leaf), b in zip(flat, big)])
+        return _body(cfg, full, prompt, response, taps)
+
+    taps = {k: v for k, v in zero_taps(cfg, P, T, dtype).items() if k != "unembed"}
+    hf, vjp, inputs = jax.vjp(f, small, taps, has_aux=True)
+    W = _readout_matrix(cfg, params)                                   # [D, V]
+    p = jax.nn.softmax(hf @ W, axis=-1)                                # [T, V]
+    r = (jax.nn.one_hot(response, cfg.vocab, dtype=dtype) - p) * mask[:, None]   # d logp_t / d logits_t
+    g_hf = r @ W.T                                                     # [T, D] d logp_t / d hf_t
+    # cotangent t is g_hf[t] on row t of hf, zero elsewhere: all T backward signals in one vmapped vjp
+    cts = jnp.eye(T, dtype=dtype)[:, :, None] * g_hf[None, :, :]      # [T, T, D]
+    g_small, delta = jax.vmap(vjp)(cts)
+    dense = dict(zip([p_ for p_, b in zip(paths, big) if not b], g_small))
+    x = jnp.concatenate([prompt, response[:-1]])
+    factored = {name: (TokenFactor(a, delta[name]),) for name, a in inputs.items()}
+    readout = TokenFactor(hf[:, None, :], r[:, None, :])              # grad_t [D, V] = h_t r_t^T
+    tok_uses = (TokenFactor(x, delta["embed"]),)
+    if cfg.tie_embeddings:
+        tok_uses += (TokenFactor(r[:, None, :], hf[:, None, :]),)     # grad_t [V, D] = r_t h_t^T
+    else:
+        factored["unembed/W"] = (readout,)
+    factored["embed/tok"] = tok_uses
+    factored["embed/pos"] = (TokenFactor(jnp.arange(x.shape[0]), delta["embed"]),)
+    return TokenGradFactors(dense, factored)
+
+
+@lru_cache(maxsize=None)
+def _token_grad_factors_fn(cfg: TransformerConfig):
+    def fn(params, example):
+        return (_token_side(cfg, params, example.prompt, example.chosen, example.chosen_mask),
+                _token_side(cfg, params, example.prompt, example.rejected, example.rejected_mask))
+
+    return fn
+
+
+def gpt2_small_config(*, tie_embeddings: bool = True, max_len: int = 1024) -> TransformerConfig:
+    """GPT-2-small shapes (12 layers, width 768, 12 heads, vocabulary 50257, tied read-out by default:
+    124.4M parameters). Random init only (`init`); nothing is downloaded.
+
+    >>> gpt2_small_config().n_params
+    124439808
+    """
+    return TransformerConfig(vocab=50257, d_model=768, n_layers=12, n_heads=12, max_len=max_len,
+                             tie_embeddings=tie_embeddings)
