@@ -229,12 +229,15 @@ def _pair_gram_vmap(logp_fn, params, batch, subset, chunk_size):
 
 
 def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], params: PyTree,
-              batch: PairBatch, *, subset: Subset = None, chunk_size: int | None = None) -> PairGram:
+              batch: PairBatch, *, subset: Subset = None, chunk_size: int | None = None,
+              method: str = "auto", factor_fn: Callable | None = None) -> PairGram:
     """Per-pair Gram of the summed-response gradients g_w = grad l_w, g_l = grad l_l (theory §1).
 
     logp_fn(params, batch) -> (chosen_logps [B], rejected_logps [B]), e.g. `policy.logps`; any
     batch-polymorphic JAX model. subset: parameters to differentiate (module docstring).
     chunk_size: pairs vmapped at once (None = all B); memory ~ 2 * chunk_size * |selected params|.
+    method: 'vmap' (vmap of one reverse pass per response), 'layerwise' (`pair_gram_layerwise` with
+    factor_fn), or 'auto': 'vmap' without factor_fn, else whichever `geometry_cost` predicts cheaper.
     Returns PairGram of [B] arrays. Jitted; logp_fn and subset must be hashable.
 
     >>> from entangle_sim import data
@@ -243,6 +246,17 @@ def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], param
     (8,)
     """
     check_pair_inputs(params, batch)
+    if method not in ("auto", "vmap", "layerwise"):
+        raise ValueError(f"method must be 'auto', 'vmap' or 'layerwise', got {method!r}")
+    if method == "layerwise" and factor_fn is None:
+        raise ValueError("method='layerwise' needs factor_fn (e.g. transformer.grad_factors(cfg))")
+    if method == "auto" and factor_fn is not None:
+        from . import geometry_cost  # local import keeps `import geometry` light
+
+        side = (batch.prompt[0], batch.chosen[0], batch.chosen_mask[0])
+        method = geometry_cost.choose_seq_method(factor_fn, params, side)
+    if method == "layerwise":
+        return pair_gram_layerwise(factor_fn, params, batch, subset=subset, chunk_size=chunk_size)
     return _pair_gram_vmap(logp_fn, params, batch, _freeze_subset(subset), chunk_size)
 
 
@@ -414,7 +428,7 @@ def token_gram(token_logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]]
 
 
 def _auto_token_method(factor_fn, params, example_or_batch) -> str:
-    from . import geometry_cost  # local: geometry_cost imports this module
+    from . import geometry_cost  # local import keeps `import geometry` light
 
     return geometry_cost.choose_token_method(factor_fn, params, _first_example(example_or_batch))
 

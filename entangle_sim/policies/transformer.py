@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from ..geometry import Factor, GradFactors, TokenFactor, TokenGradFactors, param_paths
+from ..geometry_cost import transformer_shapes
 from ..types import Array, PairBatch, Policy, PyTree
 
 
@@ -268,6 +269,8 @@ def _grad_factors_fn(cfg: TransformerConfig):
         factored["embed/pos"] = (Factor(jnp.arange(x.shape[0]), delta["embed"]),)
         return GradFactors(dense, factored)
 
+    # exact layer list for geometry_cost's path selection
+    fn.cost_shapes = lambda prompt, response: transformer_shapes(cfg, prompt.shape[0], response.shape[0])
     return fn
 
 
@@ -333,6 +336,8 @@ def _token_grad_factors_fn(cfg: TransformerConfig):
         return (_token_side(cfg, params, example.prompt, example.chosen, example.chosen_mask),
                 _token_side(cfg, params, example.prompt, example.rejected, example.rejected_mask))
 
+    fn.cost_shapes = lambda ex: (transformer_shapes(cfg, ex.prompt.shape[-1], ex.chosen.shape[-1]),
+                                 transformer_shapes(cfg, ex.prompt.shape[-1], ex.rejected.shape[-1]))
     return fn
 
 
