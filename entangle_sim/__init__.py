@@ -6,6 +6,7 @@ Public API (submodules load on first use, so `import entangle_sim` stays light):
     testing     `testing.check_loss(spec)`: the built-in losses' checks for any loss (also a pytest fixture)
     symbolic    `symbolic.derive(spec)` -> incentives, first-order changes, conditions, regimes; proofs
     geometry    `pair_gram`, `token_gram`, `aggregate`: per-pair and token-level gradient geometry
+    geometry_cost  FLOPs / peak bytes per pair of each geometry path (drives method="auto")
     train       compiled trainer recording theory vs realised changes; `sweep` over runs
     simulate    presets (`SimConfig`) and resumable sweeps; `data`, `policies` build the toy models
     mitigations normalized / masked preference optimisation, preconditioned and batch Grams
@@ -16,7 +17,7 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("losses", "symbolic", "geometry", "train", "simulate", "data", "policies", "mitigations",
+_SUBMODULES = ("losses", "symbolic", "geometry", "geometry_cost", "train", "simulate", "data", "policies", "mitigations",
                "diagnose", "logs", "regimes", "plotting", "results", "sentiment", "distributed", "reproduce",
                "report", "testing")
 __all__ = ["__version__", *_SUBMODULES]

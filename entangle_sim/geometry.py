@@ -434,7 +434,13 @@ def _auto_token_method(factor_fn, params, example_or_batch) -> str:
 
 
 def _has_pair_axis(example_or_batch) -> bool:
-    return example_or_batch.prompt.ndim != 1
+    """PairBatch-like (attribute or dict key 'prompt'): prompt [B, P] vs [P]; any other pytree is
+    taken to carry a leading pair axis on every leaf."""
+    if isinstance(example_or_batch, dict):
+        prompt = example_or_batch.get("prompt")
+    else:
+        prompt = getattr(example_or_batch, "prompt", None)
+    return True if prompt is None else prompt.ndim != 1
 
 
 def _first_example(example_or_batch):

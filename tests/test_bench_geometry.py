@@ -18,7 +18,7 @@ def test_gpu_check_tiny(tmp_path):
     r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), "--tiny"], capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    res = json.load(open(tmp_path / "geometry_scale_tiny.json"))
+    res = json.loads((tmp_path / "geometry_scale_tiny.json").read_text())
     rows = {x["row"]: x for x in res["rows"]}
     assert set(rows) == {"seq/loop", "seq/vmap", "seq/layerwise", "seq/layerwise@2", "token/loop",
                          "token/jacrev", "token/factored"}

@@ -1,6 +1,7 @@
 """Token heat map from per-token factors (geometry.token_gram(method='factored')) vs brute force:
 one jax.grad per token, flattened, explicit inner products (float64)."""
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +113,17 @@ def test_factored_bad_arguments():
     with pytest.raises(ValueError, match="selects no parameter"):
         geo.token_gram(policy.token_logps, params, batch, method="factored",
                        factor_fn=tr.token_grad_factors(CFG), subset=["nope"])
+
+
+def test_factored_accepts_dict_batch_and_gpt2_config():
+    """A dict batch (leading pair axis) gives the PairBatch numbers; the GPT-2-small config is
+    constructible offline (shapes only here: eval_shape, no 124M-parameter allocation)."""
+    policy, params, batch = tr.make(CFG), perturbed_params(CFG), random_batch()
+    ff = tr.token_grad_factors(CFG)
+    ref = geo.token_gram(policy.token_logps, params, batch, method="factored", factor_fn=ff)
+    got = geo.token_gram(policy.token_logps, params, batch._asdict(), method="factored", factor_fn=ff)
+    np.testing.assert_allclose(got.inner, ref.inner, rtol=RTOL, atol=RTOL * np.abs(ref.inner).max())
+    cfg = tr.gpt2_small_config()
+    shapes = jax.eval_shape(partial(tr.init, cfg), jax.random.key(0))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == cfg.n_params == 124439808
+    assert shapes["embed"]["tok"].shape == (50257, 768) and len(shapes["blocks"]) == 12 and "unembed" not in shapes

@@ -330,14 +330,24 @@ def _token_side(cfg: TransformerConfig, params, prompt, response, mask) -> Token
     return TokenGradFactors(dense, factored)
 
 
+def _field(example, name):
+    """example.name or example[name]: a PairBatch, any NamedTuple with these fields, or a dict."""
+    return example[name] if isinstance(example, dict) else getattr(example, name)
+
+
 @lru_cache(maxsize=None)
 def _token_grad_factors_fn(cfg: TransformerConfig):
     def fn(params, example):
-        return (_token_side(cfg, params, example.prompt, example.chosen, example.chosen_mask),
-                _token_side(cfg, params, example.prompt, example.rejected, example.rejected_mask))
+        g = partial(_field, example)
+        return (_token_side(cfg, params, g("prompt"), g("chosen"), g("chosen_mask")),
+                _token_side(cfg, params, g("prompt"), g("rejected"), g("rejected_mask")))
 
-    fn.cost_shapes = lambda ex: (transformer_shapes(cfg, ex.prompt.shape[-1], ex.chosen.shape[-1]),
-                                 transformer_shapes(cfg, ex.prompt.shape[-1], ex.rejected.shape[-1]))
+    def cost_shapes(ex):
+        P = _field(ex, "prompt").shape[-1]
+        return (transformer_shapes(cfg, P, _field(ex, "chosen").shape[-1]),
+                transformer_shapes(cfg, P, _field(ex, "rejected").shape[-1]))
+
+    fn.cost_shapes = cost_shapes
     return fn
 
 
