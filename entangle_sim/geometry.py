@@ -253,7 +253,8 @@ def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], param
     if method == "auto" and factor_fn is not None:
         from . import geometry_cost  # local import keeps `import geometry` light
 
-        side = (batch.prompt[0], batch.chosen[0], batch.chosen_mask[0])
+        get = (lambda k: batch[k][0]) if isinstance(batch, dict) else (lambda k: getattr(batch, k)[0])
+        side = (get("prompt"), get("chosen"), get("chosen_mask"))   # shapes of one response
         method = geometry_cost.choose_seq_method(factor_fn, params, side)
     if method == "layerwise":
         return pair_gram_layerwise(factor_fn, params, batch, subset=subset, chunk_size=chunk_size)
