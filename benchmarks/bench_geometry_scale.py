@@ -67,7 +67,6 @@ def vmhwm_bytes() -> int:
 def child(a) -> dict:
     import jax
     import jax.numpy as jnp
-    import numpy as np
     from jax.flatten_util import ravel_pytree
 
     from entangle_sim import geometry as geo

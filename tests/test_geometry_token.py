@@ -12,7 +12,6 @@ from jax.flatten_util import ravel_pytree
 from entangle_sim import geometry as geo
 from entangle_sim.policies import lastlayer as ll
 from entangle_sim.policies import transformer as tr
-from entangle_sim.types import PairBatch
 
 from test_transformer import CFG, perturbed_params, random_batch, B, T_W, T_L
 
