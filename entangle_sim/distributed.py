@@ -30,7 +30,7 @@ def sweep(policy, batch, cfg, key, runs: int, *, params0=None, lrs=None, init_no
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from .train import _sweep_fn
+    from .train import sweep_fn
 
     n_dev = jax.device_count()
     if runs % n_dev:
@@ -43,6 +43,6 @@ def sweep(policy, batch, cfg, key, runs: int, *, params0=None, lrs=None, init_no
     lo = jax.process_index() * per
     g_keys = jax.make_array_from_process_local_data(shard, keys[lo:lo + per])
     g_lrs = jax.make_array_from_process_local_data(shard, lrs[lo:lo + per])
-    fn = _sweep_fn(policy, cfg, params0 is None)
+    fn = sweep_fn(policy, cfg, params0 is None)
     out = fn(g_keys, g_lrs, {}, batch, params0, jnp.asarray(init_noise))
     return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), out)

@@ -15,6 +15,9 @@ Three ways to get the sequence-level Gram, all exact (same numbers up to round-o
                                        parameter-sized per-example gradient is ever formed.
                                        Cost per matrix S*S'*(m+n) instead of S*m*n; memory O(S^2) instead
                                        of O(m n) per pair.
+* `response_jacobian` / `jacobian_pair_gram` / `batch_gram`: the full [2B, P] Jacobian, its own-pair
+                                       Gram and the 2B x 2B batch Gram (cross-pair terms) that the
+                                       trainers record; `preconditioned_gram` in a diagonal metric P.
 * a Python loop of `jax.grad` calls (what the official code does) lives only in tests/benchmarks.
 
 Parameter subsets (`subset=`): None (all), a list/tuple of key-path prefixes, or a predicate on the
@@ -31,6 +34,7 @@ from typing import Callable, NamedTuple, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from .types import Array, PairBatch, PyTree
 
@@ -172,10 +176,19 @@ def _split(params: PyTree, sel: list[bool]):
     return chosen, rebuild
 
 
+def pair_count(batch: PyTree) -> int:
+    """Number of pairs B of a batch: the leading axis shared by every array leaf (a PairBatch, a
+    dict, a NamedTuple or a dataclass pytree). Raises ValueError if the leaves disagree."""
+    sizes = {jnp.shape(x)[0] for x in jax.tree.leaves(batch) if jnp.ndim(x) > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"a batch needs one leading pair axis shared by all its arrays; got sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
 def _map_pairs(fn, batch, chunk_size):
     # lax.map(batch_size=c) vmaps within chunks of c pairs and loops over chunks: peak memory is
     # that of c pairs, not B.
-    B = batch.prompt.shape[0]
+    B = pair_count(batch)
     if chunk_size is None or chunk_size >= B:
         return jax.vmap(fn)(batch)
     if chunk_size < 1:
@@ -234,7 +247,9 @@ def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], param
     """Per-pair Gram of the summed-response gradients g_w = grad l_w, g_l = grad l_l (theory §1).
 
     logp_fn(params, batch) -> (chosen_logps [B], rejected_logps [B]), e.g. `policy.logps`; any
-    batch-polymorphic JAX model. subset: parameters to differentiate (module docstring).
+    batch-polymorphic JAX model. batch: a PairBatch or any pytree whose array leaves share a
+    leading pair axis [B] (dict, NamedTuple, dataclass pytree); each pair is passed to logp_fn
+    with that axis of length 1. subset: parameters to differentiate (module docstring).
     chunk_size: pairs vmapped at once (None = all B); memory ~ 2 * chunk_size * |selected params|.
     method: 'vmap' (vmap of one reverse pass per response), 'layerwise' (`pair_gram_layerwise` with
     factor_fn), or 'auto': 'vmap' without factor_fn, else whichever `geometry_cost` predicts cheaper.
@@ -259,6 +274,71 @@ def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], param
     if method == "layerwise":
         return pair_gram_layerwise(factor_fn, params, batch, subset=subset, chunk_size=chunk_size)
     return _pair_gram_vmap(logp_fn, params, batch, _freeze_subset(subset), chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# sequence-level Gram: batch level (2B x 2B), preconditioned, and from a Jacobian
+# ----------------------------------------------------------------------------------------------
+def response_jacobian(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], params: PyTree,
+                      batch: PyTree) -> Array:
+    """J [2B, P]: rows grad l_w,i (i < B) then grad l_l,i, over the flattened parameters
+    (`jax.flatten_util.ravel_pytree` order). One reverse pass per response (jacrev).
+
+    >>> J = response_jacobian(policy.logps, params, batch)  # [2B, P]  # doctest: +SKIP
+    """
+    flat, unravel = ravel_pytree(params)
+    return jax.jacrev(lambda f: jnp.concatenate(logp_fn(unravel(f), batch)))(flat)
+
+
+def jacobian_pair_gram(J: Array, J_eff: Array | None = None) -> PairGram:
+    """Own-pair Gram from response Jacobians J, J_eff [2B, P] (rows chosen 0..B-1, then rejected):
+    G_ww = <J_w,i, E_w,i>, G_wl = <J_w,i, E_l,i>, G_ll = <J_l,i, E_l,i> with E = J_eff (default J).
+    The diagonal 2 x 2 blocks of `jacobian_batch_gram(J, J_eff)`."""
+    E = J if J_eff is None else J_eff
+    B = J.shape[0] // 2
+    Jw, Jl, Ew, El = J[:B], J[B:], E[:B], E[B:]
+    return gram_stats((Jw * Ew).sum(1), (Jw * El).sum(1), (Jl * El).sum(1))
+
+
+def jacobian_batch_gram(J: Array, J_eff: Array | None = None, precond: Array | None = None) -> Array:
+    """The 2B x 2B Gram J P J_eff^T (P = diag(precond) [P], default identity; J_eff default J)."""
+    E = J if J_eff is None else J_eff
+    return (J if precond is None else J * precond[None, :]) @ E.T
+
+
+def batch_gram(logp_fn, params: PyTree, batch: PyTree, precond: PyTree | None = None) -> Array:
+    """The 2B x 2B Gram J P J^T of all responses (rows/cols: chosen 0..B-1, then rejected 0..B-1).
+
+    Batch-level first order: delta_l = -eta G dL/dl with l = [l_w; l_l] and L the batch loss; the
+    own-pair 2x2 blocks are the per-pair Gram, the rest are cross-pair terms. precond: a diagonal
+    preconditioner as a pytree like params (e.g. Adam's 1/(sqrt(nu_hat)+eps)); None = identity.
+    """
+    J = response_jacobian(logp_fn, params, batch)
+    return jacobian_batch_gram(J, None, None if precond is None else ravel_pytree(precond)[0])
+
+
+def preconditioned_gram(logp_fn, params: PyTree, batch: PyTree, precond: PyTree) -> PairGram:
+    """Per-pair Gram in the metric of a diagonal preconditioner P (pytree like params, entries > 0):
+
+        G^P_ww = <g_w, P g_w>,  G^P_wl = <g_w, P g_l>,  G^P_ll = <g_l, P g_l>     each [B]
+
+    and cos / rho in that metric. With delta_theta = -eta P grad L the one-pair first-order changes
+    are eta (d_w G^P_ww - d_l G^P_wl), eta (d_w G^P_wl - d_l G^P_ll): every condition of the one-pair
+    theory holds with G replaced by G^P. P = 1 gives pair_gram.
+
+    >>> pg = preconditioned_gram(policy.logps, params, batch, adam_preconditioner(opt_state))  # doctest: +SKIP
+    """
+    sqrtP = jax.tree.map(jnp.sqrt, precond)
+
+    def one(ex):
+        ex = jax.tree.map(lambda a: a[None], ex)
+        gw = jax.grad(lambda p: logp_fn(p, ex)[0][0])(params)
+        gl = jax.grad(lambda p: logp_fn(p, ex)[1][0])(params)
+        gw = jax.tree.map(jnp.multiply, gw, sqrtP)
+        gl = jax.tree.map(jnp.multiply, gl, sqrtP)
+        return _tree_vdot(gw, gw), _tree_vdot(gw, gl), _tree_vdot(gl, gl)
+
+    return gram_stats(*jax.vmap(one)(batch))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,7 +461,7 @@ def _token_gram_one(token_logp_fn, params, example, subset):
 
     # One forward and T_w + T_l vmapped backward passes (jacrev), never a Python loop.
     jw, jl = jax.jacrev(f)(theta)
-    T_w, T_l = example.chosen.shape[0], example.rejected.shape[0]
+    T_w, T_l = jw[0].shape[0], jl[0].shape[0]   # from the Jacobian: any pytree example
     inner = sum(a.reshape(T_w, -1) @ b.reshape(T_l, -1).T for a, b in zip(jw, jl))
     norm_w = jnp.sqrt(sum(jnp.sum(a.reshape(T_w, -1) ** 2, 1) for a in jw))
     norm_l = jnp.sqrt(sum(jnp.sum(b.reshape(T_l, -1) ** 2, 1) for b in jl))
@@ -399,8 +479,9 @@ def token_gram(token_logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]]
     """Token-level Gram <g_t(y_w), g_u(y_l)> and cosines (theory R13, Fig. 4b), rows = chosen tokens.
 
     token_logp_fn: a Policy's `token_logps(params, batch) -> ([B,T_w], [B,T_l])`.
-    example_or_batch: a PairBatch without (prompt [P]) or with (prompt [B, P]) a pair axis; with a
-    pair axis every field of the result gets a leading [B] (pairs are vmapped, `chunk_size` at a time).
+    example_or_batch: a PairBatch without (prompt [P]) or with (prompt [B, P]) a pair axis, or any
+    other pytree batch with a leading pair axis (dict, NamedTuple, dataclass pytree); with a pair axis every field of the result gets a leading [B] (pairs are
+    vmapped, `chunk_size` at a time).
     method:
       'jacrev'    one forward and T_w + T_l vmapped full backward passes; memory (T_w + T_l) x |params|
                   per pair (use `subset` for very large models). Works for any model.

@@ -244,42 +244,10 @@ def adam_preconditioner(opt_state, eps: float | None = None, *, b2: float | None
     return jax.tree.map(lambda nu: 1.0 / (jnp.sqrt(nu / corr) + eps), st.nu)
 
 
-def preconditioned_gram(logp_fn, params: PyTree, batch: PairBatch, precond: PyTree) -> geometry.PairGram:
-    """Per-pair Gram in the metric of a diagonal preconditioner P (pytree like params, entries > 0):
-
-        G^P_ww = <g_w, P g_w>,  G^P_wl = <g_w, P g_l>,  G^P_ll = <g_l, P g_l>     each [B]
-
-    and cos / rho in that metric. With delta_theta = -eta P grad L the one-pair first-order changes
-    are eta (d_w G^P_ww - d_l G^P_wl), eta (d_w G^P_wl - d_l G^P_ll): every condition of R4/R9 holds
-    with G replaced by G^P (symbolic.mitigations.preconditioned_first_order). P = 1 gives pair_gram.
-
-    >>> pg = preconditioned_gram(policy.logps, params, batch, adam_preconditioner(opt_state))  # doctest: +SKIP
-    """
-    sqrtP = jax.tree.map(jnp.sqrt, precond)
-
-    def one(ex):
-        ex = jax.tree.map(lambda a: a[None], ex)
-        gw = jax.grad(lambda p: logp_fn(p, ex)[0][0])(params)
-        gl = jax.grad(lambda p: logp_fn(p, ex)[1][0])(params)
-        gw = jax.tree.map(jnp.multiply, gw, sqrtP)
-        gl = jax.tree.map(jnp.multiply, gl, sqrtP)
-        dot = lambda x, y: sum(jnp.vdot(u, v) for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y)))
-        return dot(gw, gw), dot(gw, gl), dot(gl, gl)
-
-    return geometry.gram_stats(*jax.vmap(one)(batch))
-
-
-def batch_gram(logp_fn, params: PyTree, batch: PairBatch, precond: PyTree | None = None) -> Array:
-    """The 2B x 2B Gram J P J^T of all responses (rows/cols: chosen 0..B-1, then rejected 0..B-1).
-
-    Batch-level first order: delta_l = -eta G dL/dl with l = [l_w; l_l] and
-    L the batch loss; the own-pair 2x2 blocks are the per-pair Gram, the rest are cross-pair terms.
-    """
-    flat, unravel = ravel_pytree(params)
-    J = jax.jacrev(lambda f: jnp.concatenate(logp_fn(unravel(f), batch)))(flat)
-    if precond is None:
-        return J @ J.T
-    return (J * ravel_pytree(precond)[0][None, :]) @ J.T
+# The Grams themselves live in geometry (one implementation); re-exported here for callers of the
+# mitigation API.
+preconditioned_gram = geometry.preconditioned_gram
+batch_gram = geometry.batch_gram
 
 
 def batch_first_order(G: Array, dL_dl: Array, eta) -> Array:
@@ -398,7 +366,7 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
                 s_bar * w * s / jnp.maximum(jnp.linalg.norm(u_l), tiny))
 
     def jac(th, m_w, m_l):
-        return jax.jacrev(lambda t: jnp.concatenate(eff_logps(t, m_w, m_l)))(th)
+        return geometry.response_jacobian(lambda t, _: eff_logps(t, m_w, m_l), th, batch)
 
     def init_state():
         Tw, Tl = batch.chosen.shape[1], batch.rejected.shape[1]
@@ -455,18 +423,17 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
         own = jnp.concatenate([jnp.arange(B), jnp.arange(B)])
         same = own[:, None] == own[None, :]
         out = {}
-        for tag, G in (("", J @ Je.T), ("pc_", (J * Pv[None, :]) @ Je.T)):
+        for tag, G in (("", geometry.jacobian_batch_gram(J, Je)), ("pc_", geometry.jacobian_batch_gram(J, Je, Pv))):
             bp = eta * G @ c
             pp = eta * jnp.where(same, G, 0.0) @ c
             out[tag + "batch_pred_chosen"], out[tag + "batch_pred_rejected"] = bp[:B], bp[B:]
             out[tag + "pair_pred_chosen"], out[tag + "pair_pred_rejected"] = pp[:B], pp[B:]
         if cfg.optimizer not in ("adam", "adamw"):
             out.update({k: zeros for k in out if k.startswith("pc_")})
-        Jw, Jl, Ew, El = J[:B], J[B:], Je[:B], Je[B:]
+        full, eff = geometry.jacobian_pair_gram(J), geometry.jacobian_pair_gram(Je)
         lin = J @ updates
-        rec.update(out, G_ww=(Jw * Jw).sum(1), G_wl=(Jw * Jl).sum(1), G_ll=(Jl * Jl).sum(1),
-                   Ge_ww=(Ew * Ew).sum(1), Ge_wl=(Ew * El).sum(1), Ge_ll=(El * El).sum(1),
-                   lin_chosen=lin[:B], lin_rejected=lin[B:])
+        rec.update(out, G_ww=full.G_ww, G_wl=full.G_wl, G_ll=full.G_ll,
+                   Ge_ww=eff.G_ww, Ge_wl=eff.G_wl, Ge_ll=eff.G_ll, lin_chosen=lin[:B], lin_rejected=lin[B:])
         return (th1, mp, new_opt_state), MitigationRecord(**rec)
 
     return init_state, step

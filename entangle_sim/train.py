@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from . import losses, regimes
+from . import geometry, losses, regimes
 from . import validate as _v
 from .symbolic import derive
 from .types import Array, PairBatch, Policy, PyTree
@@ -132,67 +132,74 @@ def _incentive_fn(spec, hp):
     return fn
 
 
-def make_step(policy: Policy, batch: PairBatch, cfg: TrainConfig, ref_logps: tuple[Array, Array], hp=None):
-    """step(params, opt_state, key, lr) -> (params, opt_state, record): one optimizer step.
+def learning_rate(opt_state) -> Array:
+    """The learning rate an optimizer state from `make_optimizer` will apply (optax
+    `inject_hyperparams` keeps it in the state, so a schedule sets it there)."""
+    return opt_state.hyperparams["learning_rate"]
 
+
+def make_step(policy: Policy, cfg: TrainConfig, hp=None):
+    """step(params, opt_state, batch, ref_logps, key) -> (params, opt_state, record): one optimizer step.
+
+    batch: PairBatch [B]; ref_logps: (ref_chosen [B], ref_rejected [B]) of the reference policy.
+    The learning rate is the one in `opt_state` (`make_optimizer(name, lr).init(params)`; set
+    `opt_state.hyperparams["learning_rate"]` to schedule it): the step takes none of its own, so
+    the rate the records use for the one-pair prediction is always the rate of the real update.
     hp: loss hyperparameters (may hold traced values, e.g. a vmapped beta); default cfg.hp.
+    record=False configs return (logps_w, logps_l, per-pair loss) instead of a Trajectory row.
     """
     spec = losses.get(cfg.loss)
     hp = cfg.hp if hp is None else hp
-    B = batch.size
-    b = B if cfg.batch_size in (0, None) or cfg.batch_size >= B else cfg.batch_size
-    nw, nl = batch.chosen_len, batch.rejected_len
-    ref_w, ref_l = ref_logps
     incentives = _incentive_fn(spec, hp) if cfg.record else None
+    # The update reads its rate from opt_state (inject_hyperparams), so the value given here is unused.
+    opt = make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
-    full = b == B
+    def setup(batch, key):
+        B = batch.size
+        b = B if cfg.batch_size in (0, None) or cfg.batch_size >= B else cfg.batch_size
+        full = b == B
+        idx = jnp.arange(B) if full else jax.random.choice(key, B, (b,), replace=False)
+        return B, b, full, idx
 
-    def total_loss(params, idx):
+    def total_loss(params, batch, ref_logps, idx, full):
         sub = batch if full else batch.take(idx)  # full batch: no gather
         lw, ll = policy.logps(params, sub)
-        rw, rl = (ref_w, ref_l) if full else (ref_w[idx], ref_l[idx])
+        rw, rl = ref_logps if full else (ref_logps[0][idx], ref_logps[1][idx])
         return spec.batch(lw, ll, rw, rl, sub.chosen_len, sub.rejected_len, **hp), (lw, ll)
 
-    def lean_step(params, opt_state, key, lr):
+    def lean_step(params, opt_state, batch, ref_logps, key):
         # Only log-probs and losses: one forward + backward per step (realised changes are
         # recovered after the scan from consecutive states).
-        opt = make_optimizer(cfg.optimizer, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        idx = jnp.arange(B) if full else jax.random.choice(key, B, (b,), replace=False)
+        _, _, full, idx = setup(batch, key)
         if full:
-            (_, (lw, ll)), grads = jax.value_and_grad(total_loss, has_aux=True)(params, idx)
+            (_, (lw, ll)), grads = jax.value_and_grad(total_loss, has_aux=True)(params, batch, ref_logps, idx, full)
         else:
-            grads = jax.grad(lambda p: total_loss(p, idx)[0])(params)
+            grads = jax.grad(lambda p: total_loss(p, batch, ref_logps, idx, full)[0])(params)
             lw, ll = policy.logps(params, batch)
         updates, new_opt_state = opt.update(grads, opt_state, params)
-        per_pair = spec(lw, ll, ref_w, ref_l, nw, nl, **hp)
+        per_pair = spec(lw, ll, *ref_logps, batch.chosen_len, batch.rejected_len, **hp)
         return optax.apply_updates(params, updates), new_opt_state, (lw, ll, per_pair)
 
-    def step(params, opt_state, key, lr):
-        opt = make_optimizer(cfg.optimizer, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        idx = jnp.arange(B) if full else jax.random.choice(key, B, (b,), replace=False)
+    def step(params, opt_state, batch, ref_logps, key):
+        B, b, full, idx = setup(batch, key)
+        ref_w, ref_l = ref_logps
+        nw, nl = batch.chosen_len, batch.rejected_len
         lw, ll = policy.logps(params, batch)
         per_pair = spec(lw, ll, ref_w, ref_l, nw, nl, **hp)
-        grads = jax.grad(lambda p: total_loss(p, idx)[0])(params)
+        grads = jax.grad(lambda p: total_loss(p, batch, ref_logps, idx, full)[0])(params)
         updates, new_opt_state = opt.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         lw1, ll1 = policy.logps(new_params, batch)
         rec = dict(chosen_logps=lw, rejected_logps=ll, margin=lw - ll, loss=per_pair,
                    real_chosen=lw1 - lw, real_rejected=ll1 - ll)
-        flat, unravel = ravel_pytree(params)
-
-        def logps_flat(f):
-            a, c = policy.logps(unravel(f), batch)
-            return jnp.concatenate([a, c])
-
-        J = jax.jacrev(logps_flat)(flat)           # [2B, P]: per-response gradients
-        Jw, Jl = J[:B], J[B:]
-        G_ww, G_wl, G_ll = (Jw * Jw).sum(1), (Jw * Jl).sum(1), (Jl * Jl).sum(1)
+        J = geometry.response_jacobian(policy.logps, params, batch)   # [2B, P]: per-response gradients
+        gram = geometry.jacobian_pair_gram(J)
         d_w, d_l = incentives(lw, ll, ref_w, ref_l, nw, nl)
-        eta = lr / b  # the batch mean gives each pair weight 1/b
-        pred_w = eta * (d_w * G_ww - d_l * G_wl)
-        pred_l = eta * (d_w * G_wl - d_l * G_ll)
+        eta = learning_rate(opt_state) / b  # the batch mean gives each pair weight 1/b
+        pred_w = eta * (d_w * gram.G_ww - d_l * gram.G_wl)
+        pred_l = eta * (d_w * gram.G_wl - d_l * gram.G_ll)
         lin = J @ ravel_pytree(updates)[0]
-        rec.update(G_ww=G_ww, G_wl=G_wl, G_ll=G_ll, d_w=d_w, d_l=d_l,
+        rec.update(G_ww=gram.G_ww, G_wl=gram.G_wl, G_ll=gram.G_ll, d_w=d_w, d_l=d_l,
                    regime_pred=regimes.classify(pred_w, pred_l), pred_chosen=pred_w,
                    pred_rejected=pred_l, lin_chosen=lin[:B], lin_rejected=lin[B:])
         return new_params, new_opt_state, Trajectory(**rec)
@@ -202,20 +209,29 @@ def make_step(policy: Policy, batch: PairBatch, cfg: TrainConfig, ref_logps: tup
     return step
 
 
-def train(policy: Policy, params: PyTree, batch: PairBatch, cfg: TrainConfig, key: Array, *, lr=None,
-          hp=None) -> Trajectory:
-    """One run as a single `lax.scan` (jit it, or let `sweep` vmap it). Returns [S, B] records."""
-    lr = cfg.lr if lr is None else lr
-    ref = jax.lax.stop_gradient(policy.logps(params, batch))
-    step = make_step(policy, batch, cfg, ref, hp)
-    opt_state = make_optimizer(cfg.optimizer, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay).init(params)
-
+def run_steps(step, params: PyTree, opt_state, batch: PairBatch, ref_logps, key: Array, steps: int):
+    """`steps` applications of `step` on a fixed batch as one `lax.scan`; returns
+    (final params, final opt_state, records stacked over steps)."""
     def body(carry, k):
         p, s = carry
-        p, s, rec = step(p, s, k, lr)
+        p, s, rec = step(p, s, batch, ref_logps, k)
         return (p, s), rec
 
-    (p_final, _), traj = jax.lax.scan(body, (params, opt_state), jax.random.split(key, cfg.steps))
+    (p, s), recs = jax.lax.scan(body, (params, opt_state), jax.random.split(key, steps))
+    return p, s, recs
+
+
+def train(policy: Policy, params: PyTree, batch: PairBatch, cfg: TrainConfig, key: Array, *, lr=None,
+          hp=None) -> Trajectory:
+    """One run as a single `lax.scan` (jit it, or let `sweep` vmap it). Returns [S, B] records.
+
+    lr: the learning rate of this run (default cfg.lr; may be traced, e.g. vmapped by `sweep`).
+    """
+    lr = cfg.lr if lr is None else lr
+    ref = jax.lax.stop_gradient(policy.logps(params, batch))
+    step = make_step(policy, cfg, hp)
+    opt_state = make_optimizer(cfg.optimizer, lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay).init(params)
+    p_final, _, traj = run_steps(step, params, opt_state, batch, ref, key, cfg.steps)
     if cfg.record:
         return traj
     lw, ll, per_pair = traj
@@ -237,17 +253,10 @@ def pretrain_sft(policy: Policy, params: PyTree, batch: PairBatch, *, steps: int
     are already likely; the reference model is then this SFT policy (theory §6.3).
     """
     cfg = TrainConfig(loss="sft", optimizer=optimizer, lr=lr, steps=steps, record=False)
-    step = make_step(policy, batch, cfg, jax.lax.stop_gradient(policy.logps(params, batch)))
+    step = make_step(policy, cfg)
     opt_state = make_optimizer(optimizer, lr).init(params)
-
-    @jax.jit
-    def run(p, s):
-        def body(c, k):
-            p, s = c
-            p, s, _ = step(p, s, k, lr)
-            return (p, s), None
-        return jax.lax.scan(body, (p, s), jax.random.split(jax.random.PRNGKey(0), steps))[0][0]
-
+    ref = jax.lax.stop_gradient(policy.logps(params, batch))
+    run = jax.jit(lambda p, s: run_steps(step, p, s, batch, ref, jax.random.PRNGKey(0), steps)[0])
     return run(params, opt_state)
 
 
@@ -267,7 +276,7 @@ def sweep(policy: Policy, batch: PairBatch, cfg: TrainConfig, key: Array, runs: 
     hps = {k: jnp.asarray(v) for k, v in (hps or {}).items()}
     for k in hps:
         losses.get(cfg.loss).hyper(k)
-    fn = _sweep_fn(policy, cfg, params0 is None)
+    fn = sweep_fn(policy, cfg, params0 is None)
     n_dev = jax.device_count()
     if n_dev > 1 and runs % n_dev == 0:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -280,7 +289,7 @@ def sweep(policy: Policy, batch: PairBatch, cfg: TrainConfig, key: Array, runs: 
 
 
 @functools.lru_cache(maxsize=64)
-def _sweep_fn(policy: Policy, cfg: TrainConfig, own_init: bool):
+def sweep_fn(policy: Policy, cfg: TrainConfig, own_init: bool):
     """The compiled, vmapped sweep for (policy, config): built once, reused across calls."""
     base_hp = dict(cfg.hp)
 

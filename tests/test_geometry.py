@@ -264,3 +264,85 @@ def test_aggregate_labelled_and_correct():
         np.testing.assert_allclose(agg[k], v, rtol=1e-14, err_msg=k)  # float64 arithmetic, a few ops
     # the two reductions really differ here (bug 2 of theory §7.3 is not cosmetic)
     assert abs(agg["rho_mean_of_ratios"] - agg["rho_ratio_of_means"]) > 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# any pytree batch: a plain dict of arrays and an Equinox model
+# ---------------------------------------------------------------------------------------------
+def _equinox_setup(B=5, P=3, T=4, vocab=9, d=6):
+    """An Equinox decoder-ish model (embedding -> MLP -> read-out) on a plain dict batch."""
+    eqx = pytest.importorskip("equinox")
+
+    class Tiny(eqx.Module):
+        embed: eqx.nn.Embedding
+        mlp: eqx.nn.MLP
+
+        def __init__(self, key):
+            k1, k2 = jax.random.split(key)
+            self.embed = eqx.nn.Embedding(vocab, d, key=k1)
+            self.mlp = eqx.nn.MLP(2 * d, vocab, width_size=8, depth=2, activation=jnp.tanh, key=k2)
+
+        def token_logps(self, prompt, resp, mask):   # one example: prompt [P], resp [T] -> [T]
+            ctx = jax.vmap(self.embed)(prompt).mean(0)
+            prev = jax.vmap(self.embed)(jnp.concatenate([prompt[-1:], resp[:-1]]))          # [T, d]
+            x = jnp.concatenate([jnp.broadcast_to(ctx, prev.shape), prev], -1)
+            logits = jax.vmap(self.mlp)(x)
+            tok = jnp.take_along_axis(jax.nn.log_softmax(logits), resp[:, None], -1)[:, 0]
+            return jnp.where(mask > 0, tok, 0.0)
+
+    params, static = eqx.partition(Tiny(jax.random.key(3)), eqx.is_array)
+    assert jax.tree.leaves(params)[0].dtype == jnp.float64
+
+    def token_logps(p, batch):   # batch: dict with a leading pair axis
+        m = eqx.combine(p, static)
+        f = jax.vmap(m.token_logps)
+        return (f(batch["prompt"], batch["chosen"], batch["chosen_mask"]),
+                f(batch["prompt"], batch["rejected"], batch["rejected_mask"]))
+
+    def logps(p, batch):
+        tw, tl = token_logps(p, batch)
+        return tw.sum(-1), tl.sum(-1)
+
+    k = jax.random.split(jax.random.key(4), 3)
+    mask = jnp.ones((B, T)).at[0, -1].set(0.0)       # one padded token
+    batch = {"prompt": jax.random.randint(k[0], (B, P), 0, vocab),
+             "chosen": jax.random.randint(k[1], (B, T), 0, vocab),
+             "rejected": jax.random.randint(k[2], (B, T), 0, vocab),
+             "chosen_mask": mask, "rejected_mask": jnp.ones((B, T))}
+    return params, batch, logps, token_logps
+
+
+def test_pair_gram_and_token_gram_on_dict_batch_and_equinox_model():
+    """pair_gram / token_gram accept a plain dict batch and an Equinox model, equal to a brute-force
+    loop of one jax.grad per response (pair level) and per token (token level). Float64: the paths
+    differ only in summation order (~1e-15 relative), so 1e-10 relative is strict."""
+    params, batch, logps, token_logps = _equinox_setup()
+    B, T = batch["chosen"].shape
+    one = lambda i: {k: v[i:i + 1] for k, v in batch.items()}
+    flat = lambda tree: np.asarray(ravel_pytree(tree)[0])
+    ref = np.zeros((3, B))
+    for i in range(B):
+        gw = flat(jax.grad(lambda p: logps(p, one(i))[0][0])(params))
+        gl = flat(jax.grad(lambda p: logps(p, one(i))[1][0])(params))
+        ref[:, i] = (gw @ gw, gw @ gl, gl @ gl)
+    assert_gram_close(geo.pair_gram(logps, params, batch), ref)
+    assert_gram_close(geo.pair_gram(logps, params, batch, chunk_size=2), ref)
+    # the Jacobian path the trainers record and the 2B x 2B batch Gram's own-pair blocks
+    J = geo.response_jacobian(logps, params, batch)
+    assert_gram_close(geo.jacobian_pair_gram(J), ref)
+    G = np.asarray(geo.batch_gram(logps, params, batch))
+    assert_gram_close(geo.gram_stats(np.diag(G)[:B], np.diag(G[:B, B:]), np.diag(G)[B:]), ref)
+
+    i = 1   # token level for one pair: one jax.grad per token
+    tg = geo.token_gram(token_logps, params, one(i))
+    gw = np.stack([flat(jax.grad(lambda p: token_logps(p, one(i))[0][0, t])(params)) for t in range(T)])
+    gl = np.stack([flat(jax.grad(lambda p: token_logps(p, one(i))[1][0, t])(params)) for t in range(T)])
+    inner = gw @ gl.T
+    np.testing.assert_allclose(tg.inner[0], inner, rtol=RTOL, atol=RTOL * np.abs(inner).max())
+    np.testing.assert_allclose(tg.norm_w[0], np.linalg.norm(gw, axis=1), rtol=RTOL, atol=RTOL * np.abs(gw).max())
+
+
+def test_pair_gram_rejects_batch_without_common_pair_axis():
+    params, batch, logps, _ = _equinox_setup()
+    with pytest.raises(ValueError, match="leading pair axis"):
+        geo.pair_gram(logps, params, {**batch, "prompt": batch["prompt"][:2]})

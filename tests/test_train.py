@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from entangle_sim import data, regimes, train
 from entangle_sim.cli import main
@@ -64,9 +65,9 @@ def test_dpop_and_rrhf_push_both_up_on_aligned_gradients():
     pol = gp.policy()
     lw0, ll0 = pol.logps(gp.params, gp.batch)
     cfg = train.TrainConfig(loss="dpop", optimizer="sgd", lr=1e-3, steps=1)
-    step = train.make_step(pol, gp.batch, cfg, (lw0 + 1.0, ll0))
+    step = train.make_step(pol, cfg)
     opt_state = train.make_optimizer("sgd", 1e-3).init(gp.params)
-    _, _, rec = step(gp.params, opt_state, jax.random.PRNGKey(0), 1e-3)
+    _, _, rec = step(gp.params, opt_state, gp.batch, (lw0 + 1.0, ll0), jax.random.PRNGKey(0))
     assert regimes.fractions(rec.regime_pred)["both_up"] == 1.0
     assert regimes.fractions(regimes.classify(rec.real_chosen, rec.real_rejected))["both_up"] >= 0.75
     cfg = train.TrainConfig(loss="rrhf", optimizer="sgd", lr=0.01, steps=40)
@@ -246,3 +247,30 @@ def test_simulate_cli_with_mitigation(capsys):
     s = json.loads(out)
     assert s["mitigation"] == "normalized" and s["pair_pred_ideal_fraction"] == 1.0
     assert main(["simulate", "--mitigation", "foo"]) == 2
+
+
+def test_step_honours_the_learning_rate_of_its_state_and_takes_batch_and_reference():
+    """The step applies (and its one-pair prediction uses) the rate held in opt_state, so a schedule
+    that sets `opt_state.hyperparams['learning_rate']` is honoured; batch and reference log-probs
+    are arguments, so one compiled step serves any batch of the same shape."""
+    gp = _geometry("linear", cos=0.5, ratio=1.2, n=4)
+    pol = gp.policy()
+    cfg = train.TrainConfig(loss="sigmoid", optimizer="sgd", lr=0.1, steps=1)
+    step = jax.jit(train.make_step(pol, cfg))
+    ref = pol.logps(gp.params, gp.batch)
+    key = jax.random.PRNGKey(0)
+    s1 = train.make_optimizer("sgd", 0.01).init(gp.params)
+    s2 = train.make_optimizer("sgd", 0.01).init(gp.params)
+    s2.hyperparams["learning_rate"] = jnp.full_like(s1.hyperparams["learning_rate"], 0.03)   # a schedule
+    p1, _, r1 = step(gp.params, s1, gp.batch, ref, key)
+    p2, _, r2 = step(gp.params, s2, gp.batch, ref, key)
+    d1, d2 = ravel_pytree(p1)[0] - ravel_pytree(gp.params)[0], ravel_pytree(p2)[0] - ravel_pytree(gp.params)[0]
+    # SGD: the update is -lr * grad, so tripling the rate triples the update (float64 round-off: 1e-12)
+    np.testing.assert_allclose(d2, 3.0 * d1, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(r2.pred_chosen, 3.0 * r1.pred_chosen, rtol=1e-12)
+    assert float(train.learning_rate(s2)) == 0.03
+    # another batch (same shapes) through the same compiled step: records are of that batch
+    other = _geometry("linear", cos=-0.2, ratio=0.8, n=4, seed=7).batch
+    _, _, r3 = step(gp.params, s1, other, pol.logps(gp.params, other), key)
+    np.testing.assert_allclose(r3.chosen_logps, pol.logps(gp.params, other)[0], rtol=1e-12)
+    assert step._cache_size() == 1
