@@ -18,8 +18,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = ("losses", "symbolic", "geometry", "geometry_cost", "train", "simulate", "data", "policies", "mitigations",
-               "diagnose", "logs", "regimes", "plotting", "results", "sentiment", "distributed", "reproduce",
-               "report", "testing")
+               "diagnose", "logs", "regimes", "plotting", "results", "sentiment", "distributed", "presets",
+               "reproduce", "figures", "report", "testing")
 __all__ = ["__version__", *_SUBMODULES]
 
 

@@ -1,213 +1,33 @@
-"""Figure data for `entangle-sim reproduce`: presets, builders, a cache keyed by configuration hash.
+"""Figure data for `entangle-sim reproduce` (the experiment layer): builders and their cache.
 
-Every figure of docs/theory.md §9 that has a CPU toy analogue is one entry of `FIGURES`:
-
-    name -> Figure(build(preset) -> data dict, plot(data) -> matplotlib Figure, doc)
-
-`build` computes the numbers (symbolic engine, trainer, geometry, diagnose); `plot` is a pure
-`plot_*` function of `entangle_sim.plotting.theory` / `.simulation` / `.diagnose`. `load_or_run`
-caches each figure's data as one npz file named by the hash of (figure, preset parameters,
-package version), written atomically, so a second run reuses it and an interrupted run resumes.
-
-Presets: 'tiny' (tests, seconds), 'quick' (< 5 min on 2 cores), 'full' (< 30 min on 2 cores).
+Every figure that has a CPU toy analogue has one builder here, `build(preset, seed) -> data dict`
+(symbolic engine, trainer, geometry, diagnose, mitigations); `BUILDERS[name]` says which preset
+fields it reads. `load_or_run` caches each figure's data as one npz file named by the hash of
+(figure, preset fields it reads, seed, package version, code fingerprint), through the results
+layer, so a second run reuses it and an interrupted run resumes. Drawing lives above this layer
+(`entangle_sim.figures`: FIGURES, render, save_figure); presets below it (`entangle_sim.presets`).
 
 Example:
     >>> from entangle_sim import reproduce
     >>> data = reproduce.load_or_run("table1_regions", "tiny", cache_dir=None)   # no cache
-    >>> fig = reproduce.FIGURES["table1_regions"].plot(data)
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from . import __version__, results
-
-SEED = 0
-
-# The six losses of the algorithm comparison (theory §6.2, §9): DPO (sigmoid), IPO, R-DPO, DPOP, SimPO, RRHF.
-ALGORITHMS = ("sigmoid", "ipo", "rdpo", "dpop", "simpo", "rrhf")
-ALGO_LABELS = {"sigmoid": "DPO", "ipo": "IPO", "rdpo": "R-DPO", "dpop": "DPOP", "simpo": "SimPO", "rrhf": "RRHF"}
-
-# One stated pair state for the regime maps (r_w = -1 < 0 so DPOP's penalty is active; the RRHF
-# ranking hinge is active because lbar_w = -2.1 < lbar_l = -1.6; n_w != n_l).
-MAP_STATE = dict(chosen_logps=-21.0, rejected_logps=-24.0, ref_chosen_logps=-20.0, ref_rejected_logps=-22.0,
-                 chosen_len=10.0, rejected_len=15.0, prompt_logps=0.0, prompt_len=0.0)
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(grid=24, fig1_pairs=4, fig1_steps=20, algo_pairs=4, algo_steps=20, lr=0.5,
-                 suffix_Ls=(0, 2, 8), suffix_pairs=4, suffix_steps=10, heat_L=4, sft_steps=20,
-                 diag=dict(sft_steps=2, po_steps=2, log_every=1, n_eval_pairs=4, d_model=16, n_layers=1,
-                           n_heads=2, sft_batch=8, po_batch=4, long_len=6),
-                 mitig=dict(settings=("tabular", "lastlayer-short"), methods=("baseline", "normalized", "oracle_mask"),
-                            steps=3, pairs=2, sft_steps=0),
-                 report=dict(points=64, r15_draws=2000, r17_Ls=(0, 2, 8, 32), r4_pairs=64, r9_draws=32,
-                             grams=2000, r19_pairs=200)),
-    "quick": dict(grid=81, fig1_pairs=16, fig1_steps=200, algo_pairs=16, algo_steps=200, lr=0.5,
-                  suffix_Ls=(0, 1, 2, 4, 8, 16, 32), suffix_pairs=16, suffix_steps=60, heat_L=8, sft_steps=100,
-                  diag=dict(sft_steps=100, po_steps=60, log_every=10, n_eval_pairs=16),
-                  mitig=dict(settings=("linear", "lastlayer-long"),
-                             methods=("baseline", "normalized", "oracle_mask", "learned_mask"), steps=40, pairs=8,
-                             sft_steps=0),
-                  report=dict(points=1000, r15_draws=20000, r17_Ls=(0, 1, 2, 4, 8, 16, 32, 64), r4_pairs=256,
-                              r9_draws=200, grams=20000,
-                              r19_pairs=1000)),
-    "full": dict(grid=201, fig1_pairs=32, fig1_steps=400, algo_pairs=32, algo_steps=400, lr=0.5,
-                 suffix_Ls=(0, 1, 2, 4, 8, 16, 32, 64), suffix_pairs=32, suffix_steps=120, heat_L=12, sft_steps=100,
-                 diag=dict(),  # DiagnoseConfig defaults
-                 mitig=dict(settings=("tabular", "linear", "lastlayer-1t", "lastlayer-short", "lastlayer-long",
-                                      "transformer-long"),
-                            methods=("baseline", "normalized", "normalized_batch", "oracle_mask", "learned_mask",
-                                     "dpop", "nll"), steps=40, pairs=8, sft_steps=150),
-                 report=dict(points=5000, r15_draws=20000, r8_all=True, r17_Ls=(0, 1, 2, 4, 8, 16, 32, 64),
-                             r4_pairs=1024, r9_draws=500, grams=100000,
-                             r19_pairs=1000)),
-}
-
-
-def preset(name: str) -> dict[str, Any]:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
-def enable_x64() -> None:
-    """Float64 for every check and figure (first-order predictions are compared to ~1e-10)."""
-    import jax
-
-    jax.config.update("jax_enable_x64", True)
-
-
-def available(module: str) -> bool:
-    """Whether an optional package module (e.g. 'entangle_sim.mitigations') is importable."""
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-# ----------------------------------------------------------------------------------------------
-# cache: arrays in npz, everything else as one JSON string; nested dicts flattened with '/'
-
-
-def _flatten(d: dict, prefix: str = "") -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Nested dict -> ({'a/b': array}, {'a/c': JSON value}); non-empty dicts are descended into."""
-    arrays, meta = {}, {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if "/" in str(k):
-            raise ValueError(f"data key {k!r} must not contain '/'")
-        if isinstance(v, dict) and v:
-            a, m = _flatten(v, key + "/")
-            arrays.update(a)
-            meta.update(m)
-        elif isinstance(v, (np.ndarray, np.generic)) or type(v).__module__.startswith("jax"):
-            arrays[key] = np.asarray(v)
-        else:
-            meta[key] = v
-    return arrays, meta
-
-
-def _unflatten(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in [*meta.items(), *arrays.items()]:
-        parts = k.split("/")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return out
-
-
-def save_data(path, data: dict[str, Any]) -> None:
-    """Atomically write a figure's data dict (arrays + JSON-able values) to one npz file."""
-    arrays, meta = _flatten(data)
-    arrays["__json__"] = np.asarray(json.dumps(meta, default=_json_default))
-    results.save_npz(path, **arrays)
-
-
-def load_data(path) -> dict[str, Any]:
-    arrays = results.load_npz(path)
-    meta = json.loads(str(arrays.pop("__json__")))
-    return _unflatten(arrays, meta)
-
-
-def _json_default(x):
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)
-
-
-_SKIP_FINGERPRINT = ("plotting", "cli", "report.py", "reproduce.py", "logs.py", "distributed.py")
-# Optional modules enter the fingerprint only of the figures that use them.
-_OPTIONAL_CODE = ("diagnose.py", "sentiment.py", "mitigations.py", "symbolic/mitigations.py",
-                  "policies/transformer.py")
-
-
-def code_fingerprint(extra: tuple = ()) -> str:
-    """Hash of the package's computational source files (not plotting / CLI / report code): a change
-    to the science invalidates cached results, a change to a figure's look does not. Optional
-    modules (`_OPTIONAL_CODE`) are included only when named in `extra`."""
-    import hashlib
-
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        rel = f.relative_to(root).as_posix()
-        if rel.split("/")[0] in _SKIP_FINGERPRINT or (rel in _OPTIONAL_CODE and rel not in extra):
-            continue
-        h.update(rel.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-_CODE_OF = {"transformer_logps": ("diagnose.py", "sentiment.py", "policies/transformer.py"),
-            "mitigations": _OPTIONAL_CODE}
-
-
-def cache_key(name: str, preset_name: str, seed: int = SEED) -> str:
-    """Configuration hash of one figure's data: the preset parameters its builder reads, the seed,
-    the package version and the fingerprint of the code it runs."""
-    p = preset(preset_name)
-    keys = FIGURES[name].uses if name in FIGURES and FIGURES[name].uses else tuple(sorted(p))
-    return results.config_hash({"figure": name, "preset": {k: p[k] for k in keys if k in p}, "seed": seed,
-                                "version": __version__, "code": code_fingerprint(_CODE_OF.get(name, ()))})
-
-
-def cache_path(cache_dir, name: str, preset_name: str, seed: int = SEED) -> Path:
-    return Path(cache_dir) / f"{name}-{preset_name}-{cache_key(name, preset_name, seed)}.npz"
-
-
-def load_or_run(name: str, preset_name: str = "quick", *, cache_dir=None, seed: int = SEED,
-                force: bool = False) -> dict[str, Any]:
-    """The data of figure `name`: from `cache_dir` if cached under this configuration's hash, else
-    built and (with a cache_dir) saved atomically. cache_dir=None: always build, never write."""
-    fig = FIGURES[name]
-    path = None if cache_dir is None else cache_path(cache_dir, name, preset_name, seed)
-    if path is not None and path.exists() and not force:
-        try:
-            return load_data(path)
-        except Exception:  # a corrupt cache file (not expected: writes are atomic) is rebuilt
-            pass
-    enable_x64()
-    data = fig.build(preset(preset_name), seed)
-    data.setdefault("preset", preset_name)
-    data.setdefault("seed", seed)
-    if path is not None:
-        save_data(path, data)
-    return data
-
-
-# ----------------------------------------------------------------------------------------------
-# builders
+from . import __version__, data, diagnose, geometry, losses, mitigations, regimes, results, simulate, train
+from .policies import lastlayer
+from .presets import ALGO_LABELS, ALGORITHMS, MAP_STATE, PRESETS, SEED, Preset, enable_x64, preset  # noqa: F401
+from .results import code_fingerprint, load_data, save_data  # noqa: F401  (re-exported)
+from .symbolic import derive
+from .symbolic.compact import table_rows
+from .train import TrainConfig
 
 
 def _numeric_hp(spec) -> dict[str, Any]:
@@ -216,9 +36,6 @@ def _numeric_hp(spec) -> dict[str, Any]:
 
 def derivation(name: str):
     """(spec, Derivation at its structural defaults, numeric default hyperparameters)."""
-    from . import losses
-    from .symbolic import derive
-
     spec = losses.get(name)
     structural = {h.name: h.default for h in spec.hypers if h.structural or h.keep_value}
     return spec, derive(spec, **structural), _numeric_hp(spec)
@@ -229,8 +46,6 @@ def build_table1(p, seed) -> dict[str, Any]:
 
     At each (rho_w, rho_l) with equal signs and rho_w rho_l = cos^2 <= 1 the Gram is G_wl = s,
     G_ww = s/rho_w, G_ll = s/rho_l (s = sign); elsewhere no Gram matrix exists (code -1)."""
-    from . import regimes
-
     _, der, hp = derivation("sigmoid")
     n = p["grid"] * 2
     ax = np.linspace(-1.5, 3.0, n)
@@ -253,8 +68,6 @@ def regime_grid(name: str, state: dict, n: int, *, cos_range=(-1.0, 1.0), ratio_
     G_ww = 1, G_ll = r^2, G_wl = cos r; first-order changes from the symbolic engine's
     delta_chosen / delta_rejected (eta = 1, default hyperparameters). Returns dict with cos [n],
     ratio [n] (log-spaced), code [n, n] (rows = ratio), delta_chosen, delta_rejected [n, n]."""
-    from . import regimes
-
     spec, der, hp0 = derivation(name)
     hp = {**hp0, **{k: float(v) for k, v in (hp or {}).items()}}
     cos = np.linspace(*cos_range, n)
@@ -275,8 +88,6 @@ def explore(loss: str, *, beta: float | None = None, chosen_len: float = 10.0, r
             cos: float = 0.9, ratio: float = 2.0, n: int = 61, state: dict | None = None):
     """Conditions explorer: (regime-map data of one loss at the given beta and lengths, the
     first-order prediction at the point (cos, |g_l|/|g_w|) with G_ww = 1, eta = 1)."""
-    from . import regimes
-
     spec, der, hp0 = derivation(loss)
     hp = dict(hp0)
     if beta is not None and "beta" in hp:
@@ -319,8 +130,6 @@ def build_regime_maps(p, seed):
 
 
 def build_regime_maps_all(p, seed):
-    from . import losses
-
     return _build_maps(losses.names(), p)
 
 
@@ -330,8 +139,6 @@ def condition_rows(losses_=None) -> list[dict[str, Any]]:
     named-symbol forms of `entangle_sim.symbolic.compact` (text and inline LaTeX).
 
     chosen rises <=> G_wl <= t_w G_ww (where d_l > 0); rejected falls <=> G_wl <= t_l G_ll (where d_w > 0)."""
-    from .symbolic.compact import table_rows
-
     rows = []
     for r in table_rows(None if losses_ is None else list(losses_)):
         rows.append({"loss": r["loss"], "trl": r["trl"], "chosen_threshold": r["t_w"],
@@ -346,11 +153,6 @@ def build_condition_table(p, seed):
 
 
 def _sim(loss, cos, ratio, pairs, steps, lr, seed, K=8, d=8):
-    import jax
-
-    from . import regimes, simulate, train
-    from .train import TrainConfig
-
     cfg = simulate.SimConfig(policy="linear", task="geometry", pairs=pairs, K=K, d=d, cos=cos, norm_ratio=ratio,
                              train=TrainConfig(loss=loss, optimizer="sgd", lr=lr, steps=steps, record=True))
     tr = simulate.run(cfg, jax.random.PRNGKey(seed))
@@ -385,10 +187,6 @@ def build_algorithms(p, seed):
 
 
 def _lastlayer(K=8, d=8, seed=1, decay=0.5):
-    import jax
-
-    from .policies import lastlayer
-
     cfg = lastlayer.LastLayerConfig(K=K, d=d, decay=decay)
     pol = lastlayer.make(cfg)
     return cfg, pol, pol.init(jax.random.PRNGKey(seed))
@@ -397,11 +195,6 @@ def _lastlayer(K=8, d=8, seed=1, decay=0.5):
 def suffix_cos_table(Ls, pairs: int, seed: int = SEED, K: int = 8, d: int = 8) -> dict[str, Any]:
     """R17 on Setting A: per-pair Gram for suffix lengths L (one batch of the longest suffix,
     shorter ones masked out -- exact by causality). Means over pairs of cos, G_ww, G_ll, |g_w - g_l|^2."""
-    import jax
-    import jax.numpy as jnp
-
-    from . import data, geometry
-
     Ls = [int(x) for x in Ls]
     _, pol, params = _lastlayer(K, d, seed + 1)
     Lmax = max(Ls)
@@ -429,11 +222,6 @@ def build_suffix_dynamics(p, seed):
     """Fig. 3 toy analogue on the last-layer model: SFT warm start on the chosen responses, then DPO
     (reference = SFT policy, SGD) on '1t' (L = 0), short and long shared suffixes; mean chosen /
     rejected log-prob changes over steps."""
-    import jax
-
-    from . import simulate
-    from .train import TrainConfig
-
     Ls = p["suffix_Ls"]
     chosen_L = [0, Ls[len(Ls) // 2], Ls[-1]]
     runs = {}
@@ -455,10 +243,6 @@ def build_suffix_dynamics(p, seed):
 def build_token_heatmap(p, seed):
     """Token x token gradient cosines (Fig. 4b toy analogue): Setting A after an SFT warm start on
     the chosen responses, one shared-suffix pair."""
-    import jax
-
-    from . import geometry, simulate
-
     L = p["heat_L"]
     cfg = simulate.SimConfig(policy="lastlayer", task="suffix", pairs=4, K=8, d=8, L=L, sft_steps=p["sft_steps"])
     pol, params, b = simulate.build(cfg, jax.random.fold_in(jax.random.PRNGKey(seed), 0))
@@ -479,8 +263,6 @@ DIAG_KEYS = ("steps", "chosen_logp", "rejected_logp", "geometry", "interval_regi
 
 def build_transformer(p, seed):
     """Figs. 3 / 4a / 4b toy analogues: `diagnose.run_diagnose` for suffix 1t / short / long."""
-    from . import diagnose
-
     out = {"suffixes": list(diagnose.SUFFIXES), "runs": {}}
     for suffix in diagnose.SUFFIXES:
         cfg = diagnose.DiagnoseConfig(suffix=suffix, seed=seed, **p["diag"])
@@ -495,8 +277,6 @@ def build_transformer(p, seed):
 
 def build_mitigations(p, seed):
     """Mitigation comparison (theory §8, R19/R20): `mitigations.run_comparison` rows, SGD, DPO."""
-    from . import mitigations
-
     kw = dict(p["mitig"])
     res = mitigations.run_comparison(settings=tuple(kw.pop("settings")), methods=tuple(kw.pop("methods")),
                                      seed=seed, **kw)
@@ -505,97 +285,67 @@ def build_mitigations(p, seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# registry
+# registry and cache
 
 
 @dataclasses.dataclass(frozen=True)
-class Figure:
-    name: str
-    build: Callable[[dict, int], dict]
-    plot: Callable[..., Any]
-    title: str
-    theory: str
-    requires: str | None = None  # optional module that must be importable
-    uses: tuple = ()  # preset keys the builder reads (the cache key covers exactly these)
+class Builder:
+    """How one figure's data is computed: build(preset, seed), the preset fields it reads (the cache
+    key covers exactly these) and the optional modules whose code enters its cache key."""
 
-    @property
-    def is_available(self) -> bool:
-        return self.requires is None or available(self.requires)
+    build: Callable[[Preset, int], dict]
+    uses: tuple
+    code: tuple = ()
 
 
-def _plot(module: str, fn: str):
-    def call(data, **kw):
-        mod = importlib.import_module(f"entangle_sim.plotting.{module}")
-        return getattr(mod, fn)(data, **kw)
-    call.__name__ = fn
-    return call
-
-
-FIGURES: dict[str, Figure] = {f.name: f for f in [
-    Figure("table1_regions", build_table1, _plot("theory", "plot_table1_regions"),
-           "Table 1: the three cases over (rho_w, rho_l)", "R4, R5"),
-    Figure("regime_maps", build_regime_maps, _plot("theory", "plot_regime_maps"),
-           "Regime maps of the six compared losses in the (cos, |g_l|/|g_w|) plane", "R9, R12"),
-    Figure("regime_maps_all", build_regime_maps_all, _plot("theory", "plot_regime_maps"),
-           "Regime maps of every registered loss", "R9, R12, R21"),
-    Figure("condition_table", build_condition_table, _plot("theory", "plot_condition_table"),
-           "Table 2 analogue: loss-specific conditions from the symbolic engine", "R1, R9, R12"),
-    Figure("fig1_toy", build_fig1, _plot("simulation", "plot_fig1"),
-           "Fig. 1 analogue: both down / both up from R7 initial conditions", "R7, §6.1"),
-    Figure("algorithms", build_algorithms, _plot("simulation", "plot_algorithms"),
-           "Algorithm comparison analogue: six losses on one toy setting", "R12, §6.2"),
-    Figure("suffix_cos", build_suffix_cos, _plot("theory", "plot_suffix_cos"),
-           "R17: cos(g_w, g_l) vs shared-suffix length on the last-layer model", "R17"),
-    Figure("suffix_dynamics", build_suffix_dynamics, _plot("simulation", "plot_suffix_dynamics"),
-           "Fig. 3 toy analogue on the last-layer model: log-probs vs step by suffix length", "R17, §6.3"),
-    Figure("token_heatmap", build_token_heatmap, _plot("simulation", "plot_token_heatmap"),
-           "Fig. 4b toy analogue: token-level gradient cosines (last-layer model)", "R13, R17"),
-    Figure("transformer_logps", build_transformer, _plot("simulation", "plot_transformer_logps"),
-           "Fig. 3 analogue: tiny transformer, chosen/rejected log-probs for 1t/short/long", "§6.3",
-           requires="entangle_sim.diagnose"),
-    Figure("transformer_cos", build_transformer, _plot("simulation", "plot_transformer_cos"),
-           "Fig. 4a analogue: gradient cosine vs step for 1t/short/long", "§6.3, R15, R17",
-           requires="entangle_sim.diagnose"),
-    Figure("transformer_heatmap", build_transformer, _plot("simulation", "plot_transformer_heatmap"),
-           "Fig. 4b analogue: token-level gradient cosines, long suffix", "§6.3, R13",
-           requires="entangle_sim.diagnose"),
-    Figure("mitigations", build_mitigations, _plot("simulation", "plot_mitigation_comparison"),
-           "Mitigation comparison: normalized GD and token masks vs plain DPO", "R19, R20, §8",
-           requires="entangle_sim.mitigations"),
-]}
-
-_USES = {"table1_regions": ("grid",), "regime_maps": ("grid",), "regime_maps_all": ("grid",),
-         "condition_table": ("-",), "fig1_toy": ("fig1_pairs", "fig1_steps", "lr"),
-         "algorithms": ("algo_pairs", "algo_steps", "lr"), "suffix_cos": ("suffix_Ls", "suffix_pairs"),
-         "suffix_dynamics": ("suffix_Ls", "suffix_pairs", "suffix_steps", "sft_steps"),
-         "token_heatmap": ("heat_L", "sft_steps"), "transformer_logps": ("diag",), "transformer_cos": ("diag",),
-         "transformer_heatmap": ("diag",), "mitigations": ("mitig",)}
-FIGURES = {n: dataclasses.replace(f, uses=_USES[n]) for n, f in FIGURES.items()}
-
+BUILDERS: dict[str, Builder] = {
+    "table1_regions": Builder(build_table1, ("grid",)),
+    "regime_maps": Builder(build_regime_maps, ("grid",)),
+    "regime_maps_all": Builder(build_regime_maps_all, ("grid",)),
+    "condition_table": Builder(build_condition_table, ("-",)),
+    "fig1_toy": Builder(build_fig1, ("fig1_pairs", "fig1_steps", "lr")),
+    "algorithms": Builder(build_algorithms, ("algo_pairs", "algo_steps", "lr")),
+    "suffix_cos": Builder(build_suffix_cos, ("suffix_Ls", "suffix_pairs")),
+    "suffix_dynamics": Builder(build_suffix_dynamics, ("suffix_Ls", "suffix_pairs", "suffix_steps", "sft_steps")),
+    "token_heatmap": Builder(build_token_heatmap, ("heat_L", "sft_steps")),
+    "transformer_logps": Builder(build_transformer, ("diag",), ("diagnose.py", "sentiment.py",
+                                                                 "policies/transformer.py")),
+    "mitigations": Builder(build_mitigations, ("mitig",), results.OPTIONAL_CODE),
+}
 # Figures sharing one builder share one cache file (the transformer runs are computed once).
 DATA_OF = {"transformer_cos": "transformer_logps", "transformer_heatmap": "transformer_logps"}
+
+
+def cache_key(name: str, preset_name: str, seed: int = SEED) -> str:
+    """Configuration hash of one figure's data: the preset parameters its builder reads, the seed,
+    the package version and the fingerprint of the code it runs."""
+    p = preset(preset_name)
+    b = BUILDERS[DATA_OF.get(name, name)]
+    return results.config_hash({"figure": name, "preset": {k: p[k] for k in b.uses if k in p}, "seed": seed,
+                                "version": __version__, "code": code_fingerprint(b.code)})
+
+
+def cache_path(cache_dir, name: str, preset_name: str, seed: int = SEED) -> Path:
+    return Path(cache_dir) / f"{name}-{preset_name}-{cache_key(name, preset_name, seed)}.npz"
+
+
+def load_or_run(name: str, preset_name: str = "quick", *, cache_dir=None, seed: int = SEED,
+                force: bool = False) -> dict[str, Any]:
+    """The data of builder `name`: from `cache_dir` if cached under this configuration's hash, else
+    built and (with a cache_dir) saved atomically. cache_dir=None: always build, never write."""
+    builder = BUILDERS[name]
+    path = None if cache_dir is None else cache_path(cache_dir, name, preset_name, seed)
+
+    def build():
+        enable_x64()
+        out = builder.build(preset(preset_name), seed)
+        out.setdefault("preset", preset_name)
+        out.setdefault("seed", seed)
+        return out
+
+    return results.load_or_build(path, build, force=force)
 
 
 def figure_data(name: str, preset_name: str = "quick", *, cache_dir=None, seed: int = SEED) -> dict[str, Any]:
     """Data for figure `name` (shared builders resolved through `DATA_OF`), cached."""
     return load_or_run(DATA_OF.get(name, name), preset_name, cache_dir=cache_dir, seed=seed)
-
-
-def render(name: str, preset_name: str = "quick", *, cache_dir=None, seed: int = SEED):
-    """(matplotlib Figure, data) of figure `name`."""
-    data = figure_data(name, preset_name, cache_dir=cache_dir, seed=seed)
-    return FIGURES[name].plot(data), data
-
-
-def save_figure(fig, out_dir, name: str) -> list[Path]:
-    """Save a Figure as PNG and PDF (atomically: temp file + rename); returns the two paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ext in ("png", "pdf"):
-        path = out / f"{name}.{ext}"
-        tmp = out / f".{name}.{os.getpid()}.tmp.{ext}"
-        fig.savefig(tmp, format=ext)
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths

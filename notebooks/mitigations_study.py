@@ -17,20 +17,15 @@
 # %%
 import os
 
-from entangle_sim import report, reproduce
+from entangle_sim import mitigations, presets, report
 
 TINY = bool(os.environ.get("ENTANGLE_SIM_TINY"))
 PRESET = "tiny" if TINY else "quick"
-reproduce.enable_x64()
-for e in report.check_R19(reproduce.preset(PRESET)["report"], 0):
+presets.enable_x64()
+for e in report.check_R19(presets.preset(PRESET)["report"], 0):
     print(e["id"], "PASS" if e["pass"] else "FAIL", e["measured"])
 
 # %%
-if reproduce.available("entangle_sim.mitigations"):
-    from entangle_sim import mitigations
-
-    kw = dict(settings=("linear",), steps=5, pairs=4, sft_steps=5) if TINY else dict(steps=40, pairs=8)
-    res = mitigations.run_comparison(**kw)
-    print(mitigations.format_table(res["rows"]))
-else:
-    print("skipped: entangle_sim.mitigations is not available")
+kw = dict(settings=("linear",), steps=5, pairs=4, sft_steps=5) if TINY else dict(steps=40, pairs=8)
+res = mitigations.run_comparison(**kw)
+print(mitigations.format_table(res["rows"]))

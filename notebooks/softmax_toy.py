@@ -19,20 +19,20 @@ import os
 
 import matplotlib.pyplot as plt
 
-from entangle_sim import report, reproduce
+from entangle_sim import report, figures, presets
 
 PRESET = "tiny" if os.environ.get("ENTANGLE_SIM_TINY") else "quick"
-reproduce.enable_x64()
+presets.enable_x64()
 
 # %%
-fig, _ = reproduce.render("table1_regions", PRESET)
+fig, _ = figures.render("table1_regions", PRESET)
 plt.show()
 
 # %%
-p = reproduce.preset(PRESET)["report"]
+p = presets.preset(PRESET)["report"]
 for e in report.check_R15(p, 0) + report.check_R18(p, 0):
     print(e["id"], "PASS" if e["pass"] else "FAIL", e["measured"])
 
 # %%
-fig, data = reproduce.render("fig1_toy", PRESET)
+fig, data = figures.render("fig1_toy", PRESET)
 plt.show()

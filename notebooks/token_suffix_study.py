@@ -20,20 +20,20 @@ import os
 
 import matplotlib.pyplot as plt
 
-from entangle_sim import reproduce
+from entangle_sim import figures, presets
 
 PRESET = "tiny" if os.environ.get("ENTANGLE_SIM_TINY") else "quick"
-reproduce.enable_x64()
+presets.enable_x64()
 
 # %%
-fig, tab = reproduce.render("suffix_cos", PRESET)
+fig, tab = figures.render("suffix_cos", PRESET)
 plt.show()
 print(dict(L=tab["L"].tolist(), cos=tab["cos"].round(3).tolist()))
 
 # %%
-fig, _ = reproduce.render("token_heatmap", PRESET)
+fig, _ = figures.render("token_heatmap", PRESET)
 plt.show()
 
 # %%
-fig, _ = reproduce.render("suffix_dynamics", PRESET)
+fig, _ = figures.render("suffix_dynamics", PRESET)
 plt.show()

@@ -18,25 +18,19 @@ import os
 
 import matplotlib.pyplot as plt
 
-from entangle_sim import reproduce
+from entangle_sim import diagnose, figures, presets
+from entangle_sim.plotting.diagnose import plot_geometry, plot_logps, plot_token_heatmap
 
 PRESET = "tiny" if os.environ.get("ENTANGLE_SIM_TINY") else "quick"
-reproduce.enable_x64()
-HAVE = reproduce.available("entangle_sim.diagnose")
-print("diagnose available:", HAVE)
+presets.enable_x64()
 
 # %%
-if HAVE and PRESET == "tiny":  # one dataset only, a few steps (tests)
-    from entangle_sim import diagnose
-    from entangle_sim.plotting.diagnose import plot_geometry, plot_logps, plot_token_heatmap
-
-    res = diagnose.run_diagnose(diagnose.DiagnoseConfig(suffix="long", **reproduce.preset("tiny")["diag"]))
+if PRESET == "tiny":  # one dataset only, a few steps (tests)
+    res = diagnose.run_diagnose(diagnose.DiagnoseConfig(suffix="long", **presets.preset("tiny")["diag"]))
     for plot in (plot_logps, plot_geometry, plot_token_heatmap):
         plot(res)
         plt.show()
-elif HAVE:
-    for name in ("transformer_logps", "transformer_cos", "transformer_heatmap"):
-        fig, data = reproduce.render(name, PRESET, cache_dir=os.environ.get("ENTANGLE_SIM_CACHE"))
-        plt.show()
 else:
-    print("skipped: entangle_sim.diagnose is not available")
+    for name in ("transformer_logps", "transformer_cos", "transformer_heatmap"):
+        fig, data = figures.render(name, PRESET, cache_dir=os.environ.get("ENTANGLE_SIM_CACHE"))
+        plt.show()

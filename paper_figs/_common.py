@@ -10,17 +10,14 @@ HERE = Path(__file__).resolve().parent
 
 
 def main(name: str) -> None:
-    from entangle_sim import reproduce
+    from entangle_sim import figures, presets
 
-    p = argparse.ArgumentParser(description=reproduce.FIGURES[name].title)
-    p.add_argument("--preset", default="full", choices=list(reproduce.PRESETS))
+    p = argparse.ArgumentParser(description=figures.FIGURES[name].title)
+    p.add_argument("--preset", default="full", choices=list(presets.PRESETS))
     p.add_argument("--out", default=str(HERE / "out"))
     p.add_argument("--cache", default=str(HERE / "cache"))
-    p.add_argument("--seed", type=int, default=reproduce.SEED)
+    p.add_argument("--seed", type=int, default=presets.SEED)
     a = p.parse_args()
-    if not reproduce.FIGURES[name].is_available:
-        print(f"{name}: skipped: not available ({reproduce.FIGURES[name].requires} is not present)")
-        return
-    fig, _ = reproduce.render(name, a.preset, cache_dir=a.cache, seed=a.seed)
-    for path in reproduce.save_figure(fig, a.out, name):
+    fig, _ = figures.render(name, a.preset, cache_dir=a.cache, seed=a.seed)
+    for path in figures.save_figure(fig, a.out, name):
         print(path)

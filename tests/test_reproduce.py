@@ -8,10 +8,11 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from entangle_sim import report, reproduce  # noqa: E402
+from entangle_sim import figures, report, reproduce, results  # noqa: E402
 from entangle_sim.plotting import simulation  # noqa: E402
 
-CHEAP = [n for n, f in reproduce.FIGURES.items() if f.requires is None]
+# the transformer and mitigation runs are tested in test_diagnose.py / test_mitigations.py
+CHEAP = [n for n, f in figures.FIGURES.items() if f.data not in ("transformer_logps", "mitigations")]
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def cache(tmp_path_factory):
 
 @pytest.mark.parametrize("name", CHEAP)
 def test_every_figure_renders_on_tiny_preset(name, cache):
-    fig, data = reproduce.render(name, "tiny", cache_dir=cache)
+    fig, data = figures.render(name, "tiny", cache_dir=cache)
     assert isinstance(fig, matplotlib.figure.Figure)
     titles = [a.get_title() for a in fig.axes] + [fig._suptitle.get_text() if fig._suptitle else ""]
     assert any(t.strip() for t in titles)  # a title states the finding
@@ -51,14 +52,14 @@ def test_transformer_figures_render(fn):
 def test_plot_accepts_given_axes():
     data = reproduce.load_or_run("table1_regions", "tiny")
     fig, ax = plt.subplots()
-    assert reproduce.FIGURES["table1_regions"].plot(data, ax=ax) is fig
+    assert figures.FIGURES["table1_regions"].plot(data, ax=ax) is fig
     plt.close(fig)
 
 
 def test_cache_roundtrip_and_key(tmp_path):
     data = {"a": np.arange(3), "nested": {"b": np.ones((2, 2)), "s": "x", "l": [1, 2]}, "f": 1.5, "e": {}}
-    reproduce.save_data(tmp_path / "d.npz", data)
-    back = reproduce.load_data(tmp_path / "d.npz")
+    results.save_data(tmp_path / "d.npz", data)
+    back = results.load_data(tmp_path / "d.npz")
     np.testing.assert_array_equal(back["nested"]["b"], data["nested"]["b"])
     assert back["nested"]["s"] == "x" and back["f"] == 1.5 and back["nested"]["l"] == [1, 2] and back["e"] == {}
     assert reproduce.cache_key("fig1_toy", "tiny") != reproduce.cache_key("fig1_toy", "quick")
@@ -66,7 +67,7 @@ def test_cache_roundtrip_and_key(tmp_path):
 
 def test_report_structure_and_markdown(tmp_path, cache):
     p = reproduce.preset("tiny")["report"]
-    entries = report.check_R5(p, 0) + report.check_R15(p, 0) + report.check_mitigations(p, 0)
+    entries = report.check_R5(p, 0) + report.check_R15(p, 0)
     for e in entries:
         assert set(e) == {"id", "statement", "check", "measured", "threshold", "pass", "note"}
         assert e["pass"] in (True, False, None)

@@ -48,16 +48,6 @@ def run(args) -> int:
     return 0
 
 
-def _atomic_write(path: str, write) -> None:
-    """Write through a temporary file in the same directory, then rename (ordinary file mode): a
-    reader never sees a half-written file, and an interrupted run leaves the previous one intact."""
-    from pathlib import Path
-
-    from ..results import _atomic_write as atomic
-
-    atomic(Path(path), write)
-
-
 def _write_outputs(out: str, summary: dict) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out}: exists and is not a directory")
@@ -66,17 +56,19 @@ def _write_outputs(out: str, summary: dict) -> None:
         from ..plotting.logs import plot_log_regimes  # matplotlib only when a figure is wanted
         import matplotlib.pyplot as plt
 
+        from ..results import atomic_write
+
         fig = plot_log_regimes(summary)
         try:
             for ext in ("png", "pdf"):
-                _atomic_write(os.path.join(out, f"log_regimes.{ext}"),
+                atomic_write(os.path.join(out, f"log_regimes.{ext}"),
                               lambda f, ext=ext: fig.savefig(f, format=ext))
         finally:
             plt.close(fig)
         from ..results import strict_json_value
 
         text = (json.dumps(strict_json_value(summary), indent=2, allow_nan=False) + "\n").encode()
-        _atomic_write(os.path.join(out, "summary.json"), lambda f: f.write(text))
+        atomic_write(os.path.join(out, "summary.json"), lambda f: f.write(text))
     except OSError as e:
         raise CLIError(f"--out {out}: cannot write: {e.strerror or e}") from None
 

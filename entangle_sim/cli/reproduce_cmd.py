@@ -43,18 +43,17 @@ def reproduce(out, *, preset: str = "full", cache=None, only=None, report: bool 
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
+    from .. import figures, results
     from .. import report as report_mod
     from .. import reproduce as rp
-    from ..plotting.theory import condition_table_markdown
-    from ..results import _atomic_write
 
     from . import CLIError
 
     t0 = time.perf_counter()
-    names = list(rp.FIGURES) if not only else list(only)
+    names = list(figures.FIGURES) if not only else list(only)
     for n in names:
-        if n not in rp.FIGURES:
-            raise CLIError(f"unknown figure {n!r}; valid: {', '.join(rp.FIGURES)}")
+        if n not in figures.FIGURES:
+            raise CLIError(f"unknown figure {n!r}; valid: {', '.join(figures.FIGURES)}")
     # Both folders validated (and created) before any work.
     out = check_out_dir(out, "--out")
     cache = check_out_dir(cache, "--cache") if cache is not None else check_out_dir(out / "cache", "--cache")
@@ -63,22 +62,17 @@ def reproduce(out, *, preset: str = "full", cache=None, only=None, report: bool 
     steps = len(names) + (1 if report else 0)
     bar = tqdm(total=steps, desc="reproduce", unit="item", disable=not show)
     for n in names:
-        fig_def = rp.FIGURES[n]
         bar.set_postfix_str(n)
-        if not fig_def.is_available:
-            skipped.append(f"{n}: skipped: not available ({fig_def.requires} is not present)")
-            bar.update(1)
-            continue
         t1 = time.perf_counter()
-        fig, _ = rp.render(n, preset, cache_dir=cache, seed=seed)
-        rp.save_figure(fig, out, n)
+        fig, _ = figures.render(n, preset, cache_dir=cache, seed=seed)
+        figures.save_figure(fig, out, n)
         plt.close(fig)
         timings[n] = round(time.perf_counter() - t1, 1)
         done.append(n)
         bar.update(1)
     rows = rp.condition_rows()
-    _atomic_write(out / "condition_table.md", lambda f: f.write(condition_table_markdown(rows).encode()))
-    _atomic_write(out / "conditions.md", lambda f: f.write(conditions_markdown().encode()))
+    results.save_text(out / "condition_table.md", report_mod.condition_table_markdown(rows))
+    results.save_text(out / "conditions.md", conditions_markdown())
     summary = None
     if report:
         bar.set_postfix_str("report")
@@ -106,7 +100,7 @@ def reproduce(out, *, preset: str = "full", cache=None, only=None, report: bool 
 
 
 def run(args) -> int:
-    from ..reproduce import enable_x64
+    from ..presets import enable_x64
 
     enable_x64()
     preset = args.preset or ("quick" if args.quick else "full")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .mitigations import plot_comparison
 from .style import COLORS, new_axes
 from .theory import panels
 
@@ -178,8 +179,6 @@ def plot_mitigation_comparison(data, *, ax=None):
     """Mitigation comparison (R19, R20): realised fraction of (step, pair) changes in the ideal
     regime (left) and one-pair first-order prediction of it (right), per setting and method.
     Bars by `plotting.mitigations.plot_comparison`; titles state the finding."""
-    from .mitigations import plot_comparison
-
     rows = data["rows"]
     fig, (a1, a2) = panels(ax, 2, 2, size=(6.0, 3.6))
     plot_comparison(rows, metric="ideal_fraction", ax=a1)

@@ -6,14 +6,14 @@ Multi-panel figures accept `ax` as a sequence of Axes (one per panel) or None.
 """
 from __future__ import annotations
 
-import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.patches import Patch
 
-from ..regimes import CASE_OF_REGIME, REGIMES
+from ..presets import ALGO_LABELS
+from ..regimes import REGIMES
 from .style import COLORS, REGIME_COLORS, apply_style, new_axes
 
 INFEASIBLE = "#FFFFFF"
@@ -97,8 +97,6 @@ def plot_regime_maps(data, *, ax=None):
     cmap, norm = _regime_cmap()
     cos, ratio = np.asarray(data["cos"]), np.asarray(data["ratio"])
     codes = np.asarray(data["code"])
-    from ..reproduce import ALGO_LABELS
-
     for i, (a, name) in enumerate(zip(axes, names)):
         a.pcolormesh(cos, ratio, codes[i], cmap=cmap, norm=norm, shading="nearest", rasterized=True)
         a.set_yscale("log")
@@ -193,17 +191,6 @@ def plot_condition_table(data, *, ax=None):
                  + "\nsymbols: r = l − l_ref, p = exp(l/n), z = margin, s = −m′(z), h′ = dz/dl "
                  "(each loss's values: `entangle-sim conditions LOSS`)", fontsize=9)
     return fig
-
-
-def condition_table_markdown(rows) -> str:
-    """The condition table as Markdown, in the compact named-symbol forms (derived in this project)."""
-    out = ["| loss | TRL | chosen ↑ iff G_wl ≤ t_w G_ww, t_w = | rejected ↓ iff G_wl ≤ t_l G_ll, t_l = | "
-           "d_w / d_l | 4th regime |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        out.append(f"| {r['loss']} | {r['trl']} | `{r['chosen_threshold']}` | `{r['rejected_threshold']}` | "
-                   f"{r['d_w_sign']} / {r['d_l_sign']} | "
-                   f"{'possible' if r['fourth_regime_possible'] else 'impossible'} |")
-    return "\n".join(out)
 
 
 def plot_suffix_cos(data, *, ax=None):

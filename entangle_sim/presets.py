@@ -1,0 +1,106 @@
+"""Presets and fixed choices of the experiment layer (the bottom of presets -> experiments ->
+plotting -> report -> CLI; this module imports nothing of the package).
+
+Presets: 'tiny' (tests, seconds), 'quick' (< 5 min on 2 cores), 'full' (< 30 min on 2 cores), each
+a frozen `Preset`. Builders read it like a mapping (`p["grid"]`, `p.get("r8_all")`), which keeps
+the cache keys (a hash of the fields a figure reads) unchanged.
+
+>>> preset("quick")["grid"]
+81
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+SEED = 0
+
+# The six losses of the algorithm comparison: DPO (sigmoid), IPO, R-DPO, DPOP, SimPO, RRHF.
+ALGORITHMS = ("sigmoid", "ipo", "rdpo", "dpop", "simpo", "rrhf")
+ALGO_LABELS = {"sigmoid": "DPO", "ipo": "IPO", "rdpo": "R-DPO", "dpop": "DPOP", "simpo": "SimPO", "rrhf": "RRHF"}
+
+# One stated pair state for the regime maps (r_w = -1 < 0 so DPOP's penalty is active; the RRHF
+# ranking hinge is active because lbar_w = -2.1 < lbar_l = -1.6; n_w != n_l).
+MAP_STATE = dict(chosen_logps=-21.0, rejected_logps=-24.0, ref_chosen_logps=-20.0, ref_rejected_logps=-22.0,
+                 chosen_len=10.0, rejected_len=15.0, prompt_logps=0.0, prompt_len=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Sizes of every figure and report check of one preset (frozen; nested dicts are read-only by
+    convention). diag: DiagnoseConfig overrides; mitig: run_comparison arguments; report: check sizes."""
+
+    grid: int
+    fig1_pairs: int
+    fig1_steps: int
+    algo_pairs: int
+    algo_steps: int
+    lr: float
+    suffix_Ls: tuple
+    suffix_pairs: int
+    suffix_steps: int
+    heat_L: int
+    sft_steps: int
+    diag: dict
+    mitig: dict
+    report: dict
+
+    # mapping view: what the builders and the cache keys read
+    def __getitem__(self, key: str) -> Any:
+        if key not in self:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(self))
+
+    def get(self, key: str, default=None) -> Any:
+        return self[key] if key in self else default
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(grid=24, fig1_pairs=4, fig1_steps=20, algo_pairs=4, algo_steps=20, lr=0.5,
+                   suffix_Ls=(0, 2, 8), suffix_pairs=4, suffix_steps=10, heat_L=4, sft_steps=20,
+                   diag=dict(sft_steps=2, po_steps=2, log_every=1, n_eval_pairs=4, d_model=16, n_layers=1,
+                             n_heads=2, sft_batch=8, po_batch=4, long_len=6),
+                   mitig=dict(settings=("tabular", "lastlayer-short"), methods=("baseline", "normalized", "oracle_mask"),
+                              steps=3, pairs=2, sft_steps=0),
+                   report=dict(points=64, r15_draws=2000, r17_Ls=(0, 2, 8, 32), r4_pairs=64, r9_draws=32,
+                               grams=2000, r19_pairs=200)),
+    "quick": Preset(grid=81, fig1_pairs=16, fig1_steps=200, algo_pairs=16, algo_steps=200, lr=0.5,
+                    suffix_Ls=(0, 1, 2, 4, 8, 16, 32), suffix_pairs=16, suffix_steps=60, heat_L=8, sft_steps=100,
+                    diag=dict(sft_steps=100, po_steps=60, log_every=10, n_eval_pairs=16),
+                    mitig=dict(settings=("linear", "lastlayer-long"),
+                               methods=("baseline", "normalized", "oracle_mask", "learned_mask"), steps=40, pairs=8,
+                               sft_steps=0),
+                    report=dict(points=1000, r15_draws=20000, r17_Ls=(0, 1, 2, 4, 8, 16, 32, 64), r4_pairs=256,
+                                r9_draws=200, grams=20000, r19_pairs=1000)),
+    "full": Preset(grid=201, fig1_pairs=32, fig1_steps=400, algo_pairs=32, algo_steps=400, lr=0.5,
+                   suffix_Ls=(0, 1, 2, 4, 8, 16, 32, 64), suffix_pairs=32, suffix_steps=120, heat_L=12, sft_steps=100,
+                   diag=dict(),  # DiagnoseConfig defaults
+                   mitig=dict(settings=("tabular", "linear", "lastlayer-1t", "lastlayer-short", "lastlayer-long",
+                                        "transformer-long"),
+                              methods=("baseline", "normalized", "normalized_batch", "oracle_mask", "learned_mask",
+                                       "dpop", "nll"), steps=40, pairs=8, sft_steps=150),
+                   report=dict(points=5000, r15_draws=20000, r8_all=True, r17_Ls=(0, 1, 2, 4, 8, 16, 32, 64),
+                               r4_pairs=1024, r9_draws=500, grams=100000, r19_pairs=1000)),
+}
+
+
+def preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def enable_x64() -> None:
+    """Float64 for every check and figure (first-order predictions are compared to ~1e-10)."""
+    jax.config.update("jax_enable_x64", True)
