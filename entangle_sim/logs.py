@@ -21,6 +21,9 @@ Example::
     series = load_log("trainer_state.json")           # auto format, auto split
     summary = summarize(series, tol=0.0)
     summary["regime_fractions"]["both_down"]
+
+Size: one reader per log format (TRL trainer_state / JSONL, the official code's CSV and JSONL,
+per-pair tables) sharing the same split / validation helpers; splitting by format would scatter them.
 """
 from __future__ import annotations
 

@@ -30,6 +30,9 @@ Example:
     >>> dpo = losses.get("sigmoid")            # DPOTrainer:sigmoid, beta=0.1
     >>> float(dpo(-10.0, -12.0, -11.0, -11.0, beta=0.1))   # -log sigma(0.1 * 2)
     0.598138...
+
+Size: the registry of ~30 losses, each a few lines next to the ones it is compared with; one file
+keeps every definition and its TRL reference side by side.
 """
 from __future__ import annotations
 

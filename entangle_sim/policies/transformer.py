@@ -193,6 +193,12 @@ def _apply(cfg: TransformerConfig, params, prompt, response, mask, taps):
     return jnp.where(mask > 0, tok, 0.0), inputs, hf
 
 
+def response_hidden_states(cfg: TransformerConfig, params: PyTree, prompt: Array, response: Array,
+                           mask: Array) -> Array:
+    """[T, d_model] final (layer-normed) hidden state at the positions that predict each response token."""
+    return _apply(cfg, params, prompt, response, mask, None)[2]
+
+
 def sequence_token_logps(cfg: TransformerConfig, params: PyTree, prompt: Array, response: Array,
                          mask: Array, taps: dict[str, Array] | None = None) -> Array:
     """log pi(y_t | x, y_<t) for one sequence: prompt [P], response [T], mask [T] -> [T] (0 where masked).

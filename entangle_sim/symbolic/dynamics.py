@@ -30,6 +30,7 @@ import numpy as np
 import sympy as sp
 
 from .. import regimes as _regimes
+from . import functions
 from .functions import lambdify_jax, lambdify_numpy
 from .symbols import G_ll, G_wl, G_ww, PAIR_VARS, eta
 
@@ -370,8 +371,5 @@ def _hashable(v):
 
 def clear_cache() -> None:
     """Forget cached derivations and compiled formulas (for cold-start benchmarks)."""
-    from .functions import _lambdify, _lambdify_np
-
     _derive_cached.cache_clear()
-    _lambdify.cache_clear()
-    _lambdify_np.cache_clear()
+    functions.clear_lambdify_cache()

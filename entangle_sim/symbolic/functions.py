@@ -109,7 +109,7 @@ class EntanglePrinter(JaxPrinter):
         return f"jax.nn.log_sigmoid({self._print(e.args[0])})"
 
     def _print_Log1mExp(self, e):
-        return f"entangle_sim.symbolic.functions.jax_log1mexp({self._print(e.args[0])})"
+        return f"jax_log1mexp({self._print(e.args[0])})"   # bound in the lambdify namespace
 
     def _print_DiracDelta(self, e):
         # Second derivatives of hinges: zero almost everywhere, which is what autodiff returns too.
@@ -138,9 +138,7 @@ def _lambdify(args: tuple, expr: sp.Expr):
     import jax  # noqa: F401  (the printed code refers to these modules by name)
     import jax.numpy  # noqa: F401
 
-    import entangle_sim  # noqa: F401
-
-    ns = {"jax": jax, "entangle_sim": entangle_sim, "functools": functools}
+    ns = {"jax": jax, "jax_log1mexp": jax_log1mexp, "functools": functools}
     return sp.lambdify(args, expr, modules=[ns, "jax"], printer=EntanglePrinter(
         {"fully_qualified_modules": True, "inline": True, "allow_unknown_functions": True}), cse=True)
 
@@ -181,3 +179,9 @@ def _lambdify_np(args: tuple, expr: sp.Expr):
 def lambdify_numpy(args, expr: sp.Expr):
     """Compile `expr` to a float64 NumPy function of the symbols `args` (cached)."""
     return _lambdify_np(tuple(args), expr)
+
+
+def clear_lambdify_cache() -> None:
+    """Forget every compiled formula (JAX and NumPy), e.g. for cold-start benchmarks."""
+    _lambdify.cache_clear()
+    _lambdify_np.cache_clear()

@@ -1,0 +1,113 @@
+"""The mitigation methods and the configuration / records of one mitigation run."""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+
+from ..train import TrainConfig
+from ..types import Array
+
+
+METHODS = ("baseline", "normalized", "normalized_sq", "normalized_batch", "oracle_mask", "learned_mask",
+           "feature_mask", "dpop", "nll")
+
+
+JACOBIAN_METHODS = ("normalized", "normalized_sq", "normalized_batch")
+
+
+MASK_METHODS = ("oracle_mask", "learned_mask", "feature_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class MitigationConfig:
+    """One mitigation run (frozen, hashable).
+
+    method: one of METHODS. loss / loss_params / optimizer / lr / steps / batch_size: as TrainConfig.
+    weight: 'step' (s = -m'(z)) or 'unit' (s = 1) for the normalized methods.
+    nll_alpha: NLL weight of method 'nll'. dpop_lambda: lambda_p of method 'dpop'.
+    mask_l1, mask_lr, mask_init: l1 weight, SGD step on mask logits u, initial u (learned_mask);
+    feature_lr: SGD step on (v, c) of feature_mask (m_t = sigmoid(v . h_t + c); same mask_l1, mask_init).
+    record: per-step Jacobians / Grams / predictions (False: log-probs only, for timing).
+    """
+
+    method: str = "baseline"
+    loss: str = "sigmoid"
+    loss_params: tuple = ()
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    steps: int = 100
+    batch_size: int = 0
+    weight: str = "step"
+    nll_alpha: float = 1.0
+    dpop_lambda: float = 50.0
+    # R20 learned-mask defaults, from the sweep on lastlayer-long (40 steps, calibrated lr, float64;
+    # reproduce with `mask_sweep()`; table in the issue-5 report). The l1 gradient on a mask logit is
+    # w_i l1 sigmoid'(u) ~ (1/8)(0.01)(0.1) = 1e-4 per step, so mask_lr ~ 1e3 is what moves a logit by
+    # O(1) in tens of steps; the old (l1 0.02, lr 5) moved it by ~1e-3 in total and the masks stayed at
+    # sigmoid(2) = 0.88. Free masks: (0.01, 3000) is the only grid point where the mean mask on shared
+    # tokens fell below 0.2 while the contrastive tokens kept a higher mask (0.22 vs 0.14); larger l1
+    # kills the contrastive token too (its DPO pull is beta s |r_t| ~ 0.05 |r_t|). Feature mask: its
+    # (v, c) gradient sums over all tokens and features, hence its own step; 3.0 gives shared 0.02 vs
+    # contrastive 0.07, larger steps collapse every mask. Neither reaches the oracle (1 / 0) on
+    # lastlayer-long; on transformer-long the same defaults give ~0.5 / ~0.0.
+    mask_l1: float = 0.01
+    mask_lr: float = 3000.0
+    feature_lr: float = 3.0
+    mask_init: float = 2.0
+    record: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown mitigation {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.weight not in ("step", "unit"):
+            raise ValueError(f"weight must be 'step' or 'unit', got {self.weight!r}")
+        TrainConfig(loss=self.effective_loss, loss_params=self.effective_loss_params, optimizer=self.optimizer,
+                    lr=self.lr, steps=self.steps, batch_size=self.batch_size)  # validates the shared fields
+        if self.mask_l1 < 0 or self.mask_lr <= 0 or self.feature_lr <= 0 or self.nll_alpha < 0:
+            raise ValueError("need mask_l1 >= 0, mask_lr > 0, feature_lr > 0, nll_alpha >= 0")
+
+    @property
+    def effective_loss(self) -> str:
+        return "dpop" if self.method == "dpop" else self.loss
+
+    @property
+    def effective_loss_params(self) -> tuple:
+        if self.method == "dpop":
+            beta = dict(self.loss_params).get("beta", 0.1)
+            return (("beta", beta), ("dpop_lambda", self.dpop_lambda))
+        return self.loss_params
+
+    @classmethod
+    def from_train_config(cls, cfg: TrainConfig, method: str, **kw) -> "MitigationConfig":
+        """The mitigation run matching a TrainConfig (loss, optimizer, lr, steps, batch size)."""
+        return cls(method=method, loss=cfg.loss, loss_params=cfg.loss_params, optimizer=cfg.optimizer,
+                   lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, **kw)
+
+
+class MitigationRecord(NamedTuple):
+    """Per-step, per-pair records, each [S, B] (see module docstring); masks [S, B, T]."""
+
+    chosen_logps: Array
+    rejected_logps: Array
+    loss: Array
+    G_ww: Array
+    G_wl: Array
+    G_ll: Array
+    Ge_ww: Array
+    Ge_wl: Array
+    Ge_ll: Array
+    pair_pred_chosen: Array
+    pair_pred_rejected: Array
+    batch_pred_chosen: Array
+    batch_pred_rejected: Array
+    pc_pair_pred_chosen: Array
+    pc_pair_pred_rejected: Array
+    pc_batch_pred_chosen: Array
+    pc_batch_pred_rejected: Array
+    lin_chosen: Array
+    lin_rejected: Array
+    real_chosen: Array
+    real_rejected: Array
+    mask_w: Array
+    mask_l: Array
