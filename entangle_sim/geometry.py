@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from .types import Array, PairBatch, PyTree
+from .types import (Array, Factor, GradFactors, PairBatch, PyTree, TokenFactor, TokenGradFactors,  # noqa: F401  (re-exported)
+                    param_paths, path_str)
 
 Subset = Union[None, str, Sequence[str], Callable[[str], bool]]
 
@@ -116,23 +117,6 @@ def aggregate(gram: PairGram) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 # key paths and subsets
 # ----------------------------------------------------------------------------------------------
-def _key_str(k) -> str:
-    for attr in ("key", "idx", "name"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def path_str(path) -> str:
-    """Key path (from `jax.tree_util.tree_flatten_with_path`) -> 'a/0/b'."""
-    return "/".join(_key_str(k) for k in path)
-
-
-def param_paths(params: PyTree) -> list[str]:
-    """All leaf key paths of a parameter pytree, in leaf order, e.g. ['embed/pos', 'embed/tok', ...]."""
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-
-
 def _freeze_subset(subset: Subset):
     """Hashable form (lists -> tuples) so the subset can be a static jit argument."""
     if subset is None or callable(subset):
@@ -344,31 +328,6 @@ def preconditioned_gram(logp_fn, params: PyTree, batch: PyTree, precond: PyTree)
 # ----------------------------------------------------------------------------------------------
 # sequence-level Gram: layer-wise identity
 # ----------------------------------------------------------------------------------------------
-class Factor(NamedTuple):
-    """One use of a matrix parameter M [m, n] whose gradient contribution is left^T @ right.
-
-    left:  float [S, m], or int [S] meaning one-hot rows (an embedding gather: M[idx] -> rows)
-    right: float [S, n]
-    E.g. dense y_t = a_t W: Factor(a [S, in], delta [S, out]); gather e_t = E[x_t]:
-    Factor(x [S], delta [S, D]); tied read-out logits_t = h_t E^T: Factor(delta [S, V], h [S, D]).
-    """
-
-    left: Array
-    right: Array
-
-
-class GradFactors(NamedTuple):
-    """Gradient of one scalar (a response's summed log-prob) in factored form.
-
-    dense:    {path: full gradient array} for small leaves (biases, LayerNorm), cheap to materialise
-    factored: {path: tuple[Factor, ...]}   gradient = sum over the tuple of left^T @ right
-    Together the keys must cover every parameter path exactly once.
-    """
-
-    dense: dict
-    factored: dict
-
-
 def _left_gram(a: Array, b: Array) -> Array:
     """[S, S'] matrix of <left_a[s], left_b[s']> with int = one-hot rows."""
     a_idx, b_idx = jnp.issubdtype(a.dtype, jnp.integer), jnp.issubdtype(b.dtype, jnp.integer)
@@ -546,33 +505,6 @@ def _map_leading(fn, tree, chunk_size):
 # ----------------------------------------------------------------------------------------------
 # token-level Gram from per-token factors (no per-token backward pass through the weights)
 # ----------------------------------------------------------------------------------------------
-class TokenFactor(NamedTuple):
-    """One use of a matrix M [m, n] in per-token form: grad of token t's log-prob = left_t^T @ right_t.
-
-    left:  int [S] (one-hot rows, an embedding gather), float [S, m] (shared by all tokens: the layer
-           inputs a_s) or float [T, S, m] (per token)
-    right: float [T, S, n] (per token: the back-propagated signal delta_{t,s} at the layer's output)
-    E.g. dense y_s = a_s W: TokenFactor(a [S, in], delta [T, S, out]) with
-    grad_W logp_t = sum_s a_s delta_{t,s}^T; read-out logits_t = h_t W:
-    TokenFactor(h[:, None] [T, 1, D], (e_{y_t} - p_t)[:, None] [T, 1, V]).
-    """
-
-    left: Array
-    right: Array
-
-
-class TokenGradFactors(NamedTuple):
-    """Per-token gradients of one response's token log-probs [T] in factored form.
-
-    dense:    {path: [T, *leaf.shape]} per-token gradient of small leaves (biases, LayerNorm)
-    factored: {path: tuple[TokenFactor, ...]} per-token gradient = sum over the tuple of left_t^T right_t
-    Together the keys must cover every parameter path exactly once.
-    """
-
-    dense: dict
-    factored: dict
-
-
 def _token_factor_inner(a: TokenFactor, b: TokenFactor, diag: bool) -> Array:
     """[T, U] of <grad_t(a), grad_u(b)>, or its diagonal [T] when diag (a, b of the same response).
 

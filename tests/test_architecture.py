@@ -182,3 +182,17 @@ def test_module_size_or_stated_reason(mod):
     doc = ast.get_docstring(ast.parse(text)) or ""
     assert any(line.strip().startswith("Size:") for line in doc.splitlines()), \
         f"{mod} has {n} lines (> {MAX_LINES}) and states no reason ('Size: ...') at its top"
+
+
+# The one allowed exception: the transformer attaches its exact layer shapes for the geometry cost
+# model (`geometry_cost.transformer_shapes`); geometry_cost is itself a leaf (jax / numpy only).
+POLICY_EXTRA_IMPORTS = {"entangle_sim.policies.transformer": {"entangle_sim.geometry_cost"}}
+
+
+def test_policies_import_only_types():
+    """Policies are the bottom of the core: geometry, the trainer and the experiments build on them."""
+    for mod in MODULES:
+        if mod.startswith("entangle_sim.policies."):
+            allowed = {"entangle_sim.types"} | POLICY_EXTRA_IMPORTS.get(mod, set())
+            assert set(imports_of(mod)) <= allowed, (mod, imports_of(mod))
+    assert set(imports_of("entangle_sim.geometry_cost")) <= {"entangle_sim.types"}, imports_of("entangle_sim.geometry_cost")

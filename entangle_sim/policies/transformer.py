@@ -31,9 +31,9 @@ from functools import lru_cache, partial
 import jax
 import jax.numpy as jnp
 
-from ..geometry import Factor, GradFactors, TokenFactor, TokenGradFactors, param_paths
-from ..geometry_cost import transformer_shapes
-from ..types import Array, PairBatch, Policy, PyTree
+from ..geometry_cost import transformer_shapes  # a leaf module (jax/numpy only): see tests/test_architecture.py
+from ..types import (Array, Factor, GradFactors, PairBatch, Policy, PyTree, TokenFactor, TokenGradFactors,
+                     param_paths)
 
 
 @dataclasses.dataclass(frozen=True)
