@@ -24,11 +24,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from . import geometry, losses, regimes, sentiment
+from . import geometry, losses, regimes, sentiment, train
 from .policies import transformer
-from .types import PairBatch
 
 SUFFIXES = sentiment.MODES
 
@@ -136,27 +134,22 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
     tcfg = cfg.transformer
     scfg = cfg.sentiment
     policy = transformer.make(tcfg)
-    seq = jax.vmap(lambda p, x, y, m: transformer.sequence_token_logps(tcfg, p, x, y, m), in_axes=(None, 0, 0, 0))
 
     k_init, k_sft, k_po, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
     params = policy.init(k_init)
 
-    # ---------------------------------------------------------------- SFT
+    # ---------------------------------------------------------------- SFT: the trainer with the `sft` loss
     sft_batch = _sft_batch_fn(cfg)
-    sft_opt = optax.adam(cfg.sft_lr)
-
-    def sft_loss(p, prompt, resp, mask):
-        return -(seq(p, prompt, resp, mask).sum() / mask.sum())
+    sft_train_step = train.make_sft_step(policy, "adam", cfg.sft_lr)
 
     @jax.jit
     def sft_step(carry, key):
         p, st = carry
-        loss, g = jax.value_and_grad(sft_loss)(p, *sft_batch(key))
-        upd, st = sft_opt.update(g, st, p)
-        return (optax.apply_updates(p, upd), st), loss
+        p, st, loss = sft_train_step(p, st, train.sft_pairs(*sft_batch(key)), key)
+        return (p, st), loss
 
     sft_losses = []
-    state = sft_opt.init(params)
+    state = train.make_optimizer("adam", cfg.sft_lr).init(params)
     for i in range(cfg.sft_steps):
         (params, state), loss = sft_step((params, state), jax.random.fold_in(k_sft, i))
         sft_losses.append(loss)
@@ -164,21 +157,17 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
             progress(1)
     ref_params = params
 
-    # ---------------------------------------------------------------- preference optimisation
-    po_opt = optax.adam(cfg.po_lr)
-
-    def po_loss(p, batch, ref_w, ref_l):
-        lw, ll = policy.logps(p, batch)
-        loss = spec.batch(lw, ll, ref_w, ref_l, batch.chosen_len, batch.rejected_len, **hp)
-        return loss, (lw, ll)
+    # ---------------------------------------------------------------- preference optimisation (the trainer)
+    po_cfg = train.TrainConfig(loss=cfg.loss, loss_params=cfg.loss_params, optimizer="adam", lr=cfg.po_lr, steps=1,
+                               record=False)
+    po_train_step = train.make_step(policy, po_cfg, hp)
 
     @jax.jit
     def po_step(p, st, key):
         batch = sentiment.preference_pairs(scfg, key, cfg.po_batch)
         ref_w, ref_l = policy.logps(ref_params, batch)
-        (loss, (lw, ll)), g = jax.value_and_grad(po_loss, has_aux=True)(p, batch, ref_w, ref_l)
-        upd, st = po_opt.update(g, st, p)
-        p = optax.apply_updates(p, upd)
+        p, st, (lw, ll, _) = po_train_step(p, st, batch, (ref_w, ref_l), key)
+        loss = spec.batch(lw, ll, ref_w, ref_l, batch.chosen_len, batch.rejected_len, **hp)
         lw2, ll2 = policy.logps(p, batch)
         code = regimes.classify(lw2.mean() - lw.mean(), ll2.mean() - ll.mean())
         return p, st, loss, code
@@ -196,7 +185,7 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
         geo.append(geometry.aggregate(geometry.pair_gram(policy.logps, p, eval_batch)))
 
     po_losses, step_codes = [], []
-    state = po_opt.init(params)
+    state = train.make_optimizer("adam", cfg.po_lr).init(params)
     log(0, params)
     for i in range(cfg.po_steps):
         params, state, loss, code = po_step(params, state, jax.random.fold_in(k_po, i))

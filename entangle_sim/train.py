@@ -245,6 +245,27 @@ def train(policy: Policy, params: PyTree, batch: PairBatch, cfg: TrainConfig, ke
                       real_chosen=real_w, real_rejected=real_l)
 
 
+def sft_pairs(prompt: Array, response: Array, mask: Array) -> PairBatch:
+    """SFT examples as a PairBatch (chosen = rejected = the response) for a run with the `sft` loss,
+    which reads only the chosen side: -sum l_w / sum n_w, TRL's token-mean NLL of the batch."""
+    return PairBatch(prompt, response, response, mask, mask)
+
+
+def make_sft_step(policy: Policy, optimizer: str, lr: float):
+    """step(params, opt_state, batch, key) -> (params, opt_state, batch sft loss before the step):
+    the trainer's step with the registry's `sft` loss (no reference model)."""
+    cfg = TrainConfig(loss="sft", optimizer=optimizer, lr=lr, steps=1, record=False)
+    spec = losses.get("sft")
+    inner = make_step(policy, cfg)
+
+    def step(params, opt_state, batch, key):
+        zeros = jnp.zeros(batch.size, jnp.result_type(float))
+        params, opt_state, (lw, ll, _) = inner(params, opt_state, batch, (zeros, zeros), key)
+        return params, opt_state, spec.batch(lw, ll, zeros, zeros, batch.chosen_len, batch.rejected_len)
+
+    return step
+
+
 def pretrain_sft(policy: Policy, params: PyTree, batch: PairBatch, *, steps: int = 100, lr: float = 0.05,
                  optimizer: str = "adam") -> PyTree:
     """Supervised warm start on the chosen responses (TRL `sft` loss), as one compiled scan.

@@ -5,10 +5,10 @@ from typing import Any
 
 import jax
 import numpy as np
-import optax
 
 from .. import data, results, sentiment
 from ..policies import lastlayer, transformer
+from .. import train
 from ..train import TrainConfig
 from ..types import Array, PairBatch, Policy, PyTree
 from .config import MitigationConfig, MitigationRecord
@@ -68,22 +68,17 @@ def _transformer_setting(key, pairs, sft_steps, mode="long"):
     pol = transformer.make(tcfg)
     k_init, k_sft, k_pairs = jax.random.split(key, 3)
     params = pol.init(k_init)
-    opt = optax.adam(3e-3)
-
-    def sft_loss(p, k):
-        d = sentiment.sft_data(scfg, k, 32)
-        tok = jax.vmap(lambda x, y, m: transformer.sequence_token_logps(tcfg, p, x, y, m))(
-            d.prompt, d.response, d.response_mask)
-        return -tok.sum() / d.response_mask.sum()
+    sft_step = train.make_sft_step(pol, "adam", 3e-3)   # the trainer with the `sft` loss
 
     @jax.jit
     def sft(p):
         def body(carry, k):
             p, s = carry
-            g = jax.grad(sft_loss)(p, k)
-            u, s = opt.update(g, s, p)
-            return (optax.apply_updates(p, u), s), None
-        return jax.lax.scan(body, (p, opt.init(p)), jax.random.split(k_sft, sft_steps))[0][0]
+            d = sentiment.sft_data(scfg, k, 32)
+            p, s, _ = sft_step(p, s, train.sft_pairs(d.prompt, d.response, d.response_mask), k)
+            return (p, s), None
+        return jax.lax.scan(body, (p, train.make_optimizer("adam", 3e-3).init(p)),
+                            jax.random.split(k_sft, sft_steps))[0][0]
 
     if sft_steps > 0:
         params = sft(params)
