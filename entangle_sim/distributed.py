@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .train import sweep_fn
+
 
 def initialize(coordinator_address: str, num_processes: int, process_id: int) -> None:
     """`jax.distributed.initialize`, with gloo collectives when the platform is CPU."""
@@ -30,7 +32,6 @@ def sweep(policy, batch, cfg, key, runs: int, *, params0=None, lrs=None, init_no
     from jax.experimental import multihost_utils
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from .train import sweep_fn
 
     n_dev = jax.device_count()
     if runs % n_dev:

@@ -15,7 +15,9 @@ import itertools
 import sympy as sp
 
 from .dynamics import first_order
+from .functions import LogSigmoid, Sigmoid
 from .proofs import GRAM, Proof, a, b, c, e
+from .softmax_theory import frob, onehot, prob_symbols, token_gradient, vector_symbols
 from .symbols import G_ll, G_wl, G_ww, eta
 
 s = sp.Symbol("s", nonnegative=True)            # step weight -m'(z) (or 1)
@@ -207,8 +209,6 @@ def r20_masked_update(T_w: int = 2, T_l: int = 2, n: int = 2) -> Proof:
     -grad L = s beta (sum_t m^w_t g_t(y_w) - sum_t m^l_t g_t(y_l)), s = sigma(-beta(r~_w - r~_l)),
     and the FULL log-probs move by Delta l_w ~ eta s beta <g_w, sum_t m^w_t g^w_t - sum_t m^l_t g^l_t>
     (g_w = sum_t g^w_t). Chain rule on SymPy functions (per-token log-probs of n parameters)."""
-    from .functions import LogSigmoid, Sigmoid
-
     th = sp.symbols(f"theta_1:{n + 1}", real=True)
     tw = [sp.Function(f"u_{t}")(*th) for t in range(T_w)]
     tl = [sp.Function(f"v_{t}")(*th) for t in range(T_l)]
@@ -241,8 +241,6 @@ def r20_setting_a_shift(K: int = 3, L: int = 1) -> Proof:
 
     Checked with symbolic probabilities (simplex), features (d = 2), K tokens, a = 0, b = 1, suffix
     token c_t = 2 (so the indicators vanish and the shift is -(p_t(a) - p_t(b)) <h_t, h_1>)."""
-    from .softmax_theory import frob, onehot, prob_symbols, token_gradient, vector_symbols
-
     d = 2
     A_, B_, Ct = 0, 1, 2
     p1 = prob_symbols(K, "p")
