@@ -66,7 +66,8 @@ class TrainConfig:
     record: bool = True
 
     def __post_init__(self):
-        losses.get(self.loss)  # unknown loss -> ValueError with a suggestion
+        # the loss module's own validation, once: unknown loss -> ValueError with a suggestion; bad or
+        # unknown hyperparameters -> ValueError from LossSpec.resolve
         losses.get(self.loss).resolve(**dict(self.loss_params))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import data, reproduce
+from ..policies import linear
 
 
 def entry(id: str, statement: str, check: str, measured, threshold: str, passed, note: str = "") -> dict:
@@ -45,10 +46,10 @@ def toy_pairs(n: int, seed: int, *, cos=None, ratio=None, K: int = 6, d: int = 4
 
 
 def toy_logps(phi, a, b, nw, nl):
-
+    """theta -> (l_w, l_l) = (n_w log pi(a), n_l log pi(b)) under the package's log-linear policy
+    (`policies.linear.response_logp`) with features phi [K, d] of one prompt."""
     def logps(theta):
-        lp = jax.nn.log_softmax(phi @ theta)
-        return nw * lp[a], nl * lp[b]
+        return nw * linear.response_logp(theta, phi, a), nl * linear.response_logp(theta, phi, b)
     return logps
 
 
