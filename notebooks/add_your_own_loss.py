@@ -34,7 +34,8 @@ import sympy as sp
 
 from entangle_sim import losses, reproduce, simulate, testing, train
 from entangle_sim.losses import Hyper
-from entangle_sim.plotting.theory import condition_table_markdown, plot_condition_table, plot_regime_maps
+from entangle_sim.plotting.theory import plot_condition_table, plot_regime_maps
+from entangle_sim.report import condition_table_markdown
 from entangle_sim.symbolic import derive
 
 TINY = bool(os.environ.get("ENTANGLE_SIM_TINY"))
