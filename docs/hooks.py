@@ -41,13 +41,13 @@ def _gallery(out: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from entangle_sim import reproduce
+    from entangle_sim import figures, presets
 
-    reproduce.enable_x64()
+    presets.enable_x64()
     out.mkdir(exist_ok=True)
-    p = reproduce.preset("tiny")
+    p = presets.preset("tiny")
     for name in GALLERY:
-        fig_def = reproduce.FIGURES[name]
+        fig_def = figures.FIGURES[name]
         fig = fig_def.plot(fig_def.build(p, 0))
         fig.savefig(out / f"{name}.png", dpi=90)
         plt.close(fig)

@@ -24,6 +24,10 @@ Parameter subsets (`subset=`): None (all), a list/tuple of key-path prefixes, or
 key-path string. Key paths join dict keys / list indices / attribute names with '/', e.g.
 'blocks/0/attn/W_qkv'; prefix 'blocks/0/attn' selects that path and everything below it (not
 'blocks/0/attn2'). `param_paths(params)` lists them. A subset that selects nothing raises ValueError.
+
+Size: the sequence- and token-level Grams share their subset handling, chunked vmap and input
+checks; each of the three exact methods (vmap, layer-wise, token-factored) is kept next to the one
+it must equal. The cost model that picks between them is `geometry_cost`.
 """
 from __future__ import annotations
 

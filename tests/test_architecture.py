@@ -12,7 +12,12 @@ MAX_LINES = 500
 # Known, owned elsewhere, to be removed: `losses.define` / `user_names` / `undefine` delegate to the
 # user-loss module through function-local imports while that module imports `losses` (a deferred
 # cycle). Listed edge by edge so that any other cycle or private import still fails.
-KNOWN_CYCLE_EDGES = {("entangle_sim.losses", "entangle_sim._userloss")}
+KNOWN_CYCLE_EDGES = {("entangle_sim.losses", "entangle_sim._userloss"),
+                     # `symbolic.compact.table_rows` / `table` derive every registered loss
+                     # (function-local `from .dynamics import derive`) while `Derivation.compact`
+                     # builds the compact forms: a deferred cycle between the two, kept so that
+                     # `compact.table_rows` stays where the condition table's users find it.
+                     ("entangle_sim.symbolic.compact", "entangle_sim.symbolic.dynamics")}
 KNOWN_PRIVATE_IMPORTS = {("entangle_sim.losses", "_userloss"), ("entangle_sim.cli._user_losses", "_userloss")}
 # Layers of the experiment code, bottom to top: a module may import its own layer or lower ones.
 LAYERS = [("presets",), ("reproduce", "diagnose", "mitigations", "simulate"), ("plotting", "figures"),
@@ -200,6 +205,8 @@ def test_policies_import_only_types():
     """Policies are the bottom of the core: geometry, the trainer and the experiments build on them."""
     for mod in MODULES:
         if mod.startswith("entangle_sim.policies."):
-            allowed = {"entangle_sim.types"} | POLICY_EXTRA_IMPORTS.get(mod, set())
+            allowed = {"entangle_sim.types", "entangle_sim.validate"} | POLICY_EXTRA_IMPORTS.get(mod, set())
             assert set(imports_of(mod)) <= allowed, (mod, imports_of(mod))
-    assert set(imports_of("entangle_sim.geometry_cost")) <= {"entangle_sim.types"}, imports_of("entangle_sim.geometry_cost")
+    # geometry_cost and validate (the policies' argument checks) are leaves themselves
+    for leaf in ("entangle_sim.geometry_cost", "entangle_sim.validate"):
+        assert set(imports_of(leaf)) <= {"entangle_sim.types"}, (leaf, imports_of(leaf))

@@ -69,13 +69,13 @@ def run(args) -> int:
         import matplotlib.pyplot as plt
 
         from ..plotting.diagnose import plot_geometry, plot_logps, plot_token_heatmap
-        from ..results import _atomic_write, save_json, save_npz
+        from ..results import atomic_write, save_json, save_npz
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         for name, fn in (("logps", plot_logps), ("geometry", plot_geometry), ("token_heatmap", plot_token_heatmap)):
             fig = fn(res)
             for ext in ("png", "pdf"):
-                _atomic_write(out / f"{name}.{ext}", lambda f, ext=ext: fig.savefig(f, format=ext))
+                atomic_write(out / f"{name}.{ext}", lambda f, ext=ext: fig.savefig(f, format=ext))
             plt.close(fig)
         save_json(out / "summary.json", summary)
         arrays = {k: res[k] for k in ("steps", "chosen_logp", "rejected_logp", "interval_regimes", "step_regimes",

@@ -100,13 +100,11 @@ def run(args) -> int:
     if args.out:
         from pathlib import Path
 
-        from ..results import save_json
+        from ..results import save_json, save_text
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        from ..results import _atomic_write
-
         save_json(out / "mitigations.json", clean)
-        _atomic_write(out / "mitigations.md", lambda f: f.write((table + "\n").encode()))
+        save_text(out / "mitigations.md", table + "\n")
         figs.append(str(out / "mitigations.png"))
     if figs:
         import matplotlib.pyplot as plt

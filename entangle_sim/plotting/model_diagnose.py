@@ -7,7 +7,7 @@ from matplotlib.patches import Patch
 
 from ..regimes import REGIMES, classify
 from .style import COLORS, REGIME_COLORS, new_axes
-from .theory import REGIME_LABELS, _regime_cmap
+from .theory import REGIME_LABELS, regime_cmap
 
 
 def plot_pairs_regime_map(cos, ratio, regime_names, d_w, d_l, *, loss: str = "", ax=None):
@@ -24,7 +24,7 @@ def plot_pairs_regime_map(cos, ratio, regime_names, d_w, d_l, *, loss: str = "",
     rmax = max(2.0, float(np.nanmax(ratio)) * 1.1 if ratio.size else 2.0)
     c, r = np.meshgrid(np.linspace(-1, 1, 301), np.linspace(0, rmax, 301))
     codes = classify(k - c * r, k * c - r)
-    cmap, norm = _regime_cmap()
+    cmap, norm = regime_cmap()
     ax.pcolormesh(c, r, codes, cmap=cmap, norm=norm, shading="auto", alpha=0.35, rasterized=True)
     for name in dict.fromkeys(regime_names):
         sel = np.array([n == name for n in regime_names])

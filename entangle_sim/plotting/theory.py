@@ -26,7 +26,8 @@ REGIME_LABELS = {
 }
 
 
-def _regime_cmap():
+def regime_cmap():
+    """(colormap, norm) for regime codes: -1 (infeasible) and the four regimes, in `REGIMES` order."""
     colors = [INFEASIBLE] + [REGIME_COLORS[r] for r in REGIMES]
     return ListedColormap(colors), BoundaryNorm(np.arange(-1.5, len(REGIMES) + 0.5), len(colors))
 
@@ -64,7 +65,7 @@ def plot_table1_regions(data, *, ax=None):
     regime at every feasible point (symbolic engine). The fourth regime never appears (R5)."""
     fig, ax = new_axes(ax, figsize=(5.6, 4.6))
     code = np.asarray(data["code"])
-    cmap, norm = _regime_cmap()
+    cmap, norm = regime_cmap()
     x, y = np.asarray(data["rho_w"]), np.asarray(data["rho_l"])
     ax.pcolormesh(x, y, code, cmap=cmap, norm=norm, shading="nearest", rasterized=True)
     ax.contourf(x, y, (code == -1).astype(float), levels=[0.5, 1.5], colors="none", hatches=["///"])
@@ -94,7 +95,7 @@ def plot_regime_maps(data, *, ax=None):
     names = list(data["losses"])
     n = len(names)
     fig, axes = panels(ax, n, 3 if n <= 6 else 6, size=(3.3, 2.9) if n <= 6 else (2.6, 2.3))
-    cmap, norm = _regime_cmap()
+    cmap, norm = regime_cmap()
     cos, ratio = np.asarray(data["cos"]), np.asarray(data["ratio"])
     codes = np.asarray(data["code"])
     for i, (a, name) in enumerate(zip(axes, names)):

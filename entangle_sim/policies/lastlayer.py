@@ -176,7 +176,7 @@ def token_grad_factors(cfg: LastLayerConfig):
     E [K, d] (Setting B): grad_t E = sum_i onehot(z_i) delta_{t,i}^T, delta_{t,i} = d logp_t / d emb_i,
     all T signals from one vjp vmapped over T cotangents (row t of d/dh: r_t W).
     """
-    from ..geometry import TokenFactor, TokenGradFactors
+    from ..types import TokenFactor, TokenGradFactors
 
     E0 = frozen_embedding(cfg)
 

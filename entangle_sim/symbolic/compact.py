@@ -16,6 +16,10 @@ Every compact expression is checked against the raw derivation by substituting t
 back: `CompactForm.checks` records, per item, "symbolic" (the difference reduces to 0) or the
 float64 agreement at 1,000 random states where SymPy cannot reduce it.
 
+Size: the named-symbol rewriting, the targeted simplifiers, the equality checks and the printers
+(text, LaTeX, the registry-wide condition table) act on the same expressions; split apart each
+would need the others' private forms.
+
 Example:
     >>> from entangle_sim import losses
     >>> from entangle_sim.symbolic import derive
@@ -38,6 +42,7 @@ from sympy.codegen.cfunctions import expm1
 from sympy.printing.str import StrPrinter
 
 from .functions import Log1mExp, LogSigmoid, Sigmoid, lambdify_numpy, to_exp
+from .states import sample_states
 from .symbols import PAIR_VARS, ell_l, ell_l_ref, ell_w, ell_w_ref, n_l, n_w
 
 # ---------------------------------------------------------------------------------------------
@@ -387,8 +392,6 @@ class CompactForm:
 
 def _agree(compact, raw, back, n=N_CHECK, seed=0) -> str:
     """'symbolic' if compact(back) - raw reduces to 0, else float64 agreement at n states (raises)."""
-    from .dynamics import _sample_states
-
     full = compact.xreplace(back) if not isinstance(compact, sp.Piecewise) else compact.subs(back)
     if isinstance(full, sp.Piecewise) or full.has(sp.Piecewise):
         diff = None
@@ -405,7 +408,7 @@ def _agree(compact, raw, back, n=N_CHECK, seed=0) -> str:
             pass
     free = sorted((full.free_symbols | raw.free_symbols), key=str)
     rng = np.random.default_rng(seed)
-    vals = _sample_states(free, n, rng)
+    vals = sample_states(free, n, rng)
     # Keep l away from 0 (p = 1, where ORPO's forms are undefined) and from l < -300, where
     # p = exp(l/n) can be a float64 denormal (a check of the arithmetic, not of the algebra).
     for v in free:

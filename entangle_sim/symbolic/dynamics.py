@@ -32,6 +32,7 @@ import sympy as sp
 from .. import regimes as _regimes
 from . import functions
 from .functions import lambdify_jax, lambdify_numpy
+from .states import sample_states
 from .symbols import G_ll, G_wl, G_ww, PAIR_VARS, eta
 
 _LABELS = {name: sp.Symbol(name) for name in _regimes.REGIMES}
@@ -220,24 +221,6 @@ def _strip_positive(expr):
     return expr
 
 
-def _sample_states(free, n, rng):
-    """Random states covering typical and extreme values (margins up to |1e3|, lengths 1..4096)."""
-    vals = {}
-    for s in free:
-        name = str(s)
-        if name.startswith("n_"):
-            vals[s] = rng.choice([1, 2, 3, 5, 8, 16, 64, 512, 4096], size=n).astype(float)
-        elif name.startswith("ell"):
-            vals[s] = -np.concatenate([rng.exponential(5.0, n // 2), rng.uniform(0, 1e3, n - n // 2)])
-        elif s.is_positive:
-            vals[s] = rng.choice([0.01, 0.1, 0.5, 1.0, 2.0, 10.0], size=n)
-        elif s.is_nonnegative:
-            vals[s] = rng.choice([0.0, 0.1, 1.0, 5.0], size=n)
-        else:
-            vals[s] = rng.normal(0, 2.0, n)
-    return vals
-
-
 def sign_info(expr, names: dict, hyper_defaults: dict, n: int = 4000, seed: int = 0) -> SignInfo:
     """Decide the sign of an incentive: a SymPy proof of >= 0, or a verified negative witness."""
     cond = sp.StrictLessThan(_strip_positive(expr), 0)
@@ -255,7 +238,7 @@ def sign_info(expr, names: dict, hyper_defaults: dict, n: int = 4000, seed: int 
     proved_at_defaults = e.xreplace(steps).is_nonnegative
     free = sorted(e.free_symbols, key=str)
     rng = np.random.default_rng(seed)
-    samples = _sample_states(free, n, rng)
+    samples = sample_states(free, n, rng)
     with np.errstate(all="ignore"):
         vals = np.asarray(lambdify_numpy(free, e)(*[samples[s] for s in free]), dtype=float)
     vals = np.broadcast_to(vals, (n,))

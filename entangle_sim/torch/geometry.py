@@ -30,6 +30,9 @@ Two exact methods (same numbers up to round-off):
 Subsets: None (all parameters), "trainable" (requires_grad, e.g. LoRA-only under PEFT), or a list
 of name prefixes ("lm_head", "transformer.h.11"); a prefix matches a name or a dotted ancestor. A
 parameter shared by several modules is selected if any of its names matches.
+
+Size: both methods, the hooks that collect the ghost factors, the coverage check and the one-time
+check against autograd belong together (ghost is only trusted where it was checked against exact).
 """
 from __future__ import annotations
 
