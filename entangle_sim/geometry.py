@@ -189,19 +189,25 @@ def _map_pairs(fn, batch, chunk_size):
     return jax.tree.map(lambda a: a.reshape(n * chunk_size, *a.shape[2:])[:B], out)
 
 
-def check_pair_inputs(params: PyTree, batch: PairBatch) -> None:
+def check_pair_inputs(params: PyTree, batch: PyTree) -> None:
     """ValueError naming the field for masks whose shape differs from their tokens, inconsistent
-    batch sizes, or non-finite parameters (checked when concrete; traced values pass)."""
-    fields = getattr(batch, "_fields", None)
-    if fields is None or not {"chosen", "rejected", "chosen_mask", "rejected_mask"} <= set(fields):
-        raise TypeError(f"batch must be a PairBatch, got {type(batch).__name__}")
-    for tok, mask in (("chosen", "chosen_mask"), ("rejected", "rejected_mask")):
-        ts, ms = jnp.shape(getattr(batch, tok)), jnp.shape(getattr(batch, mask))
-        if ts != ms:
-            raise ValueError(f"batch.{mask} has shape {ms}, but batch.{tok} has shape {ts}; they must match")
-    sizes = {f: jnp.shape(getattr(batch, f))[0] for f in fields if jnp.ndim(getattr(batch, f)) >= 1}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"batch fields disagree on the number of pairs B: {sizes}")
+    batch sizes, or non-finite parameters (checked when concrete; traced values pass).
+
+    batch: a PairBatch, a dict / NamedTuple with the same fields (masks checked), or any other
+    pytree batch (its leading pair axis is checked by `pair_count`)."""
+    if isinstance(batch, dict):
+        fields, get = tuple(batch), batch.__getitem__
+    else:
+        fields, get = tuple(getattr(batch, "_fields", ())), lambda f: getattr(batch, f)
+    if {"chosen", "rejected", "chosen_mask", "rejected_mask"} <= set(fields):
+        for tok, mask in (("chosen", "chosen_mask"), ("rejected", "rejected_mask")):
+            ts, ms = jnp.shape(get(tok)), jnp.shape(get(mask))
+            if ts != ms:
+                raise ValueError(f"batch.{mask} has shape {ms}, but batch.{tok} has shape {ts}; they must match")
+    if isinstance(batch, PairBatch):   # other pytrees: `pair_count` checks their leading pair axis
+        sizes = {f: jnp.shape(get(f))[0] for f in fields if jnp.ndim(get(f)) >= 1}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"batch fields disagree on the number of pairs B: {sizes}")
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         if isinstance(leaf, jax.core.Tracer) or not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
             continue

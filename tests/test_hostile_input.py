@@ -122,14 +122,14 @@ def afile(tmp_path):
 def test_bad_out_refused_before_work(capsys, monkeypatch, afile, cmd, where):
     # Any computation would call these; refusing first means they are never reached.
     import entangle_sim.diagnose as dg
+    import entangle_sim.figures as fg
     import entangle_sim.mitigations as mt
-    import entangle_sim.reproduce as rp
     import entangle_sim.simulate as sm
 
     def boom(*a, **k):
         raise AssertionError("work started before --out was validated")
 
-    for mod, name in ((sm, "run_sweep"), (dg, "run_diagnose"), (mt, "run_comparison"), (rp, "render")):
+    for mod, name in ((sm, "run_sweep"), (dg, "run_diagnose"), (mt, "run_comparison"), (fg, "render")):
         monkeypatch.setattr(mod, name, boom)
     out = {"empty": "", "file": str(afile), "under_file": str(afile / "sub")}[where]
     line = _one_line_exit(capsys, [*cmd, "--out", out], 2)
@@ -151,13 +151,13 @@ def test_reproduce_cache_lives_inside_out(tmp_path, monkeypatch):
     from entangle_sim.cli import reproduce_cmd
 
     seen = {}
-    import entangle_sim.reproduce as rp
+    import entangle_sim.figures as fg
 
     def fake_render(name, preset, cache_dir, seed):
         seen["cache"] = cache_dir
         raise KeyboardInterrupt  # stop right after the first use
 
-    monkeypatch.setattr(rp, "render", fake_render)
+    monkeypatch.setattr(fg, "render", fake_render)
     with pytest.raises(KeyboardInterrupt):
         reproduce_cmd.reproduce(tmp_path / "out", preset="tiny", only=["fig1_toy"], report=False, progress=False)
     assert seen["cache"] == tmp_path / "out" / "cache"
