@@ -182,6 +182,8 @@ def _figures(out, m, per_loss, examples, tok, model, subset, args, pad):
         cl = tok.convert_ids_to_tokens(ex["rejected_ids"][: tg.cos.shape[1]])
         figs[f"token_map_{rank}_pair{int(i)}"] = plot_token_map(
             tg.cos.numpy(), cw, cl, title=f"pair {int(i)}: cos {m['cos'][i]:+.3f}, token inner products sum to G_wl")
-    for fname, fig in figs.items():
-        fig.savefig(out / f"{fname}.png", dpi=110)
+    from ..results import atomic_write
+
+    for fname, fig in figs.items():  # atomically, like every other output file
+        atomic_write(out / f"{fname}.png", lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110))
         plt.close(fig)

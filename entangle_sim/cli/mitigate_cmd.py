@@ -111,8 +111,10 @@ def run(args) -> int:
 
         from ..plotting.mitigations import plot_comparison
         fig = plot_comparison(rows)
-        for f in figs:
-            fig.savefig(f, bbox_inches="tight")
+        from ..results import atomic_write
+
+        for f in figs:  # atomically, like every other output file
+            atomic_write(f, lambda fh, f=f: fig.savefig(fh, format=f.rsplit(".", 1)[-1], bbox_inches="tight"))
         plt.close(fig)
     print(dumps(clean) if args.json else table)
     return 0
