@@ -42,7 +42,7 @@ class MitigationConfig:
     nll_alpha: float = 1.0
     dpop_lambda: float = 50.0
     # R20 learned-mask defaults, from the sweep on lastlayer-long (40 steps, calibrated lr, float64;
-    # reproduce with `mask_sweep()`; table in the issue-5 report). The l1 gradient on a mask logit is
+    # reproduce with `mask_sweep()`, which returns the grid rows). The l1 gradient on a mask logit is
     # w_i l1 sigmoid'(u) ~ (1/8)(0.01)(0.1) = 1e-4 per step, so mask_lr ~ 1e3 is what moves a logit by
     # O(1) in tens of steps; the old (l1 0.02, lr 5) moved it by ~1e-3 in total and the masks stayed at
     # sigmoid(2) = 0.88. Free masks: (0.01, 3000) is the only grid point where the mean mask on shared
