@@ -141,4 +141,5 @@ def run_sweep(cfg: SimConfig, seed: int, runs: int, *, out=None, chunk: int | No
         if path is not None:
             results.save_chunk(path, **traj._asdict())
         parts.append(traj)
-    return Trajectory(*[np.concatenate(xs, 0) for xs in zip(*parts)])
+    # a chunk saved before a field existed holds None there: the field is then None for the whole run
+    return Trajectory(*[None if any(x is None for x in xs) else np.concatenate(xs, 0) for xs in zip(*parts)])

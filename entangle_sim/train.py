@@ -8,6 +8,8 @@ At every step and for every pair it records what the theory predicted and what h
     d_w, d_l                                               incentives, symbolic engine [S, B]
     regime_pred                                            one-pair SGD regime (R4/R9) [S, B] int
     pred_chosen, pred_rejected  one-pair SGD prediction eta/b (d_w G_ww - d_l G_wl), ...  [S, B]
+    batch_chosen, batch_rejected  first order of a plain SGD step on the whole batch at the same
+                                rate, -lr J grad L (the 2B x 2B Gram: one-pair terms + cross-pair terms)
     lin_chosen, lin_rejected    first order of the actual update: J dtheta (any optimizer, batch)
     real_chosen, real_rejected  realised change l(theta_{t+1}) - l(theta_t)
 
@@ -101,6 +103,9 @@ class Trajectory(NamedTuple):
     lin_rejected: Array
     real_chosen: Array
     real_rejected: Array
+    # Added later than the fields above; the default keeps records cached before it loadable.
+    batch_chosen: Array | None = None
+    batch_rejected: Array | None = None
 
 
 def make_optimizer(name: str, lr, *, momentum: float = 0.9, weight_decay: float = 1e-2):
@@ -200,9 +205,14 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None):
         pred_w = eta * (d_w * gram.G_ww - d_l * gram.G_wl)
         pred_l = eta * (d_w * gram.G_wl - d_l * gram.G_ll)
         lin = J @ ravel_pytree(updates)[0]
+        # The SGD step on the same batch at the same rate, to first order: J (-lr grad L) =
+        # sum over all 2B responses of the Gram (one-pair plus cross-pair terms). Equal to `lin`
+        # for plain SGD; the gap to `lin` is the optimizer's preconditioning (Adam, momentum).
+        sgd = -learning_rate(opt_state) * (J @ ravel_pytree(grads)[0])
         rec.update(G_ww=gram.G_ww, G_wl=gram.G_wl, G_ll=gram.G_ll, d_w=d_w, d_l=d_l,
                    regime_pred=regimes.classify(pred_w, pred_l), pred_chosen=pred_w,
-                   pred_rejected=pred_l, lin_chosen=lin[:B], lin_rejected=lin[B:])
+                   pred_rejected=pred_l, lin_chosen=lin[:B], lin_rejected=lin[B:],
+                   batch_chosen=sgd[:B], batch_rejected=sgd[B:])
         return new_params, new_opt_state, Trajectory(**rec)
 
     if not cfg.record:
@@ -243,7 +253,7 @@ def train(policy: Policy, params: PyTree, batch: PairBatch, cfg: TrainConfig, ke
     return Trajectory(chosen_logps=lw, rejected_logps=ll, margin=lw - ll, loss=per_pair, G_ww=zeros, G_wl=zeros,
                       G_ll=zeros, d_w=zeros, d_l=zeros, regime_pred=jnp.full(lw.shape, regimes.STATIONARY),
                       pred_chosen=zeros, pred_rejected=zeros, lin_chosen=zeros, lin_rejected=zeros,
-                      real_chosen=real_w, real_rejected=real_l)
+                      real_chosen=real_w, real_rejected=real_l, batch_chosen=zeros, batch_rejected=zeros)
 
 
 def sft_pairs(prompt: Array, response: Array, mask: Array) -> PairBatch:

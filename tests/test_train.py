@@ -274,3 +274,30 @@ def test_step_honours_the_learning_rate_of_its_state_and_takes_batch_and_referen
     _, _, r3 = step(gp.params, s1, other, pol.logps(gp.params, other), key)
     np.testing.assert_allclose(r3.chosen_logps, pol.logps(gp.params, other)[0], rtol=1e-12)
     assert step._cache_size() == 1
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_batch_level_record_is_the_2Bx2B_gram_contraction(opt):
+    """batch_* = -lr G_batch dL/dl with G_batch = geometry.batch_gram (2B x 2B) and dL/dl from
+    jax.grad of the batch loss with respect to the 2B log-probs: an independent route to the same
+    number. For SGD it must equal the first order of the real update (lin_*); under Adam it need not."""
+    from entangle_sim import geometry, losses
+
+    gp = _geometry("linear", cos=0.6, ratio=1.3, n=5)
+    pol = gp.policy()
+    cfg = train.TrainConfig(loss="sigmoid", optimizer=opt, lr=0.05, steps=1)
+    step = train.make_step(pol, cfg)
+    lw0, ll0 = pol.logps(gp.params, gp.batch)
+    ref = (lw0 - 0.3, ll0 + 0.2)          # r != 0, so the incentives differ between pairs
+    state = train.make_optimizer(opt, 0.05).init(gp.params)
+    _, _, rec = step(gp.params, state, gp.batch, ref, jax.random.PRNGKey(0))
+    spec, b = losses.get("sigmoid"), gp.batch
+    dLdl = jax.grad(lambda w, l: spec.batch(w, l, *ref, b.chosen_len, b.rejected_len, **cfg.hp), argnums=(0, 1))(lw0, ll0)
+    G = geometry.batch_gram(pol.logps, gp.params, b)
+    want = -0.05 * G @ jnp.concatenate(dLdl)
+    # float64 contraction of O(1) terms: 1e-10 relative is round-off with a wide margin
+    np.testing.assert_allclose(np.concatenate([rec.batch_chosen, rec.batch_rejected]), want, rtol=1e-10, atol=1e-14)
+    if opt == "sgd":
+        np.testing.assert_allclose(rec.batch_chosen, rec.lin_chosen, rtol=1e-10, atol=1e-14)
+    else:
+        assert not np.allclose(rec.batch_chosen, rec.lin_chosen, rtol=1e-3)
