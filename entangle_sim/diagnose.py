@@ -2,6 +2,10 @@
 (docs/theory.md §5, §6.3: Figures 3, 4a, 4b on a CPU-sized transformer).
 
 Pipeline (`run_diagnose`):
+  0. Pretraining (default; `pretrain_steps=0` skips it, the from-scratch recipe): a language model
+     of the synthetic corpus of `entangle_sim.corpus`, in which the shared suffixes are frequent
+     carrier phrases, so that before SFT the model already predicts them well, as the paper's
+     pretrained GPT-2 small does for fluent text.
   1. SFT of a tiny decoder (policies.transformer) on "prompt -> label word" (paper: SFT on
      "{prompt} {label}", no suffix; `sft_with_suffix=True` also teaches the suffix), optax adam.
   2. Preference optimisation with a registered loss (`losses.get(cfg.loss).batch`), reference =
@@ -25,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import geometry, losses, regimes, sentiment, train
+from . import corpus, geometry, losses, regimes, sentiment, train
 from .policies import transformer
 
 SUFFIXES = sentiment.MODES
@@ -34,9 +38,14 @@ SUFFIXES = sentiment.MODES
 @dataclasses.dataclass(frozen=True)
 class DiagnoseConfig:
     """One diagnose setting (frozen, hashable). Defaults: a ~100k-parameter 2-layer decoder, vocab 32,
-    which runs one setting in well under a minute or two on 2 CPU cores.
+    pretrained on the synthetic corpus, then SFT on "prompt -> label word" and DPO with Adam; one
+    setting runs in about a minute on 2 CPU cores.
 
     loss_params: ((name, value), ...) hyperparameters for the loss (defaults of the registry otherwise).
+    pretrain_steps: language-model steps on `corpus.sentences` before SFT (0: from scratch).
+    sft_with_suffix: SFT also on the shared suffix; None (default) means "only when not pretrained"
+    (the from-scratch recipe needs it, see below; the paper's SFT has no suffix).
+    optimizer: the preference-optimisation optimizer ('adam' as in the paper's setting, or 'sgd').
     """
 
     suffix: str = "long"
@@ -51,10 +60,15 @@ class DiagnoseConfig:
     log_every: int = 10
     n_eval_pairs: int = 64
     seed: int = 0
+    optimizer: str = "adam"
+    pretrain_steps: int = 300
+    pretrain_lr: float = 3e-3
+    pretrain_batch: int = 64
+    corpus: corpus.CorpusConfig = corpus.CorpusConfig()
     # SFT also on the shared suffix. In the paper the suffix is fluent text that GPT-2 already
-    # assigns a reasonable probability; our suffix is random tokens, which only become "fluent"
-    # if SFT shows them. Without this, PO spends its steps raising the suffix (chosen rises).
-    sft_with_suffix: bool = True
+    # assigns a reasonable probability; without pretraining our suffix is random tokens, which only
+    # become "fluent" if SFT shows them (else PO spends its steps raising the suffix: chosen rises).
+    sft_with_suffix: bool | None = None
     # transformer
     d_model: int = 64
     n_layers: int = 2
@@ -75,10 +89,21 @@ class DiagnoseConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"DiagnoseConfig.{name} must be a positive int, got {v!r}")
-        if not isinstance(self.sft_steps, int) or self.sft_steps < 0:
-            raise ValueError(f"DiagnoseConfig.sft_steps must be an int >= 0, got {self.sft_steps!r}")
-        if not (self.sft_lr > 0 and self.po_lr > 0):
+        for name in ("sft_steps", "pretrain_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"DiagnoseConfig.{name} must be an int >= 0, got {v!r}")
+        if not (self.sft_lr > 0 and self.po_lr > 0 and self.pretrain_lr > 0):
             raise ValueError("learning rates must be > 0")
+        if self.optimizer not in train.OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(train.OPTIMIZERS)}")
+        if self.pretrain_batch < 1:
+            raise ValueError(f"DiagnoseConfig.pretrain_batch must be >= 1, got {self.pretrain_batch!r}")
+
+    @property
+    def sft_on_suffix(self) -> bool:
+        """Whether SFT shows the suffix (sft_with_suffix, or by default: only without pretraining)."""
+        return self.pretrain_steps == 0 if self.sft_with_suffix is None else bool(self.sft_with_suffix)
 
     @property
     def sentiment(self) -> sentiment.SentimentConfig:
@@ -97,11 +122,12 @@ class DiagnoseConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["loss_params"] = {k: v for k, v in self.loss_params}
+        d["sft_with_suffix"] = self.sft_on_suffix
         return d
 
 
 def _sft_batch_fn(cfg: DiagnoseConfig):
-    scfg = cfg.sentiment if cfg.sft_with_suffix else dataclasses.replace(cfg.sentiment, mode="1t")
+    scfg = cfg.sentiment if cfg.sft_on_suffix else dataclasses.replace(cfg.sentiment, mode="1t")
 
     def fn(key):
         d = sentiment.sft_data(scfg, key, cfg.sft_batch)
@@ -113,7 +139,7 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
     """Run SFT + preference optimisation and the geometry diagnostics.
 
     progress: optional callback called with the number of steps just completed (e.g. `tqdm.update`);
-    total steps = sft_steps + po_steps.
+    total steps = pretrain_steps + sft_steps + po_steps.
 
     Returns a dict with
       'config'        cfg.to_dict()
@@ -125,7 +151,8 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
       'step_regimes'  [po_steps] int codes per PO step (training batch, before vs after the update)
       'token_cos', 'token_inner'  [T_w, T_l] token-level Gram of eval pair 0 at the final params
       'chosen_tokens', 'rejected_tokens'  [T] token ids of that pair
-      'sft_loss'      [sft_steps] SFT token-mean NLL;  'po_loss' [po_steps]
+      'pretrain_loss' [pretrain_steps] corpus token-mean NLL; 'sft_loss' [sft_steps] SFT token-mean NLL;
+      'po_loss' [po_steps]
       'params', 'ref_params', 'eval_batch', 'policy'   for independent checks (not JSON)
       'summary'       JSON-ready dict (see `summarize`)
     """
@@ -136,7 +163,15 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
     policy = transformer.make(tcfg)
 
     k_init, k_sft, k_po, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
+    k_pre = jax.random.fold_in(k_init, 1)   # a fifth stream, leaving the four above as they were
     params = policy.init(k_init)
+
+    # ---------------------------------------------------------------- pretraining: LM of the corpus (`sft` loss)
+    params, pre_losses = jax.jit(lambda p, k: corpus.pretrain(
+        policy, p, scfg, cfg.corpus, k, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, batch=cfg.pretrain_batch))(
+        params, k_pre)
+    if progress is not None and cfg.pretrain_steps:
+        progress(cfg.pretrain_steps)
 
     # ---------------------------------------------------------------- SFT: the trainer with the `sft` loss
     sft_batch = _sft_batch_fn(cfg)
@@ -158,8 +193,8 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
     ref_params = params
 
     # ---------------------------------------------------------------- preference optimisation (the trainer)
-    po_cfg = train.TrainConfig(loss=cfg.loss, loss_params=cfg.loss_params, optimizer="adam", lr=cfg.po_lr, steps=1,
-                               record=False)
+    po_cfg = train.TrainConfig(loss=cfg.loss, loss_params=cfg.loss_params, optimizer=cfg.optimizer, lr=cfg.po_lr,
+                               steps=1, record=False)
     po_train_step = train.make_step(policy, po_cfg, hp)
 
     @jax.jit
@@ -185,7 +220,7 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
         geo.append(geometry.aggregate(geometry.pair_gram(policy.logps, p, eval_batch)))
 
     po_losses, step_codes = [], []
-    state = train.make_optimizer("adam", cfg.po_lr).init(params)
+    state = train.make_optimizer(cfg.optimizer, cfg.po_lr).init(params)
     log(0, params)
     for i in range(cfg.po_steps):
         params, state, loss, code = po_step(params, state, jax.random.fold_in(k_po, i))
@@ -210,6 +245,7 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
         "step_regimes": np.asarray(jnp.stack(step_codes)) if step_codes else np.zeros(0, int),
         "token_cos": np.asarray(tg.cos), "token_inner": np.asarray(tg.inner),
         "chosen_tokens": np.asarray(ex.chosen), "rejected_tokens": np.asarray(ex.rejected),
+        "pretrain_loss": np.asarray(pre_losses),
         "sft_loss": np.asarray(jnp.stack(sft_losses)) if sft_losses else np.zeros(0),
         "po_loss": np.asarray(jnp.stack(po_losses)),
         "params": params, "ref_params": ref_params, "eval_batch": eval_batch, "policy": policy,
@@ -241,4 +277,5 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "token_cos_contrastive": float(tc[0, 0]),
         "token_cos_shared_diag_mean": float(np.mean(np.diag(tc)[1:])) if min(tc.shape) > 1 else None,
         "final_sft_loss": float(res["sft_loss"][-1]) if len(res["sft_loss"]) else None,
+        "final_pretrain_loss": float(res["pretrain_loss"][-1]) if len(res.get("pretrain_loss", ())) else None,
     }

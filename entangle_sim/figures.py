@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import reproduce, results
-from .plotting import simulation, theory
+from .plotting import claims, simulation, theory
 from .presets import SEED
 
 
@@ -65,6 +65,9 @@ FIGURES: dict[str, Figure] = {f.name: f for f in [
            "Fig. 4a analogue: gradient cosine vs step for 1t/short/long", "§6.3, R15, R17"),
     Figure("transformer_heatmap", simulation.plot_transformer_heatmap,
            "Fig. 4b analogue: token-level gradient cosines, long suffix", "§6.3, R13"),
+    Figure("transformer_claims", claims.plot_claim_table,
+           "The paper's transformer claims as statistics over seeds and settings, with failures attributed",
+           "§6.3, R15, R17"),
     Figure("mitigations", simulation.plot_mitigation_comparison,
            "Mitigation comparison: normalized GD and token masks vs plain DPO", "R19, R20, §8"),
 ]}

@@ -276,12 +276,20 @@ def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], param
 def response_jacobian(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], params: PyTree,
                       batch: PyTree) -> Array:
     """J [2B, P]: rows grad l_w,i (i < B) then grad l_l,i, over the flattened parameters
-    (`jax.flatten_util.ravel_pytree` order). One reverse pass per response (jacrev).
+    (`jax.flatten_util.ravel_pytree` order). One reverse pass per response, each on its own pair
+    (vmap over the pair axis, like `pair_gram`): a reverse pass through the whole batch per row
+    (jacrev of the batch) would cost B times more.
 
     >>> J = response_jacobian(policy.logps, params, batch)  # [2B, P]  # doctest: +SKIP
     """
     flat, unravel = ravel_pytree(params)
-    return jax.jacrev(lambda f: jnp.concatenate(logp_fn(unravel(f), batch)))(flat)
+
+    def one(example):
+        ex = jax.tree.map(lambda a: a[None], example)
+        return jax.jacrev(lambda f: jnp.concatenate(logp_fn(unravel(f), ex)))(flat)   # [2, P]
+
+    J2 = jax.vmap(one)(batch)                                                       # [B, 2, P]
+    return jnp.concatenate([J2[:, 0], J2[:, 1]])
 
 
 def jacobian_pair_gram(J: Array, J_eff: Array | None = None) -> PairGram:

@@ -44,6 +44,7 @@ class Preset:
     heat_L: int
     sft_steps: int
     diag: dict
+    claims: dict
     mitig: dict
     report: dict
 
@@ -71,6 +72,10 @@ PRESETS: dict[str, Preset] = {
                    suffix_Ls=(0, 2, 8), suffix_pairs=4, suffix_steps=10, heat_L=4, sft_steps=20,
                    diag=dict(sft_steps=2, po_steps=2, log_every=1, n_eval_pairs=4, d_model=16, n_layers=1,
                              n_heads=2, sft_batch=8, po_batch=4, long_len=6),
+                   claims=dict(seeds=5, settings=("paper", "from_scratch", "one_pair"),
+                               base=dict(d_model=16, n_layers=1, n_heads=2, pretrain_steps=4, pretrain_batch=8,
+                                         sft_steps=2, sft_batch=8, po_steps=3, po_batch=4, n_eval_pairs=3,
+                                         long_len=5, short_len=2)),
                    mitig=dict(settings=("tabular", "lastlayer-short"), methods=("baseline", "normalized", "oracle_mask"),
                               steps=3, pairs=2, sft_steps=0),
                    report=dict(points=64, r15_draws=2000, r17_Ls=(0, 2, 8, 32), r4_pairs=64, r9_draws=32,
@@ -78,6 +83,8 @@ PRESETS: dict[str, Preset] = {
     "quick": Preset(grid=81, fig1_pairs=16, fig1_steps=200, algo_pairs=16, algo_steps=200, lr=0.5,
                     suffix_Ls=(0, 1, 2, 4, 8, 16, 32), suffix_pairs=16, suffix_steps=60, heat_L=8, sft_steps=100,
                     diag=dict(sft_steps=100, po_steps=60, log_every=10, n_eval_pairs=16),
+                    claims=dict(seeds=5, settings=("paper", "from_scratch", "sgd", "one_pair"),
+                                base=dict(pretrain_steps=200, po_steps=60)),
                     mitig=dict(settings=("linear", "lastlayer-long"),
                                methods=("baseline", "normalized", "oracle_mask", "learned_mask"), steps=40, pairs=8,
                                sft_steps=0),
@@ -86,6 +93,8 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(grid=201, fig1_pairs=32, fig1_steps=400, algo_pairs=32, algo_steps=400, lr=0.5,
                    suffix_Ls=(0, 1, 2, 4, 8, 16, 32, 64), suffix_pairs=32, suffix_steps=120, heat_L=12, sft_steps=100,
                    diag=dict(),  # DiagnoseConfig defaults
+                   claims=dict(seeds=8, settings=("paper", "from_scratch", "sgd", "one_pair", "beta_0.5", "lr_x5",
+                                                  "wide", "vocab", "long_24")),  # SweepConfig's base recipe
                    mitig=dict(settings=("tabular", "linear", "lastlayer-1t", "lastlayer-short", "lastlayer-long",
                                         "transformer-long"),
                               methods=("baseline", "normalized", "normalized_batch", "oracle_mask", "learned_mask",
@@ -104,3 +113,12 @@ def preset(name: str) -> Preset:
 def enable_x64() -> None:
     """Float64 for every check and figure (first-order predictions are compared to ~1e-10)."""
     jax.config.update("jax_enable_x64", True)
+
+
+# The claim sweep at a larger model size for one GPU (`entangle-sim claims --preset gpu`): a 6-layer,
+# width-384 decoder (about 11M parameters), every setting, 8 seeds. `--scale tiny` swaps in the tiny
+# preset's model and step counts (what the tests run on CPU).
+CLAIMS_GPU = dict(seeds=8, settings=("paper", "from_scratch", "sgd", "one_pair", "beta_0.5", "lr_x5", "wide", "vocab",
+                                     "long_24"),
+                  base=dict(d_model=384, n_layers=6, n_heads=6, pretrain_steps=600, pretrain_batch=128, sft_steps=30,
+                            po_steps=100, po_batch=16, n_eval_pairs=32))

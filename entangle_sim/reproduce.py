@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import __version__, data, diagnose, geometry, losses, mitigations, regimes, results, simulate, train
+from . import __version__, claim_stats, data, diagnose, geometry, losses, mitigations, regimes, results, simulate, train
 from .policies import lastlayer
 from .presets import ALGO_LABELS, ALGORITHMS, MAP_STATE, PRESETS, SEED, Preset, enable_x64, preset  # noqa: F401
 from .results import code_fingerprint, load_data, save_data  # noqa: F401  (re-exported)
@@ -275,6 +275,19 @@ def build_transformer(p, seed):
     return out
 
 
+def claims_sweep_config(p, seed) -> claim_stats.SweepConfig:
+    """The claim sweep of a preset: SweepConfig's base recipe with the preset's overrides."""
+    c = dict(p["claims"])
+    base = dataclasses.replace(claim_stats.SweepConfig().base, seed=seed, **c.get("base", {}))
+    return claim_stats.SweepConfig(base=base, settings=tuple(c["settings"]), seeds=int(c["seeds"]))
+
+
+def build_transformer_claims(p, seed, progress=None):
+    """The paper's transformer claims as statistics: `claim_stats.run_sweep` over the preset's settings
+    and seeds (fraction holding, Wilson interval, attribution of every failure)."""
+    return claim_stats.run_sweep(claims_sweep_config(p, seed), progress=progress)
+
+
 def build_mitigations(p, seed):
     """Mitigation comparison (theory §8, R19/R20): `mitigations.run_comparison` rows, SGD, DPO."""
     kw = dict(p["mitig"])
@@ -308,8 +321,10 @@ BUILDERS: dict[str, Builder] = {
     "suffix_cos": Builder(build_suffix_cos, ("suffix_Ls", "suffix_pairs")),
     "suffix_dynamics": Builder(build_suffix_dynamics, ("suffix_Ls", "suffix_pairs", "suffix_steps", "sft_steps")),
     "token_heatmap": Builder(build_token_heatmap, ("heat_L", "sft_steps")),
-    "transformer_logps": Builder(build_transformer, ("diag",), ("diagnose.py", "sentiment.py",
+    "transformer_logps": Builder(build_transformer, ("diag",), ("diagnose.py", "sentiment.py", "corpus.py",
                                                                  "policies/transformer.py")),
+    "transformer_claims": Builder(build_transformer_claims, ("claims",), ("diagnose.py", "sentiment.py", "corpus.py",
+                                                                          "claim_stats.py", "policies/transformer.py")),
     "mitigations": Builder(build_mitigations, ("mitig",), results.OPTIONAL_CODE),
 }
 # Figures sharing one builder share one cache file (the transformer runs are computed once).

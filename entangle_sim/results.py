@@ -229,8 +229,8 @@ def load_data(path) -> dict[str, Any]:
 SKIP_FINGERPRINT = ("plotting", "cli", "torch", "report", "report.py", "reproduce.py", "figures.py", "logs.py",
                     "distributed.py", "results.py")
 # Modules that enter the fingerprint only of the results that use them (`code_fingerprint(extra)`).
-OPTIONAL_CODE = ("diagnose.py", "sentiment.py", "mitigations.py", "mitigations", "symbolic/mitigations.py",
-                 "policies/transformer.py")
+OPTIONAL_CODE = ("diagnose.py", "sentiment.py", "corpus.py", "claim_stats.py", "mitigations.py", "mitigations",
+                 "symbolic/mitigations.py", "policies/transformer.py")
 
 
 def code_fingerprint(extra: tuple = ()) -> str:

@@ -148,3 +148,27 @@ def preference_pairs(cfg: SentimentConfig, key: Array, n: int) -> PairBatch:
     chosen, mask = _responses(cfg, jnp.where(label == 1, POS, NEG))
     rejected, _ = _responses(cfg, jnp.where(label == 1, NEG, POS))
     return PairBatch(prompt, chosen, rejected, mask, mask)
+
+
+def mode_batches(cfg: SentimentConfig, key: Array, n: int, mode: Array) -> tuple[PairBatch, SFTData]:
+    """Preference pairs and SFT examples for a *traced* mode index (0 '1t', 1 'short', 2 'long'), so one
+    compiled program serves the three datasets (vmap over the index). Responses are right-padded
+    to 1 + long_len; padding has mask 0, and (causal model, right padding) changes no log-prob.
+    For a given mode the pairs equal `preference_pairs(replace(cfg, mode=MODES[mode],
+    response_len=1 + long_len), key, n)` and the SFT examples `sft_data(...)` with the same key."""
+    T = 1 + cfg.long_len
+    rows = []
+    for m in MODES:
+        sfx = suffix(dataclasses.replace(cfg, mode=m))
+        rows.append(jnp.pad(sfx, (0, cfg.long_len - sfx.shape[0])))
+    sfx = jnp.stack(rows)[mode]                                        # [long_len]
+    length = jnp.array([1, 1 + cfg.short_len, 1 + cfg.long_len])[mode]
+    mask = jnp.broadcast_to((jnp.arange(T) < length).astype(jnp.float32), (n, T))
+    prompt, label = prompts(cfg, key, n)
+
+    def resp(first):
+        r = jnp.concatenate([first[:, None], jnp.broadcast_to(sfx, (n, cfg.long_len))], axis=1)
+        return jnp.where(mask > 0, r, PAD).astype(jnp.int32)
+
+    good, bad = resp(jnp.where(label == 1, POS, NEG)), resp(jnp.where(label == 1, NEG, POS))
+    return PairBatch(prompt, good, bad, mask, mask), SFTData(prompt, good, mask, label)

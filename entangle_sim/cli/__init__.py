@@ -21,6 +21,7 @@ _COMMANDS = (
     "losses_cmd",     # losses, conditions, predict
     "simulate_cmd",   # simulate
     "diagnose_cmd",   # diagnose
+    "claims_cmd",     # claims
     "mitigate_cmd",   # mitigate
     "analyze_log_cmd",  # analyze-log
     "reproduce_cmd",  # reproduce

@@ -16,7 +16,9 @@ def register(sub) -> None:
     p.add_argument("--steps", type=STEPS, default=None, help="preference-optimisation steps (default preset)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--no-sft-suffix", action="store_true",
-                   help="SFT on prompt + label word only (the paper's literal SFT data)")
+                   help="SFT on prompt + label word only (the paper's SFT data; the default when pretrained)")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="skip the pretraining stage on the synthetic corpus (SFT then also shows the suffix)")
     p.add_argument("--out", default=None, help="write figures (PNG+PDF), summary.json, arrays.npz here")
     p.add_argument("--json", action="store_true", help="print the JSON summary")
     add_losses_flag(p)
@@ -31,7 +33,7 @@ def estimate(cfg) -> tuple[float, float]:
     n_logs = cfg.po_steps // max(cfg.log_every, 1) + 2
     T = cfg.prompt_len + cfg.long_len + 2
     mem = n_logs * cfg.n_eval_pairs * (T * T + 64) * 8 * 4
-    work = cfg.sft_steps * cfg.sft_batch + cfg.po_steps * cfg.po_batch * 2 + n_logs * cfg.n_eval_pairs * 2 * T
+    work = cfg.pretrain_steps * cfg.pretrain_batch + cfg.sft_steps * cfg.sft_batch + cfg.po_steps * cfg.po_batch * 2 + n_logs * cfg.n_eval_pairs * 2 * T
     return float(mem), float(work)
 
 
@@ -43,8 +45,10 @@ def run(args) -> int:
     kw = {}
     if args.steps is not None:
         kw["po_steps"] = args.steps
+    if args.from_scratch:
+        kw["pretrain_steps"] = 0
     cfg = DiagnoseConfig(suffix=args.suffix, loss=spec.name, seed=args.seed,
-                         sft_with_suffix=not args.no_sft_suffix, **kw)
+                         sft_with_suffix=False if args.no_sft_suffix else None, **kw)
     mem, work = estimate(cfg)
     check_size(args, memory_bytes=mem, work=work, flags="--steps")
     if args.out is not None:
@@ -54,7 +58,7 @@ def run(args) -> int:
     bar = None
     if show:
         from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.sft_steps + cfg.po_steps, desc=f"diagnose {args.suffix}", unit="step")
+        bar = tqdm(total=cfg.pretrain_steps + cfg.sft_steps + cfg.po_steps, desc=f"diagnose {args.suffix}", unit="step")
     try:
         res = run_diagnose(cfg, progress=bar.update if bar is not None else None)
     finally:
