@@ -62,10 +62,15 @@ class MitigationConfig:
             raise ValueError(f"unknown mitigation {self.method!r}; valid: {', '.join(METHODS)}")
         if self.weight not in ("step", "unit"):
             raise ValueError(f"weight must be 'step' or 'unit', got {self.weight!r}")
-        TrainConfig(loss=self.effective_loss, loss_params=self.effective_loss_params, optimizer=self.optimizer,
-                    lr=self.lr, steps=self.steps, batch_size=self.batch_size)  # validates the shared fields
+        self.train_config  # validates the shared fields
         if self.mask_l1 < 0 or self.mask_lr <= 0 or self.feature_lr <= 0 or self.nll_alpha < 0:
             raise ValueError("need mask_l1 >= 0, mask_lr > 0, feature_lr > 0, nll_alpha >= 0")
+
+    @property
+    def train_config(self) -> TrainConfig:
+        """The trainer's configuration of this run (the effective loss: DPOP for 'dpop')."""
+        return TrainConfig(loss=self.effective_loss, loss_params=self.effective_loss_params, optimizer=self.optimizer,
+                           lr=self.lr, steps=self.steps, batch_size=self.batch_size, record=self.record)
 
     @property
     def effective_loss(self) -> str:
