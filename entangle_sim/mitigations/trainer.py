@@ -1,4 +1,5 @@
-"""The mitigation trainer: one compiled `lax.scan` per run recording theory vs realised changes."""
+"""Mitigation runs: each method is a `train.StepPlugin` of the one trainer step (`train.make_step`),
+one compiled `lax.scan` per run recording theory vs realised changes."""
 from __future__ import annotations
 
 import time
@@ -6,7 +7,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
 from .. import geometry, losses
@@ -152,9 +152,9 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
                   lambda th, bt: policy.token_logps(unravel(th), bt))
     flat_features = None if features is None else (lambda th, bt: features(unravel(th), bt))
     plugin = mitigation_plugin(cfg, flat, flat_features)
-    inner = make_step(flat, cfg.train_config, plugin=plugin)
+    inner = make_step(flat, cfg.effective_train, plugin=plugin)
     ref_tok = jax.lax.stop_gradient(flat.token_logps(theta0, batch))   # reference = the initial policy
-    opt = make_optimizer(cfg.optimizer, cfg.lr)
+    opt = make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     masks0 = plugin.init or (lambda th, bt: (jnp.full(bt.chosen.shape, cfg.mask_init, theta0.dtype),
                                              jnp.full(bt.rejected.shape, cfg.mask_init, theta0.dtype)))
 
