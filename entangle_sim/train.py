@@ -179,6 +179,7 @@ class StepPlugin:
 class StepContext:
     """What a step computed, for a plug-in's `coefficients` and `record` hooks.
 
+    spec, hp: the loss and its resolved hyperparameters (the only resolution of a run's loss).
     Before the update: params, batch, state, weights ((m_w, m_l) or None), logps (p -> effective
     (l_w [B], l_l [B])), lw, ll (their values at params), ref ((r_w, r_l) effective reference),
     per_pair ([B] loss incl. extra_loss), w ([B] pair weights, 1/b on the minibatch), b, lr, opt_state.
@@ -270,7 +271,7 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
         weights = weights_at(state, params, batch)
         weights = None if weights is None else jax.lax.stop_gradient(weights)
         ref = reference(ref_logps, weights)
-        ctx = StepContext(params=params, batch=batch, state=state, weights=weights, ref=ref, w=w, b=b,
+        ctx = StepContext(spec=spec, hp=hp, params=params, batch=batch, state=state, weights=weights, ref=ref, w=w, b=b,
                           lr=learning_rate(inner), opt_state=inner, logps=logps_fn(batch, weights),
                           loss_of=lambda x, y: pair_losses(x, y, ref, batch), coefficients=None)
         if plug.coefficients is not None:

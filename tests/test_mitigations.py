@@ -192,9 +192,26 @@ def test_cli_writes_table_json_and_figure(capsys, tmp_path):
     assert (out / "mitigations.png").stat().st_size > 0
 
 
+def test_cli_param_is_the_loss_hyperparameter(capsys):
+    """`mitigate --param beta=0.3` reaches the loss: DPO's first-step gradient at the reference is
+    beta sigma(0) (g_w - g_l), so the calibrated lr (target / first-step scale) is 1/3 of the
+    beta = 0.1 one (1e-12 relative)."""
+    import json
+    from entangle_sim.cli import main
+    lrs = []
+    for extra in ([], ["--param", "beta=0.3"]):
+        assert main(["mitigate", "--settings", "tabular", "--methods", "baseline", "--steps", "1", "--pairs", "2",
+                     "--json", *extra]) == 0
+        lrs.append(json.loads(capsys.readouterr().out)[0]["lr"])
+    np.testing.assert_allclose(lrs[1], lrs[0] / 3, rtol=1e-12)
+
+
 @pytest.mark.parametrize("argv, msg", [(["--steps", "0"], "--steps"), (["--lr", "-1"], "--lr"),
                                        (["--loss", "nope"], "unknown loss"), (["--mask-l1", "-0.5"], "--mask-l1"),
-                                       (["--settings", "moon"], "invalid choice")])
+                                       (["--settings", "moon"], "invalid choice"),
+                                       (["--param", "nope=1"], "no hyperparameter 'nope'"),
+                                       (["--param", "beta=-1"], "out of range"),
+                                       (["--feature-lr", "0"], "--feature-lr")])
 def test_cli_bad_input_one_line_exit_2(capsys, tmp_path, argv, msg):
     from entangle_sim.cli import main
     assert main(["mitigate", *argv]) == 2

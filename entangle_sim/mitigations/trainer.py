@@ -42,9 +42,8 @@ def mitigation_plugin(cfg: MitigationConfig, policy: Policy, features=None) -> S
     (`features(theta, batch)` likewise): token weights (the R20 masks; the padding masks otherwise),
     the NLL term (method 'nll'), the per-pair / per-batch normalisation as an update transformation
     (R19), the mask parameters as trained state (learned / feature masks), and the records of
-    `MitigationRecord`. The loss itself (the configured one, or DPOP for 'dpop') is the trainer's."""
-    spec = losses.get(cfg.effective_loss)
-    hp = spec.resolve(**dict(cfg.effective_loss_params))
+    `MitigationRecord`. The loss itself (the configured one, or DPOP for 'dpop': `cfg.effective_train`)
+    and its resolved hyperparameters are the trainer's (`ctx.spec`, `ctx.hp`)."""
     method = cfg.method
     learned, feature = method == "learned_mask", method == "feature_mask"
 
@@ -69,7 +68,7 @@ def mitigation_plugin(cfg: MitigationConfig, policy: Policy, features=None) -> S
             return w * d_w, w * d_l
         batch = ctx.batch
         s = jnp.ones_like(d_w) if cfg.weight == "unit" else _step_weight(
-            spec, hp, ctx.lw, ctx.ll, *ctx.ref, batch.chosen_len, batch.rejected_len, d_w, d_l)
+            ctx.spec, ctx.hp, ctx.lw, ctx.ll, *ctx.ref, batch.chosen_len, batch.rejected_len, d_w, d_l)
         Je = ctx.jacobian
         B = batch.size
         tiny = jnp.finfo(Je.dtype).tiny
