@@ -222,7 +222,7 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
 
     def setup(batch, key):
         B = batch.size
-        b = B if cfg.batch_size in (0, None) or cfg.batch_size >= B else cfg.batch_size
+        b = B if cfg.batch_size == 0 or cfg.batch_size >= B else cfg.batch_size
         full = b == B
         idx = jnp.arange(B) if full else jax.random.choice(key, B, (b,), replace=False)
         return B, b, full, idx
