@@ -18,6 +18,10 @@ exact first-order change of the real update, which includes cross-pair terms and
 preconditioning; the gap between them is what `entangle_sim.mitigations` studies. The reference model is the initial
 policy (r = 0 at step 0), as in DPO.
 
+`make_step` is the only training step of the package: SFT is a run with the `sft` loss, and every
+mitigation is a `StepPlugin` of it (token weights on the token log-probs, extra loss terms, an
+update transformation such as per-pair normalisation, extra trained state, its own records).
+
 Example:
     >>> import jax
     >>> from entangle_sim import train, data
