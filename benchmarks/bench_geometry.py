@@ -87,18 +87,19 @@ def matmul_peak(n, dtype, repeats):
     return 2 * n ** 3 / t
 
 
-def flops_of(jitted, *args, **kw):
+def flops_of(lowered):
+    """FLOPs of a lowered program (`geometry.gram_program(...)`, `jax.jit(f).lower(...)`)."""
     try:
-        ca = jitted.lower(*args, **kw).compile().cost_analysis()
+        ca = lowered.compile().cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         return float(ca.get("flops", float("nan")))
     except Exception:  # cost analysis is best-effort (backend dependent)
         return float("nan")
 
 
-def mem_of(jitted, *args, **kw):
+def mem_of(lowered):
     """Bytes of one compiled executable: temp (scratch), argument and output buffers."""
-    m = jitted.lower(*args, **kw).compile().memory_analysis()
+    m = lowered.compile().memory_analysis()
     return {"temp_bytes": int(m.temp_size_in_bytes), "argument_bytes": int(m.argument_size_in_bytes),
             "output_bytes": int(m.output_size_in_bytes),
             "total_bytes": int(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes)}
@@ -159,9 +160,9 @@ def main(argv=None):
         if "baseline" not in skip:
             methods["baseline_loop"] = baseline
         flops = {
-            "layerwise": flops_of(geo._pair_gram_layerwise, factor_fn, params, batch, None, a.chunk),
-            "vmap": flops_of(geo._pair_gram_vmap, policy.logps, params, batch, None, a.chunk),
-            "baseline_loop": 2 * a.pairs * flops_of(grad_flat, params, examples[0], 0),
+            "layerwise": flops_of(geo.gram_program("pair_layerwise", factor_fn, params, batch, chunk_size=a.chunk)),
+            "vmap": flops_of(geo.gram_program("pair_vmap", policy.logps, params, batch, chunk_size=a.chunk)),
+            "baseline_loop": 2 * a.pairs * flops_of(grad_flat.lower(params, examples[0], 0)),
         }
         for name, fn in methods.items():
             first, t = timed(fn, a.repeats)
@@ -208,10 +209,10 @@ def main(argv=None):
         res = {}
         for n in [int(x) for x in a.mem_pairs.split(",") if x]:
             b = make_batch(jax.random.key(2), n, a.prompt_len, a.resp_len, a.vocab)
-            row = {"layerwise_chunked": mem_of(geo._pair_gram_layerwise, factor_fn, params, b, None, a.mem_chunk),
-                   "vmap_chunked": mem_of(geo._pair_gram_vmap, policy.logps, params, b, None, a.mem_chunk)}
+            row = {"layerwise_chunked": mem_of(geo.gram_program("pair_layerwise", factor_fn, params, b, chunk_size=a.mem_chunk)),
+                   "vmap_chunked": mem_of(geo.gram_program("pair_vmap", policy.logps, params, b, chunk_size=a.mem_chunk))}
             if "vmap" not in skip:
-                row["vmap_unchunked"] = mem_of(geo._pair_gram_vmap, policy.logps, params, b, None, None)
+                row["vmap_unchunked"] = mem_of(geo.gram_program("pair_vmap", policy.logps, params, b))
             res[str(n)] = row
         res["method"] = "XLA compiled memory_analysis(): temp + argument + output bytes of the executable"
         res["chunk"] = a.mem_chunk

@@ -111,7 +111,7 @@ def child(a) -> dict:
                 return geo.pair_gram(policy.logps, params, batch, method="vmap", chunk_size=chunk)
             model = cost["seq_vmap"].flops * n_pairs
             if chunk is None:
-                xla = _xla_cost(geo._pair_gram_vmap, policy.logps, params, batch, None, None)
+                xla = _xla_cost(geo.gram_program("pair_vmap", policy.logps, params, batch))
         else:
             ff = tr.grad_factors(cfg)
 
@@ -119,7 +119,7 @@ def child(a) -> dict:
                 return geo.pair_gram_layerwise(ff, params, batch, chunk_size=chunk)
             model = cost["seq_layerwise"].flops * n_pairs
             if chunk is None:
-                xla = _xla_cost(geo._pair_gram_layerwise, ff, params, batch, None, None)
+                xla = _xla_cost(geo.gram_program("pair_layerwise", ff, params, batch))
     else:
         if method == "loop":
             @partial(jax.jit, static_argnums=1)
@@ -142,14 +142,14 @@ def child(a) -> dict:
             def fn():
                 return geo.token_gram(policy.token_logps, params, ex1, method="jacrev")
             model = cost["token_jacrev"].flops
-            xla = _xla_cost(geo._token_gram_jit, policy.token_logps, params, ex1, None, None)
+            xla = _xla_cost(geo.gram_program("token_jacrev", policy.token_logps, params, ex1))
         else:
             ff = tr.token_grad_factors(cfg)
 
             def fn():
                 return geo.token_gram(policy.token_logps, params, ex1, method="factored", factor_fn=ff)
             model = cost["token_factored"].flops
-            xla = _xla_cost(geo._token_gram_factored_jit, ff, params, ex1, None, None)
+            xla = _xla_cost(geo.gram_program("token_factored", ff, params, ex1))
 
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
@@ -174,10 +174,10 @@ def child(a) -> dict:
             "chunk": chunk, "extrapolated": extrapolated}
 
 
-def _xla_cost(jitted, *args):
-    """(flops, bytes accessed) of the compiled computation, or None (backend dependent)."""
+def _xla_cost(lowered):
+    """(flops, bytes accessed) of a lowered program (`geometry.gram_program`), or None (backend dependent)."""
     try:
-        ca = jitted.lower(*args).compile().cost_analysis()
+        ca = lowered.compile().cost_analysis()
         ca = ca[0] if isinstance(ca, (list, tuple)) else ca
         return float(ca["flops"]), float(ca.get("bytes accessed", float("nan")))
     except Exception:   # best effort

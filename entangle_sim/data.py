@@ -323,3 +323,38 @@ def make_task(name: str, key: Array, **kw) -> PairBatch | GeometryPairs:
     if name not in table:
         raise ValueError(f"unknown task {name!r}; valid names: {', '.join(TASKS)}")
     return table[name](key, **kw)
+
+
+class SoftmaxDraws(NamedTuple):
+    """N random single-token softmax problems with padded vocabularies (see `softmax_draws`)."""
+
+    W: Array      # [N, Kmax, dmax] read-out, rows >= K_n unused
+    h: Array      # [N, dmax] feature, entries >= d_n zero
+    valid: Array  # [N, Kmax] bool, True on the K_n real vocabulary entries
+    a: Array      # [N] chosen token < K_n
+    b: Array      # [N] rejected token < K_n, != a
+
+
+def softmax_draws(key: Array, N: int, Kmax: int = 16, dmax: int = 8) -> SoftmaxDraws:
+    """Random (K in [2, Kmax], d in [1, dmax], W, h, a != b) for single-token claims (Setting A):
+    W = s * N(0, 1) with log s ~ U(-3, 2.5) (flat to peaked p), log p = log_softmax(W h) over the
+    K real entries (`softmax_draw_logp`).
+
+    >>> d = softmax_draws(jax.random.PRNGKey(0), 5)
+    >>> bool(jnp.all(d.a != d.b))
+    True
+    """
+    ks = jax.random.split(key, 7)
+    Kn = jax.random.randint(ks[0], (N,), 2, Kmax + 1)
+    dn = jax.random.randint(ks[1], (N,), 1, dmax + 1)
+    scale = jnp.exp(jax.random.uniform(ks[2], (N, 1, 1), minval=-3.0, maxval=2.5))
+    W = scale * jax.random.normal(ks[3], (N, Kmax, dmax))
+    h = jax.random.normal(ks[4], (N, dmax)) * (jnp.arange(dmax)[None] < dn[:, None])
+    a = jax.random.randint(ks[5], (N,), 0, Kmax) % Kn
+    b = (a + jax.random.randint(ks[6], (N,), 1, Kmax) % (Kn - 1) + 1) % Kn
+    return SoftmaxDraws(W, h, jnp.arange(Kmax)[None] < Kn[:, None], a, b)
+
+
+def softmax_draw_logp(W: Array, h: Array, valid: Array, y) -> Array:
+    """log p(y) of one draw: log_softmax(W h) with the padded vocabulary entries at probability 0."""
+    return jax.nn.log_softmax(jnp.where(valid, W @ h, -jnp.inf))[y]

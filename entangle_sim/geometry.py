@@ -595,3 +595,26 @@ def _token_gram_jit(token_logp_fn, params, example_or_batch, subset, chunk_size=
     if not _has_pair_axis(example_or_batch):
         return _token_gram_one(token_logp_fn, params, example_or_batch, subset)
     return _map_leading(lambda ex: _token_gram_one(token_logp_fn, params, ex, subset), example_or_batch, chunk_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# the compiled programs, for cost and memory analysis (benchmarks)
+# ----------------------------------------------------------------------------------------------
+GRAM_PROGRAMS = ("pair_vmap", "pair_layerwise", "token_jacrev", "token_factored")
+
+
+def gram_program(method: str, fn: Callable, params: PyTree, batch: PyTree, *, subset: Subset = None,
+                 chunk_size: int | None = None) -> jax.stages.Lowered:
+    """The XLA program one Gram path runs, lowered for `batch` (not executed): `.compile()` gives
+    the executable (`cost_analysis()`, `memory_analysis()`; calling it takes (params, batch)).
+
+    method: 'pair_vmap' (`pair_gram`, fn = logp_fn), 'pair_layerwise' (`pair_gram_layerwise`, fn =
+    factor_fn), 'token_jacrev' / 'token_factored' (`token_gram`, fn = token_logp_fn / factor_fn).
+
+    >>> flops = gram_program("pair_vmap", policy.logps, params, batch).compile().cost_analysis()  # doctest: +SKIP
+    """
+    programs = {"pair_vmap": _pair_gram_vmap, "pair_layerwise": _pair_gram_layerwise,
+                "token_jacrev": _token_gram_jit, "token_factored": _token_gram_factored_jit}
+    if method not in programs:
+        raise ValueError(f"method must be one of {GRAM_PROGRAMS}, got {method!r}")
+    return programs[method].lower(fn, params, batch, _freeze_subset(subset), chunk_size)

@@ -197,11 +197,6 @@ def transformer_costs(cfg, P: int, T_w: int, T_l: int | None = None, dtype_bytes
     return path_costs(transformer_shapes(cfg, P, T_w), transformer_shapes(cfg, P, T_l or T_w), dtype_bytes)
 
 
-def roofline_seconds(cost: Cost, peak_flops: float, n_pairs: int = 1) -> float:
-    """Lower bound on the time of n_pairs pairs at a machine peak of peak_flops FLOP/s."""
-    return n_pairs * cost.flops / peak_flops
-
-
 # ----------------------------------------------------------------------------------------------
 # auto selection
 # ----------------------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ exact first-order change of the real update, which includes cross-pair terms and
 preconditioning; the gap between them is what `entangle_sim.mitigations` studies. The reference model is the initial
 policy (r = 0 at step 0), as in DPO.
 
+`make_step` is the only training step of the package: SFT is a run with the `sft` loss, and every
+mitigation is a `StepPlugin` of it (token weights on the token log-probs, extra loss terms, an
+update transformation such as per-pair normalisation, extra trained state, its own records).
+
 Example:
     >>> import jax
     >>> from entangle_sim import train, data
@@ -32,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,7 +148,63 @@ def learning_rate(opt_state) -> Array:
     return opt_state.hyperparams["learning_rate"]
 
 
-def make_step(policy: Policy, cfg: TrainConfig, hp=None):
+@dataclasses.dataclass(frozen=True)
+class StepPlugin:
+    """Hooks that change what one `make_step` step optimises and records (each optional).
+
+    init(params, batch) -> state      extra trained state (e.g. mask logits); the step's opt_state
+                                      is then the pair (optimizer state, plug-in state)
+    token_weights(state, params, batch) -> (m_w [B,T_w], m_l [B,T_l])
+        the step trains the weighted log-probs l~ = sum_t m_t l_t (policy and reference) instead of
+        the summed ones; ref_logps are then the reference's TOKEN log-probs ([B,T_w], [B,T_l]).
+        Differentiable in `state` (learned masks), constant in `params` (the weights gate).
+    extra_loss(l_w, l_l, batch) -> [B]      added to every pair's loss (e.g. alpha * NLL)
+    penalty(m_w, m_l) -> [B]                per-pair penalty on the token weights (trains the state)
+    state_lr                                plain SGD on the state: state -= state_lr * grad
+    coefficients(ctx) -> (a [B], b [B])     update transformation: the gradient handed to the
+        optimizer is -(sum_i a_i g~_w,i - b_i g~_l,i) (g~ = grad l~) instead of grad L, e.g. the
+        per-pair normalisation g/|g|; computed as jax.grad of the surrogate -sum_i (a_i l~_w,i - b_i l~_l,i)
+    record(ctx) -> row                      what the step records instead of a Trajectory row
+
+    With a plug-in the per-pair losses are combined as sum_i w_i L_i, w_i = 1/b on the step's
+    minibatch and 0 elsewhere (TRL's batch mean for every loss that is not batch-coupled; the
+    batch-coupled ones take this per-pair form too); without one the loss's own batch reduction runs.
+    """
+
+    init: Callable | None = None
+    token_weights: Callable | None = None
+    extra_loss: Callable | None = None
+    penalty: Callable | None = None
+    state_lr: float = 0.0
+    coefficients: Callable | None = None
+    record: Callable | None = None
+
+
+class StepContext:
+    """What a step computed, for a plug-in's `coefficients` and `record` hooks.
+
+    spec, hp: the loss and its resolved hyperparameters (the only resolution of a run's loss).
+    Before the update: params, batch, state, weights ((m_w, m_l) or None), logps (p -> effective
+    (l_w [B], l_l [B])), lw, ll (their values at params), ref ((r_w, r_l) effective reference),
+    per_pair ([B] loss incl. extra_loss), w ([B] pair weights, 1/b on the minibatch), b, lr, opt_state.
+    After it: grads, coefficients ((a, b) or None), updates, new_params, new_opt_state, new_state.
+    jacobian (J~ [2B, P] of the effective log-probs) and dloss ((dL_i/dl~_w,i, dL_i/dl~_l,i), [B]
+    each) are computed on first use, once per step.
+    """
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    @functools.cached_property
+    def jacobian(self) -> Array:
+        return geometry.response_jacobian(lambda p, _: self.logps(p), self.params, self.batch)
+
+    @functools.cached_property
+    def dloss(self) -> tuple[Array, Array]:
+        return jax.grad(lambda x, y: self.loss_of(x, y).sum(), argnums=(0, 1))(self.lw, self.ll)
+
+
+def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | None = None):
     """step(params, opt_state, batch, ref_logps, key) -> (params, opt_state, record): one optimizer step.
 
     batch: PairBatch [B]; ref_logps: (ref_chosen [B], ref_rejected [B]) of the reference policy.
@@ -153,70 +213,122 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None):
     the rate the records use for the one-pair prediction is always the rate of the real update.
     hp: loss hyperparameters (may hold traced values, e.g. a vmapped beta); default cfg.hp.
     record=False configs return (logps_w, logps_l, per-pair loss) instead of a Trajectory row.
+    plugin: `StepPlugin` hooks (token weights, extra loss terms, an update transformation, extra
+    state, own records): the mitigations of `entangle_sim.mitigations` are such plug-ins.
     """
     spec = losses.get(cfg.loss)
     hp = cfg.hp if hp is None else hp
-    incentives = _incentive_fn(spec, hp) if cfg.record else None
+    plug = plugin or StepPlugin()
+    stateful = plug.init is not None
+    incentives = _incentive_fn(spec, hp) if cfg.record and plug.record is None else None
     # The update reads its rate from opt_state (inject_hyperparams), so the value given here is unused.
     opt = make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
     def setup(batch, key):
         B = batch.size
-        b = B if cfg.batch_size in (0, None) or cfg.batch_size >= B else cfg.batch_size
+        b = B if cfg.batch_size == 0 or cfg.batch_size >= B else cfg.batch_size
         full = b == B
         idx = jnp.arange(B) if full else jax.random.choice(key, B, (b,), replace=False)
         return B, b, full, idx
 
-    def total_loss(params, batch, ref_logps, idx, full):
-        sub = batch if full else batch.take(idx)  # full batch: no gather
-        lw, ll = policy.logps(params, sub)
-        rw, rl = ref_logps if full else (ref_logps[0][idx], ref_logps[1][idx])
-        return spec.batch(lw, ll, rw, rl, sub.chosen_len, sub.rejected_len, **hp), (lw, ll)
+    def logps_fn(batch, weights):
+        """p -> (l_w, l_l): summed log-probs, or the token-weighted ones of a plug-in."""
+        if weights is None:
+            return lambda p: policy.logps(p, batch)
+        m_w, m_l = weights
 
-    def lean_step(params, opt_state, batch, ref_logps, key):
-        # Only log-probs and losses: one forward + backward per step (realised changes are
-        # recovered after the scan from consecutive states).
-        _, _, full, idx = setup(batch, key)
-        if full:
-            (_, (lw, ll)), grads = jax.value_and_grad(total_loss, has_aux=True)(params, batch, ref_logps, idx, full)
-        else:
-            grads = jax.grad(lambda p: total_loss(p, batch, ref_logps, idx, full)[0])(params)
-            lw, ll = policy.logps(params, batch)
-        updates, new_opt_state = opt.update(grads, opt_state, params)
-        per_pair = spec(lw, ll, *ref_logps, batch.chosen_len, batch.rejected_len, **hp)
-        return optax.apply_updates(params, updates), new_opt_state, (lw, ll, per_pair)
+        def weighted(p):
+            tw, tl = policy.token_logps(p, batch)
+            return (m_w * tw).sum(-1), (m_l * tl).sum(-1)
+        return weighted
+
+    def reference(ref_logps, weights):
+        if weights is None:
+            return ref_logps
+        return (weights[0] * ref_logps[0]).sum(-1), (weights[1] * ref_logps[1]).sum(-1)
+
+    def pair_losses(lw, ll, ref, batch):
+        L = spec(lw, ll, ref[0], ref[1], batch.chosen_len, batch.rejected_len, **hp)
+        return L if plug.extra_loss is None else L + plug.extra_loss(lw, ll, batch)
+
+    def weights_at(state, params, batch):
+        return None if plug.token_weights is None else plug.token_weights(state, params, batch)
+
+    def objective(params, state, batch, ref_logps, idx, full, w, weight_params):
+        """The minimised scalar and, on the full batch, (l_w, l_l) at params."""
+        if plugin is None:   # the loss's own batch reduction over the step's minibatch
+            sub = batch if full else batch.take(idx)  # full batch: no gather
+            lw, ll = policy.logps(params, sub)
+            rw, rl = ref_logps if full else (ref_logps[0][idx], ref_logps[1][idx])
+            return spec.batch(lw, ll, rw, rl, sub.chosen_len, sub.rejected_len, **hp), (lw, ll)
+        weights = weights_at(state, weight_params, batch)
+        lw, ll = logps_fn(batch, weights)(params)
+        L = (w * pair_losses(lw, ll, reference(ref_logps, weights), batch)).sum()
+        if plug.penalty is not None:
+            L = L + (w * plug.penalty(*weights)).sum()
+        return L, (lw, ll)
 
     def step(params, opt_state, batch, ref_logps, key):
         B, b, full, idx = setup(batch, key)
-        ref_w, ref_l = ref_logps
-        nw, nl = batch.chosen_len, batch.rejected_len
-        lw, ll = policy.logps(params, batch)
-        per_pair = spec(lw, ll, ref_w, ref_l, nw, nl, **hp)
-        grads = jax.grad(lambda p: total_loss(p, batch, ref_logps, idx, full)[0])(params)
-        updates, new_opt_state = opt.update(grads, opt_state, params)
+        inner, state = opt_state if stateful else (opt_state, None)
+        w = jnp.zeros((B,), jnp.result_type(float)).at[idx].set(1.0 / b)
+        weights = weights_at(state, params, batch)
+        weights = None if weights is None else jax.lax.stop_gradient(weights)
+        ref = reference(ref_logps, weights)
+        ctx = StepContext(spec=spec, hp=hp, params=params, batch=batch, state=state, weights=weights, ref=ref, w=w, b=b,
+                          lr=learning_rate(inner), opt_state=inner, logps=logps_fn(batch, weights),
+                          loss_of=lambda x, y: pair_losses(x, y, ref, batch), coefficients=None)
+        if plug.coefficients is not None:
+            ctx.lw, ctx.ll = ctx.logps(params)
+            a, bb = ctx.coefficients = jax.lax.stop_gradient(plug.coefficients(ctx))
+
+            def surrogate(p):
+                x, y = ctx.logps(p)
+                return -(a * x - bb * y).sum()
+            grads, state_grads = jax.grad(surrogate)(params), None
+        else:
+            argnums = (0, 1) if stateful else 0
+            (_, (lw, ll)), g = jax.value_and_grad(objective, argnums=argnums, has_aux=True)(
+                params, state, batch, ref_logps, idx, full, w, params)
+            grads, state_grads = g if stateful else (g, None)
+            ctx.lw, ctx.ll = (lw, ll) if (full or plugin is not None) else ctx.logps(params)
+        ctx.per_pair = pair_losses(ctx.lw, ctx.ll, ref, batch)
+        updates, new_inner = opt.update(grads, inner, params)
         new_params = optax.apply_updates(params, updates)
-        lw1, ll1 = policy.logps(new_params, batch)
-        rec = dict(chosen_logps=lw, rejected_logps=ll, margin=lw - ll, loss=per_pair,
-                   real_chosen=lw1 - lw, real_rejected=ll1 - ll)
-        J = geometry.response_jacobian(policy.logps, params, batch)   # [2B, P]: per-response gradients
+        new_state = state
+        if stateful and state_grads is not None:
+            new_state = jax.tree.map(lambda x, g: x - plug.state_lr * g, state, state_grads)
+        ctx.grads, ctx.updates, ctx.new_params, ctx.new_opt_state, ctx.new_state = (
+            grads, updates, new_params, new_inner, new_state)
+        rec = (plug.record or (trajectory_record if cfg.record else lean_record))(ctx)
+        return new_params, ((new_inner, new_state) if stateful else new_inner), rec
+
+    def lean_record(ctx):
+        # Only log-probs and losses: one forward + backward per step (realised changes are
+        # recovered after the scan from consecutive states).
+        return ctx.lw, ctx.ll, ctx.per_pair
+
+    def trajectory_record(ctx):
+        B, batch = ctx.batch.size, ctx.batch
+        lw, ll = ctx.lw, ctx.ll
+        lw1, ll1 = ctx.logps(ctx.new_params)
+        J = ctx.jacobian   # [2B, P]: per-response gradients
         gram = geometry.jacobian_pair_gram(J)
-        d_w, d_l = incentives(lw, ll, ref_w, ref_l, nw, nl)
-        eta = learning_rate(opt_state) / b  # the batch mean gives each pair weight 1/b
+        d_w, d_l = incentives(lw, ll, *ctx.ref, batch.chosen_len, batch.rejected_len)
+        eta = ctx.lr / ctx.b  # the batch mean gives each pair weight 1/b
         pred_w = eta * (d_w * gram.G_ww - d_l * gram.G_wl)
         pred_l = eta * (d_w * gram.G_wl - d_l * gram.G_ll)
-        lin = J @ ravel_pytree(updates)[0]
+        lin = J @ ravel_pytree(ctx.updates)[0]
         # The SGD step on the same batch at the same rate, to first order: J (-lr grad L) =
         # sum over all 2B responses of the Gram (one-pair plus cross-pair terms). Equal to `lin`
         # for plain SGD; the gap to `lin` is the optimizer's preconditioning (Adam, momentum).
-        sgd = -learning_rate(opt_state) * (J @ ravel_pytree(grads)[0])
-        rec.update(G_ww=gram.G_ww, G_wl=gram.G_wl, G_ll=gram.G_ll, d_w=d_w, d_l=d_l,
-                   regime_pred=regimes.classify(pred_w, pred_l), pred_chosen=pred_w,
-                   pred_rejected=pred_l, lin_chosen=lin[:B], lin_rejected=lin[B:],
-                   batch_chosen=sgd[:B], batch_rejected=sgd[B:])
-        return new_params, new_opt_state, Trajectory(**rec)
+        sgd = -ctx.lr * (J @ ravel_pytree(ctx.grads)[0])
+        return Trajectory(chosen_logps=lw, rejected_logps=ll, margin=lw - ll, loss=ctx.per_pair,
+                          real_chosen=lw1 - lw, real_rejected=ll1 - ll, G_ww=gram.G_ww, G_wl=gram.G_wl,
+                          G_ll=gram.G_ll, d_w=d_w, d_l=d_l, regime_pred=regimes.classify(pred_w, pred_l),
+                          pred_chosen=pred_w, pred_rejected=pred_l, lin_chosen=lin[:B], lin_rejected=lin[B:],
+                          batch_chosen=sgd[:B], batch_rejected=sgd[B:])
 
-    if not cfg.record:
-        return lean_step
     return step
 
 

@@ -210,3 +210,48 @@ def test_policies_import_only_types():
     # geometry_cost and validate (the policies' argument checks) are leaves themselves
     for leaf in ("entangle_sim.geometry_cost", "entangle_sim.validate"):
         assert set(imports_of(leaf)) <= {"entangle_sim.types"}, (leaf, imports_of(leaf))
+
+
+ROOT = PKG.parent
+# Code outside the package that uses it: benchmarks, tests, notebooks, paper figures, doc hooks.
+USERS = sorted(p for d in ("benchmarks", "tests", "notebooks", "paper_figs", "docs") if (ROOT / d).is_dir()
+               for p in (ROOT / d).rglob("*.py"))
+
+
+def private_uses(tree) -> list[str]:
+    """`from entangle_sim... import _x` and `mod._x` where `mod` is bound to a package module or
+    to the package (import entangle_sim.geometry as geo; from entangle_sim import train; ...)."""
+    bound, bad = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bound |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("entangle_sim")}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("entangle_sim"):
+            for a in node.names:
+                if a.name.startswith("_") and not a.name.startswith("__"):
+                    bad.append(f"from {node.module} import {a.name}")
+                elif _as_module(f"{node.module}.{a.name}") == f"{node.module}.{a.name}":
+                    bound.add(a.asname or a.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            chain, v = [node.attr], node.value
+            while isinstance(v, ast.Attribute):
+                chain.append(v.attr)
+                v = v.value
+            if isinstance(v, ast.Name) and v.id in bound:
+                bad.append(".".join([v.id, *reversed(chain)]))
+    return bad
+
+
+def test_private_use_checker_sees_aliases():
+    src = ("import entangle_sim.geometry as geo\nfrom entangle_sim import train\nfrom entangle_sim.policies import "
+           "transformer as tr\nfrom entangle_sim.geometry import _tree_vdot\n"
+           "geo._pair_gram_vmap; train.make_step; tr._apply; x._private")
+    assert sorted(private_uses(ast.parse(src))) == sorted(
+        ["from entangle_sim.geometry import _tree_vdot", "geo._pair_gram_vmap", "tr._apply"])
+
+
+@pytest.mark.parametrize("path", USERS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_private_name_used_outside_the_package(path):
+    """Benchmarks, tests, notebooks and figure scripts use the package's public names only."""
+    bad = private_uses(ast.parse(path.read_text()))
+    assert not bad, f"{path.relative_to(ROOT)}: {bad}"

@@ -71,6 +71,20 @@ def test_predict_agrees_with_sympy_and_finite_differences(capsys, name):
     assert got["delta_margin"] == pytest.approx(pred_w - pred_l, rel=1e-9, abs=1e-15)
 
 
+def test_predict_lr_is_the_step_size(capsys):
+    """`predict --lr` is `--eta` (the name simulate / mitigate use): DPO at the reference has
+    d_w = d_l = beta sigma(0) = 0.05, so Delta l_w = lr (0.05 G_ww - 0.05 G_wl) = 0.5 * 0.05 * 0.9."""
+    base = ["predict", "sigmoid", "--chosen-logp", "-1", "--rejected-logp", "-2", "--ref-chosen-logp", "-1",
+            "--ref-rejected-logp", "-2", "--gww", "1", "--gwl", "0.1", "--gll", "2", "--json"]
+    outs = []
+    for flag in ("--eta", "--lr"):
+        code, out, err = run(capsys, *base, flag, "0.5")
+        assert code == 0, err
+        outs.append(json.loads(out))
+    assert outs[0] == outs[1]
+    assert outs[1]["delta_chosen"] == pytest.approx(0.5 * 0.05 * 0.9, rel=1e-12)
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["predict", "dpx", "--chosen-logp", "-1", "--rejected-logp", "-2", "--gww", "1", "--gwl", "0", "--gll", "1"],
      "did you mean 'dpo'"),

@@ -131,6 +131,16 @@ def test_pair_gram_transformer_vmap_and_layerwise(tx, tx_ref):
     assert_gram_close(geo.pair_gram_layerwise(tr.grad_factors(CFG), params, batch, chunk_size=2), tx_ref)
 
 
+def test_gram_program_is_the_program_pair_gram_runs(tx, tx_ref):
+    """`gram_program` (the lowered program benchmarks analyse) computes the brute-force Gram when
+    executed, for both sequence paths (same tolerance as the public functions)."""
+    policy, params, batch = tx
+    for method, fn in (("pair_vmap", policy.logps), ("pair_layerwise", tr.grad_factors(CFG))):
+        assert_gram_close(geo.gram_program(method, fn, params, batch, chunk_size=2).compile()(params, batch), tx_ref)
+    with pytest.raises(ValueError, match="method"):
+        geo.gram_program("loop", policy.logps, params, batch)
+
+
 def test_pair_gram_tied_transformer_layerwise():
     """Tied read-out adds a dense use of embed/tok next to its gather: the cross terms must be exact."""
     cfg = dataclasses.replace(CFG, tie_embeddings=True)

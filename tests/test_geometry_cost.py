@@ -24,13 +24,13 @@ def batch_of(B, P, T, V, seed=1):
 
 
 def compiled(path, cfg, policy, params, b):
-    f, args = {
-        "seq_vmap": (geo._pair_gram_vmap, (policy.logps, params, b, None, None)),
-        "seq_layerwise": (geo._pair_gram_layerwise, (tr.grad_factors(cfg), params, b, None, None)),
-        "token_factored": (geo._token_gram_factored_jit, (tr.token_grad_factors(cfg), params, b, None, None)),
-        "token_jacrev": (geo._token_gram_jit, (policy.token_logps, params, b, None, None)),
+    method, fn = {
+        "seq_vmap": ("pair_vmap", policy.logps),
+        "seq_layerwise": ("pair_layerwise", tr.grad_factors(cfg)),
+        "token_factored": ("token_factored", tr.token_grad_factors(cfg)),
+        "token_jacrev": ("token_jacrev", policy.token_logps),
     }[path]
-    c = f.lower(*args).compile()
+    c = geo.gram_program(method, fn, params, b).compile()
     return c.cost_analysis()["flops"], c.memory_analysis().temp_size_in_bytes
 
 

@@ -154,6 +154,23 @@ def test_config_validation():
     with pytest.raises(ValueError):
         M.MitigationConfig(weight="half")
     assert M.MitigationConfig(method="dpop").effective_loss == "dpop"
+    with pytest.raises(TypeError, match="unexpected"):
+        M.MitigationConfig(lrate=0.1)
+
+
+def test_config_holds_the_train_config():
+    """MitigationConfig holds a TrainConfig: its fields are keywords and properties, validated by
+    TrainConfig; 'dpop' swaps in the DPOP loss (beta kept) for the trainer."""
+    from entangle_sim.train import TrainConfig
+    tc = TrainConfig(loss="sigmoid", loss_params=(("beta", 0.2),), optimizer="momentum", lr=0.05, steps=7, momentum=0.5)
+    cfg = M.MitigationConfig.from_train_config(tc, "dpop", dpop_lambda=5.0)
+    assert cfg.train == tc and (cfg.lr, cfg.steps, cfg.momentum, cfg.loss) == (0.05, 7, 0.5, "sigmoid")
+    assert cfg.effective_train.loss == "dpop"
+    assert dict(cfg.effective_train.loss_params) == {"beta": 0.2, "dpop_lambda": 5.0}
+    assert M.MitigationConfig(method="nll", lr=0.05, steps=7, loss_params=(("beta", 0.2),), optimizer="momentum",
+                              momentum=0.5).train == tc
+    with pytest.raises(ValueError, match="lr"):
+        M.MitigationConfig(lr=0.0)
 
 
 def test_cli_writes_table_json_and_figure(capsys, tmp_path):
@@ -175,11 +192,107 @@ def test_cli_writes_table_json_and_figure(capsys, tmp_path):
     assert (out / "mitigations.png").stat().st_size > 0
 
 
+def test_cli_param_is_the_loss_hyperparameter(capsys):
+    """`mitigate --param beta=0.3` reaches the loss: DPO's first-step gradient at the reference is
+    beta sigma(0) (g_w - g_l), so the calibrated lr (target / first-step scale) is 1/3 of the
+    beta = 0.1 one (1e-12 relative)."""
+    import json
+    from entangle_sim.cli import main
+    lrs = []
+    for extra in ([], ["--param", "beta=0.3"]):
+        assert main(["mitigate", "--settings", "tabular", "--methods", "baseline", "--steps", "1", "--pairs", "2",
+                     "--json", *extra]) == 0
+        lrs.append(json.loads(capsys.readouterr().out)[0]["lr"])
+    np.testing.assert_allclose(lrs[1], lrs[0] / 3, rtol=1e-12)
+
+
 @pytest.mark.parametrize("argv, msg", [(["--steps", "0"], "--steps"), (["--lr", "-1"], "--lr"),
                                        (["--loss", "nope"], "unknown loss"), (["--mask-l1", "-0.5"], "--mask-l1"),
-                                       (["--settings", "moon"], "invalid choice")])
+                                       (["--settings", "moon"], "invalid choice"),
+                                       (["--param", "nope=1"], "no hyperparameter 'nope'"),
+                                       (["--param", "beta=-1"], "out of range"),
+                                       (["--feature-lr", "0"], "--feature-lr")])
 def test_cli_bad_input_one_line_exit_2(capsys, tmp_path, argv, msg):
     from entangle_sim.cli import main
     assert main(["mitigate", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("entangle-sim: error:") and msg in err
+
+
+def _one_step(pol, params, batch, cfg, key, feats=None):
+    init, step = M.make_mitigation_step(pol, params, batch, cfg, feats)
+    state0 = init()
+    state1, rec = jax.jit(step)(state0, key)
+    return state0, state1, rec
+
+
+def test_plugin_steps_match_brute_force_formulas(toy):
+    """Each loss-changing plug-in, one SGD step from the reference on the linear toy, against an
+    independent jax.grad of the formula written out here (1e-12 relative: same gradient, different
+    association): 'nll' = DPO + alpha token-mean NLL; 'dpop' = the DPOP formula
+    -log sigma(beta (r_w - r_l - lambda max(0, -r_w))); 'normalized_batch' on a minibatch of 2
+    (the pairs `jax.random.choice` draws from the step key) = s_bar (u_w/|u_w| - u_l/|u_l|),
+    u = sum_i w_i s_i g_i, s = sigma(0) at the reference, per-pair gradients by vmap(grad)."""
+    pol, params, batch = toy
+    lp = lambda p: pol.logps(p, batch)
+    ref = lp(params)
+    nw = batch.chosen_len
+    key = jax.random.PRNGKey(3)
+
+    def sgd_target(loss):
+        return params - 0.1 * jax.grad(loss)(params)
+
+    beta, alpha, lam = 0.1, 0.7, 5.0
+
+    def nll(p):
+        lw, ll = lp(p)
+        z = beta * ((lw - ref[0]) - (ll - ref[1]))
+        return (-jax.nn.log_sigmoid(z) + alpha * (-lw / nw)).mean()
+
+    def dpop(p):
+        lw, ll = lp(p)
+        rw, rl = lw - ref[0], ll - ref[1]
+        return (-jax.nn.log_sigmoid(beta * (rw - rl - lam * jnp.maximum(0.0, -rw)))).mean()
+
+    for method, loss, kw in (("nll", nll, {"nll_alpha": alpha}), ("dpop", dpop, {"dpop_lambda": lam})):
+        (_, _, _), (th1, _, _), _ = _one_step(pol, params, batch, M.MitigationConfig(method=method, lr=0.1, steps=1, **kw), key)
+        np.testing.assert_allclose(th1, sgd_target(loss), rtol=1e-12, atol=1e-15)
+
+    cfg = M.MitigationConfig(method="normalized_batch", lr=0.1, steps=1, batch_size=2)
+    (_, _, _), (th1, _, _), rec = _one_step(pol, params, batch, cfg, key)
+    idx = jax.random.choice(key, 4, (2,), replace=False)
+    w = jnp.zeros(4).at[idx].set(0.5)
+    G = jax.vmap(lambda ex: jax.jacrev(lambda p: jnp.stack([u[0] for u in pol.logps(p, jax.tree.map(lambda a: a[None], ex))]))(params))(batch)
+    s = w * jax.nn.sigmoid(0.0)
+    u_w, u_l = G[:, 0].T @ s, G[:, 1].T @ s
+    direction = s.sum() * (u_w / jnp.linalg.norm(u_w) - u_l / jnp.linalg.norm(u_l))
+    np.testing.assert_allclose(th1 - params, 0.1 * direction, rtol=1e-12, atol=1e-15)
+    # the records: only the drawn pairs carry a one-pair prediction; the batch one is the SGD step
+    pp = np.asarray(rec.pair_pred_chosen)
+    assert np.all(pp[np.setdiff1d(np.arange(4), np.asarray(idx))] == 0) and np.all(pp[np.asarray(idx)] != 0)
+    np.testing.assert_allclose(rec.batch_pred_chosen, rec.lin_chosen, rtol=1e-12, atol=1e-15)
+
+
+def test_learned_mask_step_matches_brute_force(suffix_setting):
+    """'learned_mask', one SGD step: theta moves by -lr grad_theta and the mask logits u by
+    -mask_lr grad_u of mean_i DPO(l~_w, l~_l) + l1 mean_i sum_t m_t, with l~ = sum_t m_t l_t for
+    the policy AND the reference, m = sigmoid(u) * padding mask; written out here with jax.grad
+    (1e-12 relative)."""
+    pol, params, batch, _ = suffix_setting
+    cfg = M.MitigationConfig(method="learned_mask", lr=0.3, steps=1, mask_l1=0.1, mask_lr=2.0, record=False)
+    (th0, u0, _), (th1, u1, _), _ = _one_step(pol, params, batch, cfg, jax.random.PRNGKey(0))
+    from jax.flatten_util import ravel_pytree
+    flat, unravel = ravel_pytree(params)
+    ref_w, ref_l = pol.token_logps(params, batch)
+
+    def objective(f, u):
+        m_w = jax.nn.sigmoid(u[0]) * batch.chosen_mask
+        m_l = jax.nn.sigmoid(u[1]) * batch.rejected_mask
+        tw, tl = pol.token_logps(unravel(f), batch)
+        z = 0.1 * (((m_w * tw).sum(-1) - (m_w * ref_w).sum(-1)) - ((m_l * tl).sum(-1) - (m_l * ref_l).sum(-1)))
+        return (-jax.nn.log_sigmoid(z)).mean() + 0.1 * (m_w.sum(-1) + m_l.sum(-1)).mean()
+
+    g_f, g_u = jax.jit(jax.grad(objective, argnums=(0, 1)))(flat, u0)
+    np.testing.assert_allclose(th1, flat - 0.3 * g_f, rtol=1e-12, atol=1e-15)
+    for a, b, g in zip(u1, u0, g_u):
+        np.testing.assert_allclose(a, b - 2.0 * g, rtol=1e-12, atol=1e-15)

@@ -112,7 +112,6 @@ def test_reproduce_cli_rejects_unknown_figure(capsys):
 
 def test_mitigation_figure_renders():
     """The comparison runs are tested in test_mitigations.py; the figure renders on comparison-shaped rows."""
-    pytest.importorskip("entangle_sim.plotting.mitigations")
     rows = [{"setting": s, "method": m, "ideal_fraction": f, "pair_pred_ideal_fraction": 1.0 if m == "normalized" else f}
             for s in ("linear", "lastlayer-long") for m, f in (("baseline", 0.1), ("normalized", 0.4))]
     fig = simulation.plot_mitigation_comparison({"rows": rows})

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import sympy as sp
 
-from entangle_sim.data import edit_distance, one_token, shared_prefix, shared_suffix
+from entangle_sim.data import (edit_distance, one_token, shared_prefix, shared_suffix, softmax_draw_logp,
+                               softmax_draws)
 from entangle_sim.geometry import pair_gram
 from entangle_sim.policies import lastlayer
 from entangle_sim.symbolic import softmax_theory as st
@@ -144,20 +145,9 @@ def test_r15_zero_condition1_violations_over_20000_draws():
     """20,000 draws of (K in [2,16], d in [1,8], W, h, a != b): gradients by jax.grad (vmapped),
     zero violations of G_wl <= min(G_ww, G_ll). A violation must exceed 1e-12 relative to |h|^2
     (float64 rounding of the O(1) differences); the margins are (1 -+ p_a +- p_b)|h|^2 >= 0."""
-    N, Kmax, dmax = 20_000, 16, 8
-    ks = jax.random.split(jax.random.PRNGKey(42), 7)
-    Kn = jax.random.randint(ks[0], (N,), 2, Kmax + 1)
-    dn = jax.random.randint(ks[1], (N,), 1, dmax + 1)
-    scale = jnp.exp(jax.random.uniform(ks[2], (N, 1, 1), minval=-3.0, maxval=2.5))  # flat to peaked p
-    W = scale * jax.random.normal(ks[3], (N, Kmax, dmax))
-    h = jax.random.normal(ks[4], (N, dmax)) * (jnp.arange(dmax)[None] < dn[:, None])
-    a = jax.random.randint(ks[5], (N,), 0, Kmax) % Kn
-    b = (a + jax.random.randint(ks[6], (N,), 1, Kmax) % (Kn - 1) + 1) % Kn
-    valid = jnp.arange(Kmax)[None] < Kn[:, None]
-
-    def logp(W, h, valid, y):
-        z = jnp.where(valid, W @ h, -jnp.inf)  # padded vocabulary entries get probability 0
-        return jax.nn.log_softmax(z)[y]
+    N = 20_000
+    W, h, valid, a, b = softmax_draws(jax.random.PRNGKey(42), N)   # the draws the report's R15 entry uses
+    logp = softmax_draw_logp   # padded vocabulary entries get probability 0
 
     def gram(W, h, valid, a, b):
         gw, gl = jax.grad(logp)(W, h, valid, a), jax.grad(logp)(W, h, valid, b)

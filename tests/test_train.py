@@ -246,6 +246,10 @@ def test_simulate_cli_with_mitigation(capsys):
     assert code == 0, err
     s = json.loads(out)
     assert s["mitigation"] == "normalized" and s["pair_pred_ideal_fraction"] == 1.0
+    # one name per quantity: the plain simulation's summary names are there too, same values
+    assert (s["sign_agreement"], s["sign_agreement_one_pair"]) == (s["sign_agreement_lin"], s["sign_agreement_pair_pred"])
+    assert (s["mean_delta_chosen"], s["mean_delta_rejected"]) == (s["delta_chosen"], s["delta_rejected"])
+    assert s["mean_delta_margin"] == pytest.approx(s["delta_chosen"] - s["delta_rejected"], rel=1e-12)
     assert main(["simulate", "--mitigation", "foo"]) == 2
 
 

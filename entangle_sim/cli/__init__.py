@@ -52,14 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of an unexpected error (also: ENTANGLE_SIM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for mod_name in _COMMANDS:
-        try:
-            mod = importlib.import_module(f"{__name__}.{mod_name}")
-        except ModuleNotFoundError as e:  # a command still being built must not break the others
-            if e.name == f"{__name__}.{mod_name}":
-                continue
-            raise
-        mod.register(sub)
+    for mod_name in _COMMANDS:   # every command module ships with the package
+        importlib.import_module(f"{__name__}.{mod_name}").register(sub)
     return parser
 
 

@@ -48,7 +48,7 @@ def register(sub) -> None:
     p.add_argument("--gww", type=float, required=True, help="|g_w|^2")
     p.add_argument("--gwl", type=float, required=True, help="<g_w, g_l>")
     p.add_argument("--gll", type=float, required=True, help="|g_l|^2")
-    p.add_argument("--eta", type=float, default=1.0, help="step size (default 1)")
+    p.add_argument("--eta", "--lr", type=float, default=1.0, help="step size (default 1); --lr is the name simulate and mitigate use")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--json", action="store_true")
     add_losses_flag(p)

@@ -19,6 +19,8 @@ def register(sub) -> None:
     p.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(COMPARISON_METHODS))
     p.add_argument("--loss", default="sigmoid")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="loss hyperparameter by its registry name, as in `simulate --param` (e.g. beta=0.2)")
     p.add_argument("--optimizer", choices=("sgd", "momentum", "adam", "adamw"), default="sgd")
     p.add_argument("--lr", type=real_in(0, lo_open=True), default=None,
                    help="one lr for every setting and method (default: calibrated per setting on the baseline "
@@ -31,7 +33,10 @@ def register(sub) -> None:
     p.add_argument("--sft-steps", type=int_in(0, 10**9), default=150,
                    help="transformer SFT steps before preference training")
     p.add_argument("--mask-l1", type=real_in(0), default=None, help="l1 weight of the learned / feature masks")
-    p.add_argument("--mask-lr", type=real_in(0, lo_open=True), default=None, help="SGD step on the mask parameters")
+    p.add_argument("--mask-lr", type=real_in(0, lo_open=True), default=None,
+                   help="SGD step on the free mask logits (learned_mask)")
+    p.add_argument("--feature-lr", type=real_in(0, lo_open=True), default=None,
+                   help="SGD step on the feature-mask parameters (v, c) (feature_mask)")
     p.add_argument("--out", default=None, help="directory: writes mitigations.md, mitigations.json, mitigations.png")
     p.add_argument("--figure", default=None, help="also save the comparison figure to this path")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
@@ -54,23 +59,26 @@ def estimate(args) -> tuple[float, float]:
     return float(mem), float(work)
 
 
-def _check(args) -> None:
+def _check(args) -> tuple:
+    """Validates the arguments; returns the loss hyperparameters as TrainConfig.loss_params."""
     from ..losses import get
+    from .losses_cmd import parse_params
 
     if args.steps <= 0 or args.pairs <= 0:
         raise CLIError("--steps and --pairs must be positive")
     if args.sft_steps < 0:
         raise CLIError("--sft-steps must be >= 0")
-    for name in ("lr", "lr_target", "mask_lr"):
+    for name in ("lr", "lr_target", "mask_lr", "feature_lr"):
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and v > 0):
             raise CLIError(f"--{name.replace('_', '-')} must be a positive finite number, got {v}")
     if args.mask_l1 is not None and not (math.isfinite(args.mask_l1) and args.mask_l1 >= 0):
         raise CLIError(f"--mask-l1 must be >= 0, got {args.mask_l1}")
     try:
-        get(args.loss)
+        spec = get(args.loss)
     except (KeyError, ValueError) as e:
         raise CLIError(str(e.args[0] if e.args else e)) from e
+    params = parse_params(spec, args.param)
     mem, work = estimate(args)
     check_size(args, memory_bytes=mem, work=work, flags="--pairs/--steps/--sft-steps")
     if args.out is not None:
@@ -82,16 +90,17 @@ def _check(args) -> None:
         if not str(args.figure).strip() or fig.is_dir():
             raise CLIError(f"--figure {args.figure!r} must be a file path")
         check_out_dir(fig.parent if str(fig.parent) else ".", "--figure folder")
+    return tuple(sorted(params.items()))
 
 
 def run(args) -> int:
     from .. import mitigations as M
 
-    _check(args)
-    kw = {k: v for k, v in (("mask_l1", args.mask_l1), ("mask_lr", args.mask_lr)) if v is not None}
+    loss_params = _check(args)
+    kw = {k: getattr(args, k) for k in ("mask_l1", "mask_lr", "feature_lr") if getattr(args, k) is not None}
     res = M.run_comparison(args.settings, args.methods, steps=args.steps, pairs=args.pairs, seed=args.seed,
-                           optimizer=args.optimizer, lr=args.lr, loss=args.loss, sft_steps=args.sft_steps,
-                           lr_target=args.lr_target, **kw)
+                           optimizer=args.optimizer, lr=args.lr, loss=args.loss, loss_params=loss_params,
+                           sft_steps=args.sft_steps, lr_target=args.lr_target, **kw)
     rows = res["rows"]
     table = M.format_table(rows)
     # strict JSON: NaN / inf (e.g. sgd_vs_precond_flip under SGD, a diverged run) become null

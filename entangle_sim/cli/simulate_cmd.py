@@ -123,7 +123,4 @@ def _run_mitigated(cfg, args) -> dict:
             out[k] = {kk: float(np.mean([r[k][kk] for r in runs])) for kk in v}
         else:
             out[k] = float(np.mean([r[k] for r in runs]))
-    out["sign_agreement"] = out["sign_agreement_lin"]
-    out["mean_delta_chosen"] = out["delta_chosen"]
-    out["mean_delta_rejected"] = out["delta_rejected"]
     return out

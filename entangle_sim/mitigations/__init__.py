@@ -5,8 +5,10 @@ Every method's plain-gradient update direction lies in the span of (effective) r
 
     -grad L = J~^T c,   c = [a; -b] in R^{2B},   J~ [2B, P] rows g~_w,i then g~_l,i
 
-so one trainer (`train_mitigation`) records, per step and pair, with J [2B, P] the FULL response
-gradients (rows g_w,i then g_l,i):
+so every method is a plug-in of the one trainer step `train.make_step` (`mitigation_plugin`: token
+weights = the masks, an extra loss term, an update transformation = the normalisation, mask
+parameters as trained state) and `train_mitigation` records, per step and pair, with J [2B, P] the
+FULL response gradients (rows g_w,i then g_l,i):
 
     G_ww, G_wl, G_ll         own-pair Gram of the full gradients                     (R3)
     Ge_ww, Ge_wl, Ge_ll      own-pair Gram of the effective gradients g~ (masked for R20)
@@ -60,7 +62,8 @@ instability of a method at that lr (DPOP) is reported in the 'diverged' / 'max_s
 
 Modules: `config` (METHODS, MitigationConfig, MitigationRecord), `precondition` (oracle masks, Adam
 preconditioner, batch-level first order; the Grams themselves are `geometry`'s), `trainer`
-(make_mitigation_step, train_mitigation, train_per_pair, timed_run, calibrate_lr), `summary`,
+(mitigation_plugin, make_mitigation_step, train_mitigation, train_per_pair, timed_run,
+calibrate_lr), `summary`,
 `comparison` (settings, run_comparison, mask_sweep, format_table, run_with_mitigation).
 """
 from __future__ import annotations
@@ -68,7 +71,7 @@ from __future__ import annotations
 from .config import (METHODS, JACOBIAN_METHODS, MASK_METHODS, MitigationConfig, MitigationRecord)  # noqa: F401
 from .precondition import (oracle_masks, adam_preconditioner, preconditioned_gram, batch_gram,  # noqa: F401
                            batch_first_order, one_pair_first_order)
-from .trainer import (make_mitigation_step, train_mitigation, train_per_pair, timed_run, calibrate_lr)  # noqa: F401
+from .trainer import (mitigation_plugin, make_mitigation_step, train_mitigation, train_per_pair, timed_run, calibrate_lr)  # noqa: F401
 from .summary import (summarize)  # noqa: F401
 from .comparison import (SETTINGS, LR_TARGET, build_setting, COMPARISON_METHODS, run_comparison, mask_sweep,  # noqa: F401
                          TABLE_COLUMNS, format_table, run_with_mitigation)

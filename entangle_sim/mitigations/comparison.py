@@ -191,10 +191,20 @@ def run_with_mitigation(policy: Policy, params: PyTree, batch: PairBatch, cfg: T
     """Hook for `entangle-sim simulate --mitigation NAME`: run `cfg` (loss, optimizer, lr, steps,
     batch size) with a mitigation and return (records [S, B], summary dict). mitigation 'none' or
     'baseline' is the plain loss; kw go to MitigationConfig (weight, nll_alpha, mask_l1, ...).
+    The quantities `train.summarize` also reports appear under its names too (TRAIN_SUMMARY_NAMES),
+    so a simulation's summary has one name per quantity with or without a mitigation.
 
     >>> rec, summary = run_with_mitigation(pol, params, batch, TrainConfig(lr=0.05, steps=50), "normalized", key)  # doctest: +SKIP
     """
     method = "baseline" if mitigation in (None, "none") else mitigation
     mcfg = MitigationConfig.from_train_config(cfg, method, **kw)
     rec = train_mitigation(policy, params, batch, mcfg, key)
-    return rec, summarize(rec)
+    s = summarize(rec)
+    s.update({train_name: s[name] for train_name, name in TRAIN_SUMMARY_NAMES.items()})
+    s["mean_delta_margin"] = s["mean_delta_chosen"] - s["mean_delta_rejected"]
+    return rec, s
+
+
+#: `train.summarize` name -> `summarize` name of the same quantity.
+TRAIN_SUMMARY_NAMES = {"sign_agreement": "sign_agreement_lin", "sign_agreement_one_pair": "sign_agreement_pair_pred",
+                       "mean_delta_chosen": "delta_chosen", "mean_delta_rejected": "delta_rejected"}

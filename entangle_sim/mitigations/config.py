@@ -19,25 +19,27 @@ JACOBIAN_METHODS = ("normalized", "normalized_sq", "normalized_batch")
 MASK_METHODS = ("oracle_mask", "learned_mask", "feature_mask")
 
 
-@dataclasses.dataclass(frozen=True)
-class MitigationConfig:
-    """One mitigation run (frozen, hashable).
+# The TrainConfig fields a MitigationConfig also takes as keywords (and reads back as properties).
+TRAIN_FIELDS = ("loss", "loss_params", "optimizer", "lr", "steps", "batch_size", "momentum", "weight_decay",
+                "record")
 
-    method: one of METHODS. loss / loss_params / optimizer / lr / steps / batch_size: as TrainConfig.
+
+@dataclasses.dataclass(frozen=True, init=False)
+class MitigationConfig:
+    """One mitigation run (frozen, hashable): a mitigation method on top of a `TrainConfig`.
+
+    method: one of METHODS. train: the run's TrainConfig (loss, loss_params, optimizer, lr, steps,
+    batch_size, record, ...); each of its fields is also a keyword of the constructor and a property,
+    e.g. MitigationConfig(method="nll", lr=0.05).lr == 0.05 (record: per-step Jacobians / Grams /
+    predictions; False: log-probs only, for timing).
     weight: 'step' (s = -m'(z)) or 'unit' (s = 1) for the normalized methods.
     nll_alpha: NLL weight of method 'nll'. dpop_lambda: lambda_p of method 'dpop'.
     mask_l1, mask_lr, mask_init: l1 weight, SGD step on mask logits u, initial u (learned_mask);
     feature_lr: SGD step on (v, c) of feature_mask (m_t = sigmoid(v . h_t + c); same mask_l1, mask_init).
-    record: per-step Jacobians / Grams / predictions (False: log-probs only, for timing).
     """
 
     method: str = "baseline"
-    loss: str = "sigmoid"
-    loss_params: tuple = ()
-    optimizer: str = "sgd"
-    lr: float = 0.1
-    steps: int = 100
-    batch_size: int = 0
+    train: TrainConfig = TrainConfig()
     weight: str = "step"
     nll_alpha: float = 1.0
     dpop_lambda: float = 50.0
@@ -55,17 +57,41 @@ class MitigationConfig:
     mask_lr: float = 3000.0
     feature_lr: float = 3.0
     mask_init: float = 2.0
-    record: bool = True
 
-    def __post_init__(self):
+    def __init__(self, method: str = "baseline", train: TrainConfig | None = None, *, weight: str = "step",
+                 nll_alpha: float = 1.0, dpop_lambda: float = 50.0, mask_l1: float = 0.01, mask_lr: float = 3000.0,
+                 feature_lr: float = 3.0, mask_init: float = 2.0, **train_fields):
+        unknown = set(train_fields) - set(TRAIN_FIELDS)
+        if unknown:
+            raise TypeError(f"MitigationConfig got unexpected keyword(s) {', '.join(sorted(unknown))}")
+        # TrainConfig validates the shared fields (loss, optimizer, lr, steps, batch size, ...)
+        train = dataclasses.replace(train or TrainConfig(), **train_fields) if train_fields else (train or TrainConfig())
+        for name, value in dict(method=method, train=train, weight=weight, nll_alpha=nll_alpha,
+                                dpop_lambda=dpop_lambda, mask_l1=mask_l1, mask_lr=mask_lr, feature_lr=feature_lr,
+                                mask_init=mask_init).items():
+            object.__setattr__(self, name, value)
         if self.method not in METHODS:
             raise ValueError(f"unknown mitigation {self.method!r}; valid: {', '.join(METHODS)}")
         if self.weight not in ("step", "unit"):
             raise ValueError(f"weight must be 'step' or 'unit', got {self.weight!r}")
-        TrainConfig(loss=self.effective_loss, loss_params=self.effective_loss_params, optimizer=self.optimizer,
-                    lr=self.lr, steps=self.steps, batch_size=self.batch_size)  # validates the shared fields
+        self.effective_train  # the effective loss's hyperparameters (DPOP's lambda) validated too
         if self.mask_l1 < 0 or self.mask_lr <= 0 or self.feature_lr <= 0 or self.nll_alpha < 0:
             raise ValueError("need mask_l1 >= 0, mask_lr > 0, feature_lr > 0, nll_alpha >= 0")
+
+    loss = property(lambda self: self.train.loss, doc="TrainConfig.loss (the configured loss; see effective_loss)")
+    loss_params = property(lambda self: self.train.loss_params, doc="TrainConfig.loss_params")
+    optimizer = property(lambda self: self.train.optimizer, doc="TrainConfig.optimizer")
+    lr = property(lambda self: self.train.lr, doc="TrainConfig.lr")
+    steps = property(lambda self: self.train.steps, doc="TrainConfig.steps")
+    batch_size = property(lambda self: self.train.batch_size, doc="TrainConfig.batch_size")
+    momentum = property(lambda self: self.train.momentum, doc="TrainConfig.momentum")
+    weight_decay = property(lambda self: self.train.weight_decay, doc="TrainConfig.weight_decay")
+    record = property(lambda self: self.train.record, doc="TrainConfig.record")
+
+    @property
+    def effective_train(self) -> TrainConfig:
+        """The trainer's configuration of this run: `train` with the effective loss (DPOP for 'dpop')."""
+        return dataclasses.replace(self.train, loss=self.effective_loss, loss_params=self.effective_loss_params)
 
     @property
     def effective_loss(self) -> str:
@@ -80,9 +106,8 @@ class MitigationConfig:
 
     @classmethod
     def from_train_config(cls, cfg: TrainConfig, method: str, **kw) -> "MitigationConfig":
-        """The mitigation run matching a TrainConfig (loss, optimizer, lr, steps, batch size)."""
-        return cls(method=method, loss=cfg.loss, loss_params=cfg.loss_params, optimizer=cfg.optimizer,
-                   lr=cfg.lr, steps=cfg.steps, batch_size=cfg.batch_size, **kw)
+        """The mitigation run of a TrainConfig (its loss, optimizer, lr, steps, batch size, ...)."""
+        return cls(method=method, train=cfg, **kw)
 
 
 class MitigationRecord(NamedTuple):

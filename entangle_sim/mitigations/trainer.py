@@ -1,4 +1,5 @@
-"""The mitigation trainer: one compiled `lax.scan` per run recording theory vs realised changes."""
+"""Mitigation runs: each method is a `train.StepPlugin` of the one trainer step (`train.make_step`),
+one compiled `lax.scan` per run recording theory vs realised changes."""
 from __future__ import annotations
 
 import time
@@ -6,11 +7,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
 from .. import geometry, losses
-from ..train import make_optimizer
+from ..train import StepPlugin, make_optimizer, make_step
 from ..types import Array, PairBatch, Policy, PyTree
 from .config import JACOBIAN_METHODS, MASK_METHODS, MitigationConfig, MitigationRecord
 from .precondition import oracle_masks, adam_preconditioner
@@ -31,79 +31,47 @@ def _step_weight(spec, hp, lw, ll, rw, rl, nw, nl, d_w, d_l):
     return jnp.where(hl != 0, d_l / jnp.where(hl != 0, hl, 1.0), 0.5 * (d_w + d_l))
 
 
-def _precond_vector(cfg: MitigationConfig, opt_state, P: int, dtype):
-    if cfg.optimizer in ("adam", "adamw"):
+def _precond_vector(optimizer: str, opt_state, P: int, dtype):
+    if optimizer in ("adam", "adamw"):
         return ravel_pytree(adam_preconditioner(opt_state))[0]
     return jnp.ones((P,), dtype)
 
 
-def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg: MitigationConfig,
-                         features=None):
-    """(init_state, step): step(state, key) -> (state, MitigationRecord row). State = (theta_flat,
-    mask parameters, opt_state); mask parameters = logits (u_w [B,T_w], u_l [B,T_l]) for the free masks,
-    (v [D], c) for 'feature_mask' (needs `features(params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D])`,
-    e.g. `setting_features`). See module docstring for the records."""
-    spec = losses.get(cfg.effective_loss)
-    hp = spec.resolve(**dict(cfg.effective_loss_params))
-    B = batch.size
-    b = B if cfg.batch_size in (0, None) or cfg.batch_size >= B else cfg.batch_size
-    nw, nl = batch.chosen_len, batch.rejected_len
-    theta0, unravel = ravel_pytree(params0)
-    n_par = theta0.shape[0]
-    dtype = theta0.dtype
-    tok = lambda th: policy.token_logps(unravel(th), batch)
-    ref_tw, ref_tl = jax.lax.stop_gradient(tok(theta0))
-    om_w, om_l = oracle_masks(batch)
-    opt = make_optimizer(cfg.optimizer, cfg.lr)
+def mitigation_plugin(cfg: MitigationConfig, policy: Policy, features=None) -> StepPlugin:
+    """The `train.StepPlugin` of one mitigation method on a policy of FLAT parameters theta [P]
+    (`features(theta, batch)` likewise): token weights (the R20 masks; the padding masks otherwise),
+    the NLL term (method 'nll'), the per-pair / per-batch normalisation as an update transformation
+    (R19), the mask parameters as trained state (learned / feature masks), and the records of
+    `MitigationRecord`. The loss itself (the configured one, or DPOP for 'dpop': `cfg.effective_train`)
+    and its resolved hyperparameters are the trainer's (`ctx.spec`, `ctx.hp`)."""
     method = cfg.method
-    learned = method == "learned_mask"
-    feature = method == "feature_mask"
-    trains_mask = learned or feature
+    learned, feature = method == "learned_mask", method == "feature_mask"
 
-    if feature and features is None:
-        raise ValueError("method 'feature_mask' needs features(params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D])")
-
-    def masks(mp, th):
+    def token_weights(mp, th, batch):
         if method == "oracle_mask":
-            return om_w, om_l
+            return oracle_masks(batch)
         if learned:
             return jax.nn.sigmoid(mp[0]) * batch.chosen_mask, jax.nn.sigmoid(mp[1]) * batch.rejected_mask
         if feature:  # m_t = sigmoid(v . h_t + c), h_t the token's hidden state (stop-gradient: the mask gates)
-            h_w, h_l = jax.lax.stop_gradient(features(unravel(th), batch))
+            h_w, h_l = jax.lax.stop_gradient(features(th, batch))
             v, c0 = mp
             return (jax.nn.sigmoid(h_w @ v + c0) * batch.chosen_mask,
                     jax.nn.sigmoid(h_l @ v + c0) * batch.rejected_mask)
         return batch.chosen_mask, batch.rejected_mask
 
-    def eff_logps(th, m_w, m_l):
-        tw, tl = tok(th)
-        return (m_w * tw).sum(-1), (m_l * tl).sum(-1)
-
-    def per_pair(lw, ll, m_w, m_l):
-        rw, rl = (m_w * ref_tw).sum(-1), (m_l * ref_tl).sum(-1)
-        L = spec(lw, ll, rw, rl, nw, nl, **hp)
-        if method == "nll":
-            L = L + cfg.nll_alpha * (-lw / nw)
-        return L, rw, rl
-
-    def objective(th, mp, w, th_mask):
-        m_w, m_l = masks(mp, th_mask)
-        lw, ll = eff_logps(th, m_w, m_l)
-        L = (w * per_pair(lw, ll, m_w, m_l)[0]).sum()
-        if trains_mask:
-            L = L + cfg.mask_l1 * (w * (m_w.sum(-1) + m_l.sum(-1))).sum()
-        return L
-
-    def coefficients(lw_e, ll_e, m_w, m_l, w, Je):
-        """(a, b) with -grad_theta = sum_i a_i g~_w,i - b_i g~_l,i (and, for the normalized methods,
-        the stop-gradient weights of the surrogate)."""
-        gw, gl = jax.grad(lambda x, y: per_pair(x, y, m_w, m_l)[0].sum(), argnums=(0, 1))(lw_e, ll_e)
-        d_w, d_l = -gw, gl
+    def coefficients(ctx):
+        """(a, b) with -grad_theta = sum_i a_i g~_w,i - b_i g~_l,i: the weighted incentives, or for
+        the normalized methods the weights of the surrogate (stop-gradient norms)."""
+        gw, gl = ctx.dloss
+        d_w, d_l, w = -gw, gl, ctx.w
         if method not in JACOBIAN_METHODS:
             return w * d_w, w * d_l
-        _, rw, rl = per_pair(lw_e, ll_e, m_w, m_l)
-        s = jnp.ones_like(d_w) if cfg.weight == "unit" else _step_weight(spec, hp, lw_e, ll_e, rw, rl, nw, nl, d_w, d_l)
-        tiny = jnp.finfo(dtype).tiny
+        batch = ctx.batch
+        s = jnp.ones_like(d_w) if cfg.weight == "unit" else _step_weight(
+            ctx.spec, ctx.hp, ctx.lw, ctx.ll, *ctx.ref, batch.chosen_len, batch.rejected_len, d_w, d_l)
+        Je = ctx.jacobian
+        B = batch.size
+        tiny = jnp.finfo(Je.dtype).tiny
         Jw, Jl = Je[:B], Je[B:]
         sq_w, sq_l = (Jw * Jw).sum(1), (Jl * Jl).sum(1)
         if method == "normalized":
@@ -116,61 +84,24 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
         return (s_bar * w * s / jnp.maximum(jnp.linalg.norm(u_w), tiny),
                 s_bar * w * s / jnp.maximum(jnp.linalg.norm(u_l), tiny))
 
-    def jac(th, m_w, m_l):
-        return geometry.response_jacobian(lambda t, _: eff_logps(t, m_w, m_l), th, batch)
-
-    def init_state():
-        Tw, Tl = batch.chosen.shape[1], batch.rejected.shape[1]
-        if feature:   # v = 0, c = mask_init: starts at the same mask sigmoid(mask_init) as the free masks
-            D = jax.eval_shape(lambda: features(params0, batch))[0].shape[-1]
-            mp = (jnp.zeros((D,), dtype), jnp.asarray(cfg.mask_init, dtype))
-        else:
-            mp = (jnp.full((B, Tw), cfg.mask_init, dtype), jnp.full((B, Tl), cfg.mask_init, dtype))
-        return theta0, mp, opt.init(theta0)
-
-    def step(state, key):
-        th, mp, opt_state = state
-        idx = jax.random.choice(key, B, (b,), replace=False) if b < B else jnp.arange(B)
-        w = jnp.zeros((B,), dtype).at[idx].set(1.0 / b)
-        m_w, m_l = jax.lax.stop_gradient(masks(mp, th))
-        need_jac = cfg.record or method in JACOBIAN_METHODS
-        lw_e, ll_e = eff_logps(th, m_w, m_l)
-        Je = jac(th, m_w, m_l) if need_jac else None
-        if method in JACOBIAN_METHODS:
-            a, bb = jax.lax.stop_gradient(coefficients(lw_e, ll_e, m_w, m_l, w, Je))
-
-            def surrogate(t):  # R19: -sum_i s_i (l_w / sg|g_w| - l_l / sg|g_l|) (weights folded into a, b)
-                x, y = eff_logps(t, m_w, m_l)
-                return -(a * x - bb * y).sum()
-
-            g_th = jax.grad(surrogate)(th)
-            g_mp = None
-        else:
-            g_th, g_mp = jax.grad(objective, argnums=(0, 1))(th, mp, w, th)
-        updates, new_opt_state = opt.update(g_th, opt_state, th)
-        th1 = optax.apply_updates(th, updates)
-        if trains_mask:   # plain SGD on the mask parameters (logits u, or (v, c) of the feature mask)
-            mlr = cfg.feature_lr if feature else cfg.mask_lr
-            mp = jax.tree.map(lambda x, g: x - mlr * g, mp, g_mp)
-        tw, tl = tok(th)
-        lw, ll = tw.sum(-1), tl.sum(-1)
-        tw1, tl1 = tok(th1)
-        loss_val = per_pair(lw_e, ll_e, m_w, m_l)[0]
+    def record(ctx):
+        batch, (m_w, m_l) = ctx.batch, ctx.weights
+        B = batch.size
+        lw, ll = policy.logps(ctx.params, batch)
+        lw1, ll1 = policy.logps(ctx.new_params, batch)
+        rec = dict(chosen_logps=lw, rejected_logps=ll, loss=ctx.per_pair, real_chosen=lw1 - lw,
+                   real_rejected=ll1 - ll, mask_w=m_w, mask_l=m_l)
         zeros = jnp.zeros_like(lw)
-        rec = dict(chosen_logps=lw, rejected_logps=ll, loss=loss_val, real_chosen=tw1.sum(-1) - lw,
-                   real_rejected=tl1.sum(-1) - ll, mask_w=m_w, mask_l=m_l)
         if not cfg.record:
             rec.update({k: zeros for k in MitigationRecord._fields if k not in rec})
-            return (th1, mp, new_opt_state), MitigationRecord(**rec)
-        if method in JACOBIAN_METHODS:
-            a_c, b_c = a, bb
-        else:
-            a_c, b_c = jax.lax.stop_gradient(coefficients(lw_e, ll_e, m_w, m_l, w, Je))
-        J = jac(th, jnp.ones_like(m_w) * batch.chosen_mask, jnp.ones_like(m_l) * batch.rejected_mask) \
-            if method in MASK_METHODS else Je
+            return MitigationRecord(**rec)
+        a_c, b_c = ctx.coefficients if ctx.coefficients is not None else \
+            jax.lax.stop_gradient(coefficients(ctx))
+        Je = ctx.jacobian
+        J = geometry.response_jacobian(policy.logps, ctx.params, batch) if method in MASK_METHODS else Je
         c = jnp.concatenate([a_c, -b_c])
-        eta = cfg.lr
-        Pv = _precond_vector(cfg, new_opt_state, n_par, dtype)
+        eta = ctx.lr
+        Pv = _precond_vector(cfg.optimizer, ctx.new_opt_state, Je.shape[1], Je.dtype)
         own = jnp.concatenate([jnp.arange(B), jnp.arange(B)])
         same = own[:, None] == own[None, :]
         out = {}
@@ -182,10 +113,60 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
         if cfg.optimizer not in ("adam", "adamw"):
             out.update({k: zeros for k in out if k.startswith("pc_")})
         full, eff = geometry.jacobian_pair_gram(J), geometry.jacobian_pair_gram(Je)
-        lin = J @ updates
+        lin = J @ ravel_pytree(ctx.updates)[0]
         rec.update(out, G_ww=full.G_ww, G_wl=full.G_wl, G_ll=full.G_ll,
                    Ge_ww=eff.G_ww, Ge_wl=eff.G_wl, Ge_ll=eff.G_ll, lin_chosen=lin[:B], lin_rejected=lin[B:])
-        return (th1, mp, new_opt_state), MitigationRecord(**rec)
+        return MitigationRecord(**rec)
+
+    def init(th, batch):
+        dtype = ravel_pytree(th)[0].dtype
+        if feature:   # v = 0, c = mask_init: starts at the same mask sigmoid(mask_init) as the free masks
+            D = jax.eval_shape(lambda: features(th, batch))[0].shape[-1]
+            return jnp.zeros((D,), dtype), jnp.asarray(cfg.mask_init, dtype)
+        return (jnp.full(batch.chosen.shape, cfg.mask_init, dtype),
+                jnp.full(batch.rejected.shape, cfg.mask_init, dtype))
+
+    trains_mask = learned or feature
+    return StepPlugin(
+        init=init if trains_mask else None,
+        token_weights=token_weights,
+        extra_loss=(lambda lw, ll, batch: cfg.nll_alpha * (-lw / batch.chosen_len)) if method == "nll" else None,
+        penalty=(lambda m_w, m_l: cfg.mask_l1 * (m_w.sum(-1) + m_l.sum(-1))) if trains_mask else None,
+        state_lr=cfg.feature_lr if feature else cfg.mask_lr,   # plain SGD on mask logits u, or on (v, c)
+        coefficients=coefficients if method in JACOBIAN_METHODS else None,
+        record=record)
+
+
+def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg: MitigationConfig,
+                         features=None):
+    """(init_state, step): step(state, key) -> (state, MitigationRecord row), the trainer's step
+    (`train.make_step`) with `mitigation_plugin(cfg)`. State = (theta_flat, mask parameters,
+    opt_state); mask parameters = logits (u_w [B,T_w], u_l [B,T_l]) for the free masks, (v [D], c)
+    for 'feature_mask' (needs `features(params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D])`, e.g.
+    `setting_features`), unused by the other methods. See the package docstring for the records."""
+    if cfg.method == "feature_mask" and features is None:
+        raise ValueError("method 'feature_mask' needs features(params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D])")
+    theta0, unravel = ravel_pytree(params0)
+    flat = Policy(policy.name, lambda key: ravel_pytree(policy.init(key))[0],
+                  lambda th, bt: policy.token_logps(unravel(th), bt))
+    flat_features = None if features is None else (lambda th, bt: features(unravel(th), bt))
+    plugin = mitigation_plugin(cfg, flat, flat_features)
+    inner = make_step(flat, cfg.effective_train, plugin=plugin)
+    ref_tok = jax.lax.stop_gradient(flat.token_logps(theta0, batch))   # reference = the initial policy
+    opt = make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    masks0 = plugin.init or (lambda th, bt: (jnp.full(bt.chosen.shape, cfg.mask_init, theta0.dtype),
+                                             jnp.full(bt.rejected.shape, cfg.mask_init, theta0.dtype)))
+
+    def init_state():
+        return theta0, masks0(theta0, batch), opt.init(theta0)
+
+    def step(state, key):
+        th, mp, opt_state = state
+        if plugin.init is None:
+            th1, opt1, rec = inner(th, opt_state, batch, ref_tok, key)
+            return (th1, mp, opt1), rec
+        th1, (opt1, mp1), rec = inner(th, (opt_state, mp), batch, ref_tok, key)
+        return (th1, mp1, opt1), rec
 
     return init_state, step
 

@@ -85,10 +85,6 @@ def plot_table1_regions(data, *, ax=None):
     return fig
 
 
-def _short(expr: str, width: int = 38) -> str:
-    return expr if len(expr) <= width else expr[: width - 1] + "…"
-
-
 def plot_regime_maps(data, *, ax=None):
     """Small multiples: first-order regime of each loss on the (cos(g_w, g_l), |g_l|/|g_w|) plane
     at the stated pair state and default hyperparameters (symbolic engine, eta = 1)."""

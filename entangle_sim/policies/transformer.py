@@ -243,36 +243,53 @@ def grad_factors(cfg: TransformerConfig):
     return _grad_factors_fn(cfg)
 
 
+def _tapped_vjp(cfg: TransformerConfig, params, prompt, response, run, readout_tap: bool = True):
+    """vjp of `run(full params, taps) -> (out, aux)` w.r.t. (small leaves, taps): the matrices are
+    closed-over constants, so no weight-matrix gradient is formed, while the taps give the
+    back-propagated signal at every matrix output. The small leaves (biases, LayerNorm) are
+    differentiated directly. Returns (out, vjp, aux, paths of the small leaves).
+    Shared by the sequence-level (`grad_factors`) and token-level (`token_grad_factors`) factors."""
+    P, T = prompt.shape[0], response.shape[0]
+    _check_lengths(cfg, P, T)
+    flat, treedef = jax.tree_util.tree_flatten(params)
+    paths = param_paths(params)
+    big = [_is_factored(p) for p in paths]
+    small = [leaf for leaf, b in zip(flat, big) if not b]
+
+    def f(small_leaves, taps):
+        it = iter(small_leaves)
+        return run(jax.tree.unflatten(treedef, [leaf if b else next(it) for leaf, b in zip(flat, big)]), taps)
+
+    taps = zero_taps(cfg, P, T, params["embed"]["tok"].dtype)
+    if not readout_tap:
+        taps.pop("unembed")
+    out, vjp, aux = jax.vjp(f, small, taps, has_aux=True)
+    return out, vjp, aux, [p for p, b in zip(paths, big) if not b]
+
+
+def _embedding_uses(factor, prompt, response, delta_embed):
+    """(token use, position use) of the input embeddings: one-hot rows x_s (the model's input
+    tokens: prompt then response[:-1]) and positions s, each with the signal at the embedding output."""
+    x = jnp.concatenate([prompt, response[:-1]])
+    return factor(x, delta_embed), factor(jnp.arange(x.shape[0]), delta_embed)
+
+
 @lru_cache(maxsize=None)
 def _grad_factors_fn(cfg: TransformerConfig):
     def fn(params, prompt, response, mask):
-        P, T = prompt.shape[0], response.shape[0]
-        _check_lengths(cfg, P, T)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        paths = param_paths(params)
-        big = [_is_factored(p) for p in paths]
-        small = [leaf for (_, leaf), b in zip(flat, big) if not b]
-
-        def f(small_leaves, taps):
-            it = iter(small_leaves)
-            full = jax.tree.unflatten(treedef, [leaf if b else next(it) for (_, leaf), b in zip(flat, big)])
+        def run(full, taps):
             tok, inputs, hf = _apply(cfg, full, prompt, response, mask, taps)
             return tok.sum(), (inputs, hf)
 
-        dtype = params["embed"]["tok"].dtype
-        taps = zero_taps(cfg, P, T, dtype)
-        _, vjp, (inputs, hf) = jax.vjp(f, small, taps, has_aux=True)
-        g_small, delta = vjp(jnp.ones((), dtype))
-        dense = dict(zip([p for p, b in zip(paths, big) if not b], g_small))
-        x = jnp.concatenate([prompt, response[:-1]])
+        _, vjp, (inputs, hf), small_paths = _tapped_vjp(cfg, params, prompt, response, run)
+        g_small, delta = vjp(jnp.ones((), params["embed"]["tok"].dtype))
+        dense = dict(zip(small_paths, g_small))
         # dense taps are keyed by their weight path; the read-out tap is 'unembed'
         factored = {name: (Factor(a, delta["unembed" if name == "unembed/W" else name]),)
                     for name, a in inputs.items()}
-        tok_uses = (Factor(x, delta["embed"]),)
-        if cfg.tie_embeddings:
-            tok_uses += (Factor(delta["unembed"], hf),)
-        factored["embed/tok"] = tok_uses
-        factored["embed/pos"] = (Factor(jnp.arange(x.shape[0]), delta["embed"]),)
+        tok_use, pos_use = _embedding_uses(Factor, prompt, response, delta["embed"])
+        factored["embed/tok"] = (tok_use, Factor(delta["unembed"], hf)) if cfg.tie_embeddings else (tok_use,)
+        factored["embed/pos"] = (pos_use,)
         return GradFactors(dense, factored)
 
     # exact layer list for geometry_cost's path selection
@@ -300,21 +317,11 @@ def token_grad_factors(cfg: TransformerConfig):
 
 
 def _token_side(cfg: TransformerConfig, params, prompt, response, mask) -> TokenGradFactors:
-    P, T = prompt.shape[0], response.shape[0]
-    _check_lengths(cfg, P, T)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = param_paths(params)
-    big = [_is_factored(p) for p in paths]
-    small = [leaf for (_, leaf), b in zip(flat, big) if not b]
+    T = response.shape[0]
     dtype = params["embed"]["tok"].dtype
-
-    def f(small_leaves, taps):
-        it = iter(small_leaves)
-        full = jax.tree.unflatten(treedef, [leaf if b else next(it) for (_, leaf), b in zip(flat, big)])
-        return _body(cfg, full, prompt, response, taps)
-
-    taps = {k: v for k, v in zero_taps(cfg, P, T, dtype).items() if k != "unembed"}
-    hf, vjp, inputs = jax.vjp(f, small, taps, has_aux=True)
+    hf, vjp, inputs, small_paths = _tapped_vjp(cfg, params, prompt, response,
+                                               lambda full, taps: _body(cfg, full, prompt, response, taps),
+                                               readout_tap=False)
     W = _readout_matrix(cfg, params)                                   # [D, V]
     p = jax.nn.softmax(hf @ W, axis=-1)                                # [T, V]
     r = (jax.nn.one_hot(response, cfg.vocab, dtype=dtype) - p) * mask[:, None]   # d logp_t / d logits_t
@@ -322,17 +329,15 @@ def _token_side(cfg: TransformerConfig, params, prompt, response, mask) -> Token
     # cotangent t is g_hf[t] on row t of hf, zero elsewhere: all T backward signals in one vmapped vjp
     cts = jnp.eye(T, dtype=dtype)[:, :, None] * g_hf[None, :, :]      # [T, T, D]
     g_small, delta = jax.vmap(vjp)(cts)
-    dense = dict(zip([p_ for p_, b in zip(paths, big) if not b], g_small))
-    x = jnp.concatenate([prompt, response[:-1]])
+    dense = dict(zip(small_paths, g_small))
     factored = {name: (TokenFactor(a, delta[name]),) for name, a in inputs.items()}
-    readout = TokenFactor(hf[:, None, :], r[:, None, :])              # grad_t [D, V] = h_t r_t^T
-    tok_uses = (TokenFactor(x, delta["embed"]),)
+    tok_use, pos_use = _embedding_uses(TokenFactor, prompt, response, delta["embed"])
     if cfg.tie_embeddings:
-        tok_uses += (TokenFactor(r[:, None, :], hf[:, None, :]),)     # grad_t [V, D] = r_t h_t^T
+        factored["embed/tok"] = (tok_use, TokenFactor(r[:, None, :], hf[:, None, :]))   # grad_t [V, D] = r_t h_t^T
     else:
-        factored["unembed/W"] = (readout,)
-    factored["embed/tok"] = tok_uses
-    factored["embed/pos"] = (TokenFactor(jnp.arange(x.shape[0]), delta["embed"]),)
+        factored["unembed/W"] = (TokenFactor(hf[:, None, :], r[:, None, :]),)          # grad_t [D, V] = h_t r_t^T
+        factored["embed/tok"] = (tok_use,)
+    factored["embed/pos"] = (pos_use,)
     return TokenGradFactors(dense, factored)
 
 

@@ -48,19 +48,9 @@ def check_R14(p, seed):
 def check_R15(p, seed):
 
     proved = st.r15_condition1()["proved"]
-    N, Kmax, dmax = p["r15_draws"], 16, 8
-    ks = jax.random.split(jax.random.PRNGKey(seed + 42), 7)
-    Kn = jax.random.randint(ks[0], (N,), 2, Kmax + 1)
-    dn = jax.random.randint(ks[1], (N,), 1, dmax + 1)
-    scale = jnp.exp(jax.random.uniform(ks[2], (N, 1, 1), minval=-3.0, maxval=2.5))
-    W = scale * jax.random.normal(ks[3], (N, Kmax, dmax))
-    h = jax.random.normal(ks[4], (N, dmax)) * (jnp.arange(dmax)[None] < dn[:, None])
-    a = jax.random.randint(ks[5], (N,), 0, Kmax) % Kn
-    b = (a + jax.random.randint(ks[6], (N,), 1, Kmax) % (Kn - 1) + 1) % Kn
-    valid = jnp.arange(Kmax)[None] < Kn[:, None]
-
-    def logp(W, h, valid, y):
-        return jax.nn.log_softmax(jnp.where(valid, W @ h, -jnp.inf))[y]
+    N = p["r15_draws"]
+    W, h, valid, a, b = data.softmax_draws(jax.random.PRNGKey(seed + 42), N)
+    logp = data.softmax_draw_logp
 
     def gram(W, h, valid, a, b):
         gw, gl = jax.grad(logp)(W, h, valid, a), jax.grad(logp)(W, h, valid, b)
