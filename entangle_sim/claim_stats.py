@@ -36,6 +36,7 @@ reference and fails at the end was broken by training, otherwise by the geometry
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -166,28 +167,43 @@ def _scan(step, carry, keys):
     return jax.lax.scan(lambda c, k: step(c, k), carry, keys)
 
 
-def _pipeline(cfg: DiagnoseConfig):
-    """(stage_a(key) -> params after pretraining, stage_b(params, key, mode) -> (ref, final, sums)),
-    pure functions of one run, to be vmapped (seeds for stage a, seeds x modes for stage b)."""
+def _structure(cfg: DiagnoseConfig) -> DiagnoseConfig:
+    """cfg with the numbers that enter the programs as traced arguments (rates, loss hyperparameters)
+    set to fixed values: settings that differ only in them share one compiled program."""
+    return dataclasses.replace(cfg, sft_lr=1.0, po_lr=1.0, pretrain_lr=1.0, loss_params=(), seed=0)
+
+
+def _numbers(cfg: DiagnoseConfig) -> dict:
+    hp = losses.get(cfg.loss).resolve(**dict(cfg.loss_params))
+    return {"sft_lr": cfg.sft_lr, "po_lr": cfg.po_lr, "pretrain_lr": cfg.pretrain_lr,
+            "hp": {k: v for k, v in hp.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+
+
+@functools.lru_cache(maxsize=16)
+def _programs(structure: DiagnoseConfig, hp_static: tuple):
+    """(policy, scfg, stage_a, stage_b, measure): jitted, vmapped programs of one run structure.
+
+    stage_a(keys [R], nums) -> pretrained params [R];  stage_b(params, keys, modes, nums) -> (ref, final,
+    sums) [R];  measure(ref, final, modes, keys) -> eval-set measurements [R]. nums: `_numbers(cfg)`
+    (traced). hp_static: the non-numeric loss hyperparameters (part of the structure)."""
+    cfg = structure
     scfg = dataclasses.replace(cfg.sentiment, mode="long")
     policy = transformer.make(cfg.transformer)
-    spec = losses.get(cfg.loss)
-    hp = spec.resolve(**dict(cfg.loss_params))
-    sft = train.make_sft_step(policy, "adam", cfg.sft_lr)
-    po = train.make_step(policy, train.TrainConfig(loss=cfg.loss, loss_params=cfg.loss_params,
-                                                   optimizer=cfg.optimizer, lr=cfg.po_lr, steps=1), hp)
     sft_mode = 2 if cfg.sft_on_suffix else 0
 
-    def stage_a(key):
+    def stage_a(key, nums):
         k_init, k_pre = jax.random.split(key)
         return corpus.pretrain(policy, policy.init(k_init), scfg, cfg.corpus, k_pre, steps=cfg.pretrain_steps,
-                               lr=cfg.pretrain_lr, batch=cfg.pretrain_batch)[0]
+                               lr=nums["pretrain_lr"], batch=cfg.pretrain_batch)[0]
 
-    def stage_b(params, key, mode):
+    def stage_b(params, key, mode, nums):
+        hp = {**dict(hp_static), **nums["hp"]}
+        sft = train.make_sft_step(policy, "adam", 1.0)          # the rate is read from the optimizer state
+        po = train.make_step(policy, train.TrainConfig(loss=cfg.loss, optimizer=cfg.optimizer, steps=1), hp)
         k_sft, k_po = jax.random.split(key)
         smode = jnp.where(sft_mode == 0, 0, mode)    # the from-scratch recipe shows the run's own suffix
         if cfg.sft_steps:
-            state = train.make_optimizer("adam", cfg.sft_lr).init(params)
+            state = train.make_optimizer("adam", nums["sft_lr"]).init(params)
 
             def sbody(c, k):
                 p, s = c
@@ -197,7 +213,7 @@ def _pipeline(cfg: DiagnoseConfig):
 
             (params, _), _ = _scan(sbody, (params, state), jax.random.split(k_sft, cfg.sft_steps))
         ref = params
-        state = train.make_optimizer(cfg.optimizer, cfg.po_lr).init(params)
+        state = train.make_optimizer(cfg.optimizer, nums["po_lr"]).init(params)
 
         def pbody(c, k):
             p, s = c
@@ -217,20 +233,34 @@ def _pipeline(cfg: DiagnoseConfig):
         sums = {k: v.sum() if not k.startswith("agree") else v.mean() for k, v in rec.items()}
         return ref, final, sums
 
-    return policy, scfg, stage_a, stage_b
+    def evaluate_at(params, batch):
+        lw, ll = policy.logps(params, batch)
+        return lw.mean(), ll.mean(), geometry.pair_gram(policy.logps, params, batch).cos.mean()
 
+    def measure(ref_p, fin_p, mode, key):
+        batch, _ = sentiment.mode_batches(scfg, key, cfg.n_eval_pairs, mode)
+        w0, l0, c0 = evaluate_at(ref_p, batch)
+        w1, l1, c1 = evaluate_at(fin_p, batch)
+        ex = jax.tree.map(lambda a: a[0], batch)
+        out = {"eval_w": w1 - w0, "eval_l": l1 - l0, "cos_reference": c0, "cos_final": c1,
+               "chosen_ref": w0, "rejected_ref": l0}
+        n_real = 1 + jnp.array([0, scfg.short_len, scfg.long_len])[mode]
+        for at, p in (("reference", ref_p), ("final", fin_p)):
+            tg = geometry.token_gram(policy.token_logps, p, ex, method="jacrev").cos
+            diag = jnp.where(jnp.arange(tg.shape[0]) < n_real, jnp.diag(tg), -jnp.inf)
+            out[f"tok_contrast_{at}"] = tg[0, 0]
+            best = jnp.max(diag[1:])
+            out[f"tok_shared_max_{at}"] = jnp.where(jnp.isfinite(best), best, jnp.nan)  # '1t': no shared token
+        return out
 
-def _eval(policy, scfg, cfg, params, mode, key):
-    """Eval-set measurements of one model on one mode's held-out pairs."""
-    batch, _ = sentiment.mode_batches(scfg, key, cfg.n_eval_pairs, mode)
-    lw, ll = policy.logps(params, batch)
-    return lw.mean(), ll.mean(), geometry.pair_gram(policy.logps, params, batch).cos.mean(), batch
+    return (policy, scfg, jax.jit(jax.vmap(stage_a, in_axes=(0, None))),
+            jax.jit(jax.vmap(stage_b, in_axes=(0, 0, 0, None))), jax.jit(jax.vmap(measure)))
 
 
 def _pretrain_key(cfg: DiagnoseConfig, seeds: int) -> tuple:
     """What stage a depends on: settings that agree here share one pretraining."""
     return (cfg.transformer, dataclasses.replace(cfg.sentiment, mode="long"), cfg.corpus, cfg.pretrain_steps,
-            cfg.pretrain_lr, cfg.pretrain_batch, cfg.seed, seeds)
+            cfg.pretrain_lr, cfg.pretrain_batch, cfg.seed, seeds, jax.config.jax_enable_x64)
 
 
 def run_setting(cfg: DiagnoseConfig, seeds: int, *, progress: Callable[[str], None] | None = None,
@@ -240,8 +270,12 @@ def run_setting(cfg: DiagnoseConfig, seeds: int, *, progress: Callable[[str], No
     {mode: {eval_w, eval_l (eval-set mean changes), one_w ... real_l (summed batch-mean predictions
     and realised changes), agree_one / agree_batch / agree_lin (per-step sign agreement with the
     realised change), cos_reference, cos_final, tok_contrast_*, tok_shared_max_* (long/short)}}.
-    pretrained: a dict shared between calls; runs whose pretraining is the same reuse it."""
-    policy, scfg, stage_a, stage_b = _pipeline(cfg)
+    pretrained: a dict shared between calls; runs whose pretraining is the same reuse it. Settings
+    that differ only in rates or numeric loss hyperparameters reuse the compiled programs."""
+    hp = losses.get(cfg.loss).resolve(**dict(cfg.loss_params))
+    hp_static = tuple(sorted((k, v) for k, v in hp.items() if not isinstance(v, (int, float)) or isinstance(v, bool)))
+    policy, scfg, stage_a, stage_b, measure = _programs(_structure(cfg), hp_static)
+    nums = jax.tree.map(jnp.asarray, _numbers(cfg))
     keys = jax.vmap(jax.random.key)(cfg.seed + 1000 * jnp.arange(seeds))
     k_a = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     k_b = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
@@ -250,7 +284,7 @@ def run_setting(cfg: DiagnoseConfig, seeds: int, *, progress: Callable[[str], No
     if pretrained is not None and pk in pretrained:
         pre = pretrained[pk]
     else:
-        pre = jax.block_until_ready(jax.jit(jax.vmap(stage_a))(k_a))
+        pre = jax.block_until_ready(stage_a(k_a, nums))
         if pretrained is not None:
             pretrained[pk] = pre
     if progress:
@@ -258,26 +292,10 @@ def run_setting(cfg: DiagnoseConfig, seeds: int, *, progress: Callable[[str], No
     n_modes = len(MODES)
     rep = lambda t: jax.tree.map(lambda a: jnp.repeat(a, n_modes, axis=0), t)  # noqa: E731  [seeds*modes]
     modes = jnp.tile(jnp.arange(n_modes), seeds)
-    ref, final, sums = jax.block_until_ready(jax.jit(jax.vmap(stage_b))(rep(pre), rep(k_b), modes))
+    ref, final, sums = jax.block_until_ready(stage_b(rep(pre), rep(k_b), modes, nums))
     if progress:
         progress("trained")
-
-    def measure(ref_p, fin_p, mode, key):
-        w0, l0, c0, batch = _eval(policy, scfg, cfg, ref_p, mode, key)
-        w1, l1, c1, _ = _eval(policy, scfg, cfg, fin_p, mode, key)
-        ex = jax.tree.map(lambda a: a[0], batch)
-        out = {"eval_w": w1 - w0, "eval_l": l1 - l0, "cos_reference": c0, "cos_final": c1,
-               "chosen_ref": w0, "rejected_ref": l0}
-        for at, p in (("reference", ref_p), ("final", fin_p)):
-            tg = geometry.token_gram(policy.token_logps, p, ex, method="jacrev").cos
-            n_real = 1 + jnp.array([0, scfg.short_len, scfg.long_len])[mode]
-            diag = jnp.where(jnp.arange(tg.shape[0]) < n_real, jnp.diag(tg), -jnp.inf)
-            out[f"tok_contrast_{at}"] = tg[0, 0]
-            best = jnp.max(diag[1:])
-            out[f"tok_shared_max_{at}"] = jnp.where(jnp.isfinite(best), best, jnp.nan)  # '1t': no shared token
-        return out
-
-    meas = jax.block_until_ready(jax.jit(jax.vmap(measure))(ref, final, modes, rep(k_e)))
+    meas = jax.block_until_ready(measure(ref, final, modes, rep(k_e)))
     if progress:
         progress("measured")
     allv = {**{k: np.asarray(v) for k, v in sums.items()}, **{k: np.asarray(v) for k, v in meas.items()}}

@@ -105,7 +105,7 @@ def pretrain(policy: Policy, params: PyTree, scfg: sentiment.SentimentConfig, cc
     """
     if steps == 0:
         return params, jnp.zeros((0,))
-    step = train.make_sft_step(policy, "adam", lr)
+    step = train.make_sft_step(policy, "adam", 1.0)   # the step applies the rate of its state (lr may be traced)
 
     def body(carry, k):
         p, s = carry

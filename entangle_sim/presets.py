@@ -70,7 +70,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(grid=24, fig1_pairs=4, fig1_steps=20, algo_pairs=4, algo_steps=20, lr=0.5,
                    suffix_Ls=(0, 2, 8), suffix_pairs=4, suffix_steps=10, heat_L=4, sft_steps=20,
-                   diag=dict(sft_steps=2, po_steps=2, log_every=1, n_eval_pairs=4, d_model=16, n_layers=1,
+                   diag=dict(pretrain_steps=3, pretrain_batch=8, sft_steps=2, po_steps=2, log_every=1, n_eval_pairs=4, d_model=16, n_layers=1,
                              n_heads=2, sft_batch=8, po_batch=4, long_len=6),
                    claims=dict(seeds=5, settings=("paper", "from_scratch", "one_pair"),
                                base=dict(d_model=16, n_layers=1, n_heads=2, pretrain_steps=4, pretrain_batch=8,

@@ -10,8 +10,11 @@
 
 # %% [markdown]
 # # Tiny transformer on the synthetic sentiment task (Figs. 3, 4a, 4b analogues)
-# SFT then DPO on "prompt -> [pos | neg] + shared suffix" for the 1t / short / long datasets
-# (`entangle_sim.diagnose`). In tiny mode (tests) the runs are a few steps only.
+# Pretraining on a synthetic corpus (so that the shared suffixes are fluent text the model already
+# predicts, as for the paper's pretrained GPT-2), then SFT and DPO on "prompt -> [pos | neg] +
+# shared suffix" for the 1t / short / long datasets (`entangle_sim.diagnose`). In tiny mode (tests)
+# the runs are a few steps only. The last cell shows the paper's claims as statistics over seeds
+# and settings (`entangle_sim.claim_stats`, also `entangle-sim claims`).
 
 # %%
 import os
@@ -31,6 +34,6 @@ if PRESET == "tiny":  # one dataset only, a few steps (tests)
         plot(res)
         plt.show()
 else:
-    for name in ("transformer_logps", "transformer_cos", "transformer_heatmap"):
+    for name in ("transformer_logps", "transformer_cos", "transformer_heatmap", "transformer_claims"):
         fig, data = figures.render(name, PRESET, cache_dir=os.environ.get("ENTANGLE_SIM_CACHE"))
         plt.show()

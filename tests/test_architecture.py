@@ -20,7 +20,7 @@ KNOWN_CYCLE_EDGES = {("entangle_sim.losses", "entangle_sim._userloss"),
                      ("entangle_sim.symbolic.compact", "entangle_sim.symbolic.dynamics")}
 KNOWN_PRIVATE_IMPORTS = {("entangle_sim.losses", "_userloss"), ("entangle_sim.cli._user_losses", "_userloss")}
 # Layers of the experiment code, bottom to top: a module may import its own layer or lower ones.
-LAYERS = [("presets",), ("reproduce", "diagnose", "mitigations", "simulate"), ("plotting", "figures"),
+LAYERS = [("presets",), ("reproduce", "diagnose", "claim_stats", "mitigations", "simulate"), ("plotting", "figures"),
           ("report",), ("cli",)]
 
 

@@ -15,7 +15,7 @@ from entangle_sim import geometry, regimes  # noqa: E402
 from entangle_sim.cli import main  # noqa: E402
 from entangle_sim.diagnose import DiagnoseConfig, run_diagnose  # noqa: E402
 
-TINY = dict(sft_steps=3, po_steps=4, log_every=2, n_eval_pairs=4, sft_batch=8, po_batch=4,
+TINY = dict(pretrain_steps=3, pretrain_batch=8, sft_steps=3, po_steps=4, log_every=2, n_eval_pairs=4, sft_batch=8, po_batch=4,
             d_model=16, n_layers=1, n_heads=2, prompt_len=3, short_len=2, long_len=3, po_lr=1e-2)
 
 

@@ -28,6 +28,7 @@ def plot_claim_table(data, *, ax=None):
         a1.text(j, i, f"{r['k']}/{r['n']}\n[{lo:.2f},{hi:.2f}]", ha="center", va="center", fontsize=6.5,
                 color="white" if r["fraction"] < 0.25 or r["fraction"] > 0.85 else "black")
     im = a1.imshow(frac, cmap="RdBu", vmin=0, vmax=1, aspect="auto")
+    a1.grid(False)
     a1.set_xticks(range(len(settings)), settings, rotation=45, ha="right", fontsize=7)
     a1.set_yticks(range(len(claims)), claims, fontsize=7)
     fig.colorbar(im, ax=a1, fraction=0.046, label="fraction of seeds where the claim holds")
