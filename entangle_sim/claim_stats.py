@@ -223,14 +223,25 @@ def _programs(structure: DiagnoseConfig, hp_static: tuple):
             means = {f"{lv}_{side}": getattr(rec, f"{name}_{full}").mean()
                      for lv, name in (("one", "pred"), ("batch", "batch"), ("lin", "lin"), ("real", "real"))
                      for side, full in (("w", "chosen"), ("l", "rejected"))}
-            signs = {f"agree_{lv}": jnp.mean(jnp.concatenate([
-                jnp.sign(getattr(rec, f"{name}_chosen")) == jnp.sign(rec.real_chosen),
-                jnp.sign(getattr(rec, f"{name}_rejected")) == jnp.sign(rec.real_rejected)]))
-                for lv, name in (("one", "pred"), ("batch", "batch"), ("lin", "lin"))}
+            # Sign agreement as in `train.summarize`: only changes whose prediction exceeds the rounding of a
+            # log-prob difference, 100 eps (1 + |l|), count (in float32 that is ~1e-5 at l ~ -10).
+            eps = jnp.finfo(rec.chosen_logps.dtype).eps
+            signs = {}
+            for lv, name in (("one", "pred"), ("batch", "batch"), ("lin", "lin")):
+                agree = total = 0.0
+                for side in ("chosen", "rejected"):
+                    pred, real = getattr(rec, f"{name}_{side}"), getattr(rec, f"real_{side}")
+                    sel = jnp.abs(pred) > 100 * eps * (1 + jnp.abs(getattr(rec, f"{side}_logps")))
+                    agree = agree + jnp.sum(sel & (jnp.sign(pred) == jnp.sign(real)))
+                    total = total + jnp.sum(sel)
+                signs[f"agree_{lv}"], signs[f"counted_{lv}"] = agree, total
             return (p, s), {**means, **signs}
 
         (final, _), rec = _scan(pbody, (params, state), jax.random.split(k_po, cfg.po_steps))
-        sums = {k: v.sum() if not k.startswith("agree") else v.mean() for k, v in rec.items()}
+        sums = {k: v.sum() for k, v in rec.items() if not k.startswith(("agree", "counted"))}
+        for lv in ("one", "batch", "lin"):   # fraction over every counted (step, pair, side)
+            n = rec[f"counted_{lv}"].sum()
+            sums[f"agree_{lv}"] = jnp.where(n > 0, rec[f"agree_{lv}"].sum() / jnp.maximum(n, 1), jnp.nan)
         return ref, final, sums
 
     def evaluate_at(params, batch):
@@ -318,8 +329,19 @@ def run_sweep(sc: SweepConfig, *, progress: Callable[[str], None] | None = None)
             runs = run_setting(cfg, sc.seeds, pretrained=shared,
                                progress=(lambda msg, n=name: progress(f"{n}: {msg}")) if progress else None)
             out["settings"][name] = {"label": st.label, "config": cfg.to_dict(), "runs": runs,
-                                     "claims": [evaluate(r) for r in runs]}
+                                     "claims": [evaluate(r) for r in runs], "agreement": agreement(runs)}
     out["table"] = claim_table(out)
+    return out
+
+
+def agreement(runs: list[dict]) -> dict[str, float]:
+    """Mean over runs and datasets of the fraction of per-pair changes (above rounding) whose sign each
+    first-order account predicts: 'one' (one-pair SGD theory), 'batch' (2B x 2B Gram), 'lin' (the
+    real update to first order)."""
+    out = {}
+    for lv in ("one", "batch", "lin"):
+        v = [r[m][f"agree_{lv}"] for r in runs for m in MODES if not math.isnan(r[m][f"agree_{lv}"])]
+        out[lv] = float(np.mean(v)) if v else float("nan")
     return out
 
 

@@ -93,8 +93,12 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(grid=201, fig1_pairs=32, fig1_steps=400, algo_pairs=32, algo_steps=400, lr=0.5,
                    suffix_Ls=(0, 1, 2, 4, 8, 16, 32, 64), suffix_pairs=32, suffix_steps=120, heat_L=12, sft_steps=100,
                    diag=dict(),  # DiagnoseConfig defaults
-                   claims=dict(seeds=8, settings=("paper", "from_scratch", "sgd", "one_pair", "beta_0.5", "lr_x5",
-                                                  "wide", "vocab", "long_24")),  # SweepConfig's base recipe
+                   # every setting, 5 seeds, the quick sizes (~8 min on 2 cores); the larger CPU sweep,
+                   # `claim_stats.run_sweep(claim_stats.SweepConfig(seeds=8))` (300 pretraining and 100 PO
+                   # steps, 8 seeds), takes about 25 min
+                   claims=dict(seeds=5, settings=("paper", "from_scratch", "sgd", "one_pair", "beta_0.5", "lr_x5",
+                                                  "wide", "vocab", "long_24"),
+                               base=dict(pretrain_steps=200, po_steps=60)),
                    mitig=dict(settings=("tabular", "linear", "lastlayer-1t", "lastlayer-short", "lastlayer-long",
                                         "transformer-long"),
                               methods=("baseline", "normalized", "normalized_batch", "oracle_mask", "learned_mask",

@@ -143,7 +143,7 @@ def test_reduced_sweep_reports_fractions_with_intervals(tmp_path, capsys):
     """The tiny sweep of the CLI (the GPU preset's command at tiny scale): 5 seeds, a fraction and an
     interval per claim and setting, an attribution for every failing run, the figure written."""
     rc = main(["claims", "--preset", "gpu", "--scale", "tiny", "--settings", "paper,one_pair", "--seeds", "5",
-               "--out", str(tmp_path), "--json"])
+               "--out", str(tmp_path), "--json", "--x64"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert {r["claim"] for r in out["table"]} == set(cs.CLAIMS)
@@ -154,6 +154,10 @@ def test_reduced_sweep_reports_fractions_with_intervals(tmp_path, capsys):
         assert sum(r["attribution"].values()) == r["n"] - r["k"]      # every failure is attributed
         if r["setting"] == "one_pair":                                  # b = 1: no cross-pair term exists
             assert "cross-pair terms" not in r["attribution"]
+    for lv in ("one", "batch", "lin"):
+        assert 0 <= out["agreement"]["paper"][lv] <= 1
+    # b = 1: the one-pair account is the batch account, so their sign agreements coincide
+    assert out["agreement"]["one_pair"]["one"] == pytest.approx(out["agreement"]["one_pair"]["batch"], abs=1e-6)
     full = json.loads((tmp_path / "claims.json").read_text())
     assert len(full["settings"]["paper"]["runs"]) == 5
     assert (tmp_path / "transformer_claims.png").stat().st_size > 0 and (tmp_path / "claims.md").exists()

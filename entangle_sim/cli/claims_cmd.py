@@ -62,7 +62,10 @@ def table_markdown(sw) -> str:
             why = "; ".join(f"{t} {n}" for t, n in r["attribution"].items())
             cells.append(f"{r['k']}/{r['n']} [{lo:.2f}, {hi:.2f}]" + (f" ({why})" if why else ""))
         rows.append([f"{cid}: {info['paper']}", *cells])
-    return markdown_table(["claim (paper)", *settings], rows)
+    agree = [[lv, *[f"{sw['settings'][s]['agreement'][lv]:.3f}" for s in settings]] for lv in ("one", "batch", "lin")]
+    return (markdown_table(["claim (paper)", *settings], rows) + "\n\nSign agreement with the realised per-pair "
+            "change (mean over runs, datasets, steps): one = one-pair SGD theory, batch = 2B x 2B Gram, lin = "
+            "first order of the real update\n\n" + markdown_table(["account", *settings], agree))
 
 
 def run(args) -> int:
@@ -101,6 +104,7 @@ def run(args) -> int:
         plt.close(fig)
     if args.json:
         print(dumps({"seeds": sw["seeds"], "settings": {k: v["label"] for k, v in sw["settings"].items()},
+                     "agreement": {k: v["agreement"] for k, v in sw["settings"].items()},
                      "claims": sw["claims"], "table": sw["table"], "backend": sw["backend"]}))
     else:
         print(md)
