@@ -64,7 +64,9 @@ class Setting:
     overrides: tuple = ()
 
     def apply(self, base: DiagnoseConfig) -> DiagnoseConfig:
-        return dataclasses.replace(base, **dict(self.overrides))
+        """base with the overrides; a callable override is a function of base (relative settings, e.g.
+        twice the width), so a setting means the same at every model size."""
+        return dataclasses.replace(base, **{k: v(base) if callable(v) else v for k, v in self.overrides})
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
@@ -73,10 +75,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("sgd", "SGD instead of Adam (lr 0.5)", (("optimizer", "sgd"), ("po_lr", 0.5))),
     Setting("one_pair", "1 pair per batch (no cross-pair terms in a step)", (("po_batch", 1),)),
     Setting("beta_0.5", "beta 0.5", (("loss_params", (("beta", 0.5),)),)),
-    Setting("lr_x5", "learning rate x5", (("po_lr", 1e-4),)),
-    Setting("wide", "width 64 (d_model)", (("d_model", 64),)),
-    Setting("vocab", "larger vocabulary (24 neutral, 24 suffix words)", (("n_neutral", 24), ("n_suffix_vocab", 24))),
-    Setting("long_24", "long suffix of 24 tokens (12 default)", (("long_len", 24),)),
+    Setting("lr_x5", "learning rate x5", (("po_lr", lambda c: 5 * c.po_lr),)),
+    Setting("wide", "twice the width (d_model)", (("d_model", lambda c: 2 * c.d_model),)),
+    Setting("vocab", "larger vocabulary (3x the neutral words, 2x the suffix words)",
+            (("n_neutral", lambda c: 3 * c.n_neutral), ("n_suffix_vocab", lambda c: 2 * c.n_suffix_vocab))),
+    Setting("long_24", "long suffix twice as long (24 tokens at the default 12)", (("long_len", lambda c: 2 * c.long_len),)),
 ]}
 
 

@@ -274,15 +274,20 @@ def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], param
 # sequence-level Gram: batch level (2B x 2B), preconditioned, and from a Jacobian
 # ----------------------------------------------------------------------------------------------
 def response_jacobian(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], params: PyTree,
-                      batch: PyTree) -> Array:
+                      batch: PyTree, *, separable: bool = True) -> Array:
     """J [2B, P]: rows grad l_w,i (i < B) then grad l_l,i, over the flattened parameters
-    (`jax.flatten_util.ravel_pytree` order). One reverse pass per response, each on its own pair
-    (vmap over the pair axis, like `pair_gram`): a reverse pass through the whole batch per row
-    (jacrev of the batch) would cost B times more.
+    (`jax.flatten_util.ravel_pytree` order).
+
+    separable=True (a batch-polymorphic logp_fn, pairs independent, like `pair_gram` assumes): one
+    reverse pass per response, each on its own pair (vmap over the pair axis). separable=False:
+    jacrev of logp_fn on the whole batch, for a logp_fn that couples pairs or does not read its
+    batch argument (e.g. closes over per-token weights); it costs B times more.
 
     >>> J = response_jacobian(policy.logps, params, batch)  # [2B, P]  # doctest: +SKIP
     """
     flat, unravel = ravel_pytree(params)
+    if not separable:
+        return jax.jacrev(lambda f: jnp.concatenate(logp_fn(unravel(f), batch)))(flat)
 
     def one(example):
         ex = jax.tree.map(lambda a: a[None], example)

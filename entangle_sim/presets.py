@@ -120,9 +120,10 @@ def enable_x64() -> None:
 
 
 # The claim sweep at a larger model size for one GPU (`entangle-sim claims --preset gpu`): a 6-layer,
-# width-384 decoder (about 11M parameters), every setting, 8 seeds. `--scale tiny` swaps in the tiny
+# width-384 decoder (about 11M parameters), every setting, 8 seeds, 8 pairs per batch (the recorded
+# per-response Jacobian of 24 vmapped runs at width 768 is then ~65 GB). `--scale tiny` swaps in the tiny
 # preset's model and step counts (what the tests run on CPU).
 CLAIMS_GPU = dict(seeds=8, settings=("paper", "from_scratch", "sgd", "one_pair", "beta_0.5", "lr_x5", "wide", "vocab",
                                      "long_24"),
                   base=dict(d_model=384, n_layers=6, n_heads=6, pretrain_steps=600, pretrain_batch=128, sft_steps=30,
-                            po_steps=100, po_batch=16, n_eval_pairs=32))
+                            po_steps=100, po_batch=8, n_eval_pairs=32))

@@ -183,7 +183,7 @@ class StepPlugin:
 class StepContext:
     """What a step computed, for a plug-in's `coefficients` and `record` hooks.
 
-    spec, hp: the loss and its resolved hyperparameters (the only resolution of a run's loss).
+    spec, hp: the loss and its resolved hyperparameters (the only resolution of a run's loss); policy.
     Before the update: params, batch, state, weights ((m_w, m_l) or None), logps (p -> effective
     (l_w [B], l_l [B])), lw, ll (their values at params), ref ((r_w, r_l) effective reference),
     per_pair ([B] loss incl. extra_loss), w ([B] pair weights, 1/b on the minibatch), b, lr, opt_state.
@@ -197,7 +197,10 @@ class StepContext:
 
     @functools.cached_property
     def jacobian(self) -> Array:
-        return geometry.response_jacobian(lambda p, _: self.logps(p), self.params, self.batch)
+        if self.weights is None:   # plain log-probs: one reverse pass per response, on its own pair
+            return geometry.response_jacobian(self.policy.logps, self.params, self.batch)
+        # token-weighted log-probs close over this batch's weights: differentiate the whole batch
+        return geometry.response_jacobian(lambda p, _: self.logps(p), self.params, self.batch, separable=False)
 
     @functools.cached_property
     def dloss(self) -> tuple[Array, Array]:
@@ -275,7 +278,8 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
         weights = weights_at(state, params, batch)
         weights = None if weights is None else jax.lax.stop_gradient(weights)
         ref = reference(ref_logps, weights)
-        ctx = StepContext(spec=spec, hp=hp, params=params, batch=batch, state=state, weights=weights, ref=ref, w=w, b=b,
+        ctx = StepContext(spec=spec, hp=hp, policy=policy, params=params, batch=batch, state=state, weights=weights,
+                          ref=ref, w=w, b=b,
                           lr=learning_rate(inner), opt_state=inner, logps=logps_fn(batch, weights),
                           loss_of=lambda x, y: pair_losses(x, y, ref, batch), coefficients=None)
         if plug.coefficients is not None:

@@ -31,6 +31,8 @@ def plot_claim_table(data, *, ax=None):
     a1.grid(False)
     a1.set_xticks(range(len(settings)), settings, rotation=45, ha="right", fontsize=7)
     a1.set_yticks(range(len(claims)), claims, fontsize=7)
+    a1.set_xlabel("setting (one factor changed from the paper-like recipe)")
+    a1.set_ylabel("claim")
     fig.colorbar(im, ax=a1, fraction=0.046, label="fraction of seeds where the claim holds")
     a1.set_title(f"Paper's claims, tiny-transformer analogue ({data['seeds']} seeds per setting)", fontsize=9)
     left = np.zeros(len(claims))

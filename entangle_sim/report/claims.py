@@ -1,7 +1,6 @@
 """Report entries for the qualitative claims, read from the reproduce figure data (cached)."""
 from __future__ import annotations
 
-import numpy as np
 
 from .. import reproduce
 from .toys import entry
