@@ -72,7 +72,8 @@ class Setting:
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("paper", "paper-like: pretrained, SFT without suffix, DPO beta 0.1, Adam, 16 pairs per batch"),
     Setting("from_scratch", "no pretraining (SFT also on the suffix)", (("pretrain_steps", 0),)),
-    Setting("sgd", "SGD instead of Adam (lr 0.5)", (("optimizer", "sgd"), ("po_lr", 0.5))),
+    Setting("sgd", "SGD instead of Adam (lr 0.01: per-step changes within the first-order range)",
+            (("optimizer", "sgd"), ("po_lr", 0.01))),
     Setting("one_pair", "1 pair per batch (no cross-pair terms in a step)", (("po_batch", 1),)),
     Setting("beta_0.5", "beta 0.5", (("loss_params", (("beta", 0.5),)),)),
     Setting("lr_x5", "learning rate x5", (("po_lr", lambda c: 5 * c.po_lr),)),
