@@ -1,7 +1,7 @@
 """The paper's tiny-transformer claims as statistics over seeds and settings, with every failure attributed.
 
-The paper (its section 4.3 and the descriptions of Figures 3, 4a, 4b) reports, for GPT-2 small after
-SFT and DPO on a sentiment task:
+The paper (the descriptions of its Figures 3, 4a, 4b) reports, for GPT-2 small after SFT and DPO on a
+sentiment task:
 
     1t-cos          single differing token: the gradient cosine turns and stays negative
     1t-chosen       single differing token: the chosen log-prob rises

@@ -1,7 +1,7 @@
 """A small synthetic language for pretraining the tiny transformer before SFT and preference optimisation.
 
-Why: the paper fine-tunes a *pretrained* GPT-2 small, for which a shared suffix of a preference pair
-is fluent text it already predicts well (its section 3.1 and the description of its Figure 3). A
+Why: for its Figures 3 and 4 the paper fine-tunes a *pretrained* GPT-2 small (paper), for which a
+shared suffix of a preference pair is fluent text it already predicts well (this project's reading). A
 model trained from scratch sees the suffix only during SFT or preference optimisation, so the
 suffix is improbable and the optimiser spends its steps raising it. Pretraining on this corpus gives
 the tiny model the same starting point: high probability on the carrier phrases, before SFT.
