@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import corpus, geometry, losses, sentiment, train
+from . import corpus, geometry, losses, regimes, sentiment, train
 from .diagnose import DiagnoseConfig
 from .policies import transformer
 
@@ -227,18 +227,11 @@ def _programs(structure: DiagnoseConfig, hp_static: tuple):
             means = {f"{lv}_{side}": getattr(rec, f"{name}_{full}").mean()
                      for lv, name in (("one", "pred"), ("batch", "batch"), ("lin", "lin"), ("real", "real"))
                      for side, full in (("w", "chosen"), ("l", "rejected"))}
-            # Sign agreement as in `train.summarize`: only changes whose prediction exceeds the rounding of a
-            # log-prob difference, 100 eps (1 + |l|), count (in float32 that is ~1e-5 at l ~ -10).
-            eps = jnp.finfo(rec.chosen_logps.dtype).eps
-            signs = {}
+            signs = {}   # as `train.summarize`: only changes above the rounding of a log-prob difference
             for lv, name in (("one", "pred"), ("batch", "batch"), ("lin", "lin")):
-                agree = total = 0.0
-                for side in ("chosen", "rejected"):
-                    pred, real = getattr(rec, f"{name}_{side}"), getattr(rec, f"real_{side}")
-                    sel = jnp.abs(pred) > 100 * eps * (1 + jnp.abs(getattr(rec, f"{side}_logps")))
-                    agree = agree + jnp.sum(sel & (jnp.sign(pred) == jnp.sign(real)))
-                    total = total + jnp.sum(sel)
-                signs[f"agree_{lv}"], signs[f"counted_{lv}"] = agree, total
+                signs[f"agree_{lv}"], signs[f"counted_{lv}"] = regimes.sign_agreement_counts(
+                    getattr(rec, f"{name}_chosen"), getattr(rec, f"{name}_rejected"), rec.real_chosen,
+                    rec.real_rejected, rec.chosen_logps, rec.rejected_logps)
             return (p, s), {**means, **signs}
 
         (final, _), rec = _scan(pbody, (params, state), jax.random.split(k_po, cfg.po_steps))

@@ -49,3 +49,35 @@ def fractions(codes) -> dict[str, float]:
     c = np.asarray(codes).ravel()
     n = max(c.size, 1)
     return {name: float((c == i).sum()) / n for i, name in enumerate(REGIMES)}
+
+
+def sign_agreement_counts(pred_w, pred_l, real_w, real_l, level_w, level_l, noise=None):
+    """(agree, counted): how many changes have the realised sign of their prediction.
+
+    Only changes whose |prediction| exceeds the rounding of a log-prob difference count:
+    `noise` when given, else 100 eps (1 + |level|) with `level` the log-prob before the step (in
+    float32 that is ~1e-5 at l ~ -10). Works on numpy and on traced JAX arrays (any matching
+    shapes); returns array scalars of the input's kind.
+
+        >>> import numpy as np
+        >>> a, n = sign_agreement_counts(np.array([1., -1e-20]), np.array([-1.]), np.array([2., 5.]),
+        ...                              np.array([1.]), np.zeros(2), np.zeros(1))
+        >>> int(a), int(n)
+        (1, 2)
+    """
+    xp = jnp if any(not isinstance(x, np.ndarray) and hasattr(x, "at") for x in (pred_w, real_w)) else np
+    agree = counted = 0
+    for pred, real, level in ((pred_w, real_w, level_w), (pred_l, real_l, level_l)):
+        pred, real, level = xp.asarray(pred), xp.asarray(real), xp.asarray(level)
+        thr = noise if noise is not None else 100 * xp.finfo(pred.dtype).eps * (1 + xp.abs(level))
+        sel = xp.abs(pred) > thr
+        agree = agree + xp.sum(sel & (xp.sign(pred) == xp.sign(real)))
+        counted = counted + xp.sum(sel)
+    return agree, counted
+
+
+def sign_agreement(pred_w, pred_l, real_w, real_l, level_w, level_l, noise=None) -> tuple[float, int]:
+    """(fraction, counted) of `sign_agreement_counts` as Python numbers; NaN when nothing counts."""
+    agree, counted = sign_agreement_counts(pred_w, pred_l, real_w, real_l, level_w, level_l, noise)
+    counted = int(counted)
+    return (int(agree) / counted if counted else float("nan")), counted

@@ -464,18 +464,11 @@ def summarize(traj: Trajectory, *, noise: float | None = None) -> dict[str, Any]
     noise default: 100 x machine epsilon x (1 + |l|), the rounding of a log-prob difference.
     """
     t = jax.tree.map(np.asarray, traj)
-    eps = np.finfo(t.chosen_logps.dtype).eps
     out: dict[str, Any] = {}
     for name, pw, pl in (("sign_agreement", t.lin_chosen, t.lin_rejected),
                          ("sign_agreement_one_pair", t.pred_chosen, t.pred_rejected)):
-        agree = total = 0
-        for pred, real, level in ((pw, t.real_chosen, t.chosen_logps), (pl, t.real_rejected, t.rejected_logps)):
-            thr = noise if noise is not None else 100 * eps * (1 + np.abs(level))
-            sel = np.abs(pred) > thr
-            agree += int((np.sign(pred[sel]) == np.sign(real[sel])).sum())
-            total += int(sel.sum())
-        out[name] = agree / total if total else float("nan")
-        out[name + "_n"] = total
+        out[name], out[name + "_n"] = regimes.sign_agreement(pw, pl, t.real_chosen, t.real_rejected,
+                                                             t.chosen_logps, t.rejected_logps, noise)
     out["regime_fractions"] = regimes.fractions(regimes.classify(t.real_chosen, t.real_rejected))
     out["predicted_regime_fractions"] = regimes.fractions(t.regime_pred)
     final_w = t.chosen_logps[..., -1, :] + t.real_chosen[..., -1, :]

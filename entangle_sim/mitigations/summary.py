@@ -16,17 +16,6 @@ def _flip(a_w, a_l, b_w, b_l) -> np.ndarray:
     return regimes.classify(np.asarray(a_w), np.asarray(a_l)) != regimes.classify(np.asarray(b_w), np.asarray(b_l))
 
 
-def _sign_agree(pw, pl, rw, rl, lw, ll) -> tuple[float, int]:
-    eps = np.finfo(np.asarray(pw).dtype).eps
-    agree = total = 0
-    for p, r, lev in ((pw, rw, lw), (pl, rl, ll)):
-        p, r = np.asarray(p), np.asarray(r)
-        sel = np.abs(p) > 100 * eps * (1 + np.abs(np.asarray(lev)))
-        agree += int((np.sign(p[sel]) == np.sign(r[sel])).sum())
-        total += int(sel.sum())
-    return (agree / total if total else float("nan")), total
-
-
 def summarize(rec: MitigationRecord, batch: PairBatch | None = None) -> dict[str, Any]:
     """Plain-float statistics of one run ([S, B] records).
 
@@ -84,8 +73,8 @@ def summarize(rec: MitigationRecord, batch: PairBatch | None = None) -> dict[str
         if name.startswith("pc_") and not has_pc:
             out["sign_agreement_" + name] = float("nan")
             continue
-        out["sign_agreement_" + name] = _sign_agree(pw, pl, t.real_chosen, t.real_rejected, t.chosen_logps,
-                                                    t.rejected_logps)[0]
+        out["sign_agreement_" + name] = regimes.sign_agreement(pw, pl, t.real_chosen, t.real_rejected,
+                                                               t.chosen_logps, t.rejected_logps)[0]
     if batch is not None:
         real = np.concatenate([np.asarray(batch.chosen_mask).ravel(), np.asarray(batch.rejected_mask).ravel()]) > 0
         om = np.concatenate([np.asarray(x).ravel() for x in oracle_masks(batch)]) > 0
