@@ -149,15 +149,42 @@ class _Scaled(torch.nn.Module):
         return self.inner(x) * self.scale
 
 
-def test_unsupported_module_refused_or_exact(tok, batch):
+def test_custom_module_materialised_by_generic_rule(tok, batch):
+    """A module with its own parameter and no registered rule: per-response gradients formed exactly."""
     model = tiny_model("gpt2", tok).double()
     model.transformer.h[0].mlp.c_proj = _Scaled(model.transformer.h[0].mlp.c_proj, model.config.n_embd)
+    params = list(select_parameters(model).values())
+    g = _brute_grads(model, batch, params)
+    B = g.shape[0] // 2
+    for method in ("ghost", "auto"):
+        _close(pair_gram(model, batch, method=method).G_wl, (g[:B] * g[B:]).sum(1))
+
+
+class _TupleOut(torch.nn.Module):
+    """A module owning a parameter and returning a tuple: no rule can factor it."""
+
+    def __init__(self, inner, d):
+        super().__init__()
+        self.inner = inner
+        self.scale = torch.nn.Parameter(torch.ones(d, dtype=torch.float64) * 1.3)
+
+    def forward(self, x):
+        return (self.inner(x) * self.scale,)
+
+
+def test_unsupported_module_refused_or_exact(tok, batch):
+    model = tiny_model("gpt2", tok).double()
+    mlp = model.transformer.h[0].mlp
+    mlp.c_proj = _TupleOut(mlp.c_proj, model.config.n_embd)
+    orig = mlp.forward
+    mlp.forward = lambda h: mlp.dropout(mlp.c_proj(mlp.act(mlp.c_fc(h)))[0])
     with pytest.raises(ValueError, match="ghost method unsupported"):
         pair_gram(model, batch, method="ghost")
     params = list(select_parameters(model).values())
     g = _brute_grads(model, batch, params)
     B = g.shape[0] // 2
     _close(pair_gram(model, batch, method="auto").G_wl, (g[:B] * g[B:]).sum(1))
+    del orig
 
 
 def test_parameter_used_outside_its_module_is_caught(tok, batch):

@@ -1,0 +1,290 @@
+"""One capture: a hooked forward + one backward to the module outputs -> per-parameter `Factors`;
+contractions of the factors (pair / response / token Grams, directional products, group split) and the
+per-response verification.
+
+The capture hooks every module that owns a selected parameter and applies its rule (`rules.rule_for`).
+Module outputs changed in place later in the forward (Falcon adds the attention output into the MLP
+output) are detected by their version counter; those modules are then captured again with their output
+protected by a copy (remembered per model). Any failure is `rules.Unsupported`.
+
+Verification (`verify`): for the first capture of a (model, parameter selection, layout signature,
+kind) the factors must reproduce, response by response, <g_k, v> along a random direction v, against
+autograd on the same forward (one backward per response, or per sampled token for token maps). A
+response mix-up (a sequence-first layer read as batch-first, a parameter also used outside its module)
+changes the per-response values even when their sum is right. Layouts that the shapes cannot tell apart
+get their own signature, so each such shape is verified when first seen.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .rules import Unsupported, layout_of, normalise, rule_for
+
+
+def acc_dtype(model) -> torch.dtype:
+    """float64 for float64 models, float32 otherwise (bf16/fp16 models accumulate in float32)."""
+    p = next(model.parameters())
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+# model -> names of modules whose outputs must be protected (changed in place by the model)
+PROTECT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# model -> verified keys (selection, kind, layout signature)
+VERIFIED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class Factors:
+    """Per selected parameter, the factor entries of its per-response gradients (see `rules`), for K
+    (pseudo-)responses; `signature` is the layout of every captured use."""
+
+    def __init__(self, fac: dict, K: int, signature: tuple, acc):
+        self.fac, self.K, self.signature, self.acc = fac, K, signature, acc
+
+
+class Recorder:
+    """Forward hooks (with kwargs) on every module owning a selected parameter."""
+
+    def __init__(self, model, sel: set, N: int, protect: set):
+        self.N, self.protect, self.sel = N, protect, sel
+        self.uses: list[dict] = []
+        self.error: Exception | None = None
+        self.handles = []
+        for name, m in model.named_modules():
+            if any(p in sel for p in m.parameters(recurse=False)):
+                self.handles.append(m.register_forward_hook(self._hook(name), with_kwargs=True))
+
+    def _hook(self, name):
+        def hook(m, args, kwargs, out):
+            if not torch.is_grad_enabled() or self.error is not None:
+                return None
+            try:
+                if not torch.is_tensor(out):
+                    raise Unsupported(f"{name} ({type(m).__name__}) returns {type(out).__name__}, not a tensor")
+                tag, amb = layout_of(out, self.N)
+                ret = None
+                if tag == "bcast":  # give every row its own copy, so the backward keeps rows apart
+                    ret = out = out.expand(self.N, *out.shape[1:])
+                    args = tuple(a.expand(self.N, *a.shape[1:]) if torch.is_tensor(a) and a.dim() >= 1
+                                 and a.shape[0] == 1 else a for a in args)
+                    tag = "NS"
+                rule = rule_for(m)
+                cap = rule.capture(m, args, kwargs, out, tag, self.N)
+                cap.update(tag=tag, N=self.N)
+                if name in self.protect:
+                    cap = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in cap.items()}
+                    ret = out.clone()
+                tensors = [v for v in cap.values() if torch.is_tensor(v)]
+                self.uses.append({"name": name, "module": m, "rule": rule, "cap": cap, "out": out,
+                                  "amb": amb, "ver": [(t, t._version) for t in [out, *tensors]]})
+                return ret
+            except Unsupported as e:
+                self.error = e
+            except Exception as e:  # noqa: BLE001 - a rule's failure is "unsupported", never a crash
+                self.error = Unsupported(f"{name} ({type(m).__name__}): {type(e).__name__}: {e}")
+            return None
+
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def capture(model, sel: set, forward, N: int, *, targets=None):
+    """Run `forward()` (returns the [N] (or [N, K']) log-probs) under hooks and back-propagate to the
+    captured module outputs.
+
+    targets: None for per-response signals (the gradient of sum_i logp_i), or (grad_outputs [K, ...],
+    rows [K]) for K pseudo-responses (token maps: one-hot grad_outputs, rows = the response of each token).
+    Returns (logps, Factors, graph) where graph = (logps, outs) for the verification.
+    """
+    acc = acc_dtype(model)
+    protect = PROTECT.setdefault(model, set())
+    for attempt in range(2):
+        rec = Recorder(model, sel, N, protect)
+        try:
+            with torch.enable_grad():
+                logps = forward()
+        except Unsupported:
+            raise
+        except Exception as e:  # noqa: BLE001 - the hooked forward failing is "unsupported"
+            if rec.error is not None:
+                raise rec.error from None
+            raise Unsupported(f"the model's forward failed under the capture hooks: {type(e).__name__}: {e}")
+        finally:
+            rec.close()
+        if rec.error is not None:
+            raise rec.error
+        changed = {u["name"] for u in rec.uses if any(t._version != v for t, v in u["ver"])}
+        if not changed:
+            break
+        if attempt == 1 or changed <= protect:
+            raise Unsupported(f"module output changed in place: {sorted(changed)[:3]}")
+        protect |= changed  # capture again with those outputs copied
+    uses = rec.uses
+    outs = [u["out"] for u in uses]
+    need = [o.requires_grad for o in outs]
+    if targets is None:
+        grads = torch.autograd.grad(logps.sum(), [o for o, r in zip(outs, need) if r], allow_unused=True,
+                                    retain_graph=True)
+        rows = torch.arange(N)
+        K = N
+    else:
+        go, rows = targets
+        K = len(rows)
+        grads = torch.autograd.grad(logps, [o for o, r in zip(outs, need) if r], grad_outputs=go,
+                                    is_grads_batched=True, allow_unused=True, retain_graph=True)
+    it = iter(grads)
+    fac: dict = {}
+    sig = []
+    for u, r in zip(uses, need):
+        g = next(it) if r else None
+        cap = u["cap"]
+        tag = cap["tag"]
+        sig.append((u["name"], tag, u["amb"] and N > 1))
+        if g is None:
+            continue
+        g = g.to(acc)
+        if targets is None:
+            d = normalise(g, tag, N)
+        else:  # [K, *out] -> [K, N, T, d] -> each token's own row
+            d = normalise(g, tag, N, batch_dims=1)[torch.arange(K), rows]
+        for p, entry in u["rule"].entries(u["module"], cap, d, rows, sel, acc):
+            fac.setdefault(p, []).append(entry)
+    return logps, Factors(fac, K, tuple(sig), acc), (logps, outs)
+
+
+# ----------------------------------------------------------------------------------------------
+# contractions
+# ----------------------------------------------------------------------------------------------
+def _lr_dot(L1, L2, acc):
+    """[P,T1,T2] of <L1_t, L2_s>, L dense [P,T,r] or token ids [P,T] (one-hot rows)."""
+    if L1.dtype.is_floating_point and L2.dtype.is_floating_point:
+        return torch.bmm(L1, L2.transpose(1, 2))
+    if not L1.dtype.is_floating_point and not L2.dtype.is_floating_point:
+        return (L1.unsqueeze(2) == L2.unsqueeze(1)).to(acc)
+    if L1.dtype.is_floating_point:
+        return torch.gather(L1, 2, L2.unsqueeze(1).expand(-1, L1.shape[1], -1))
+    return torch.gather(L2, 2, L1.unsqueeze(1).expand(-1, L2.shape[1], -1)).transpose(1, 2)
+
+
+def _entries_inner(entries, I, J, acc, chunk):
+    out = torch.zeros(len(I), dtype=acc)
+    for e1 in entries:
+        for e2 in entries:
+            if e1[0] != e2[0]:  # one parameter both as a matrix and elementwise: contract densely
+                raise Unsupported("a parameter used both as a matrix and elementwise")
+            for s in range(0, len(I), chunk):
+                i, j = I[s:s + chunk], J[s:s + chunk]
+                if e1[0] == "vec":
+                    out[s:s + chunk] += (e1[1][i] * e2[1][j]).sum(-1)
+                else:
+                    LL = _lr_dot(e1[1][i], e2[1][j], acc)
+                    RR = torch.bmm(e1[2][i], e2[2][j].transpose(1, 2))
+                    out[s:s + chunk] += (LL * RR).sum((1, 2))
+    return out
+
+
+def inner(F: Factors, I, J, *, groups: dict | None = None, chunk: int = 64):
+    """<g_I[p], g_J[p]> for index pairs p ([P]); with groups (parameter -> group name) a dict of
+    per-group [P] tensors instead (their sum is the total)."""
+    I, J = torch.as_tensor(I), torch.as_tensor(J)
+    if groups is None:
+        out = torch.zeros(len(I), dtype=F.acc)
+        for entries in F.fac.values():
+            out += _entries_inner(entries, I, J, F.acc, chunk)
+        return out
+    res: dict = {}
+    for p, entries in F.fac.items():
+        g = groups[p]
+        res[g] = res.get(g, 0) + _entries_inner(entries, I, J, F.acc, chunk)
+    return res
+
+
+def directional(F: Factors, v: dict) -> torch.Tensor:
+    """[K] of <g_k, v>, v given per parameter (parameter-shaped)."""
+    out = torch.zeros(F.K, dtype=F.acc)
+    for p, entries in F.fac.items():
+        vp = v[p].to(F.acc)
+        for e in entries:
+            if e[0] == "vec":
+                out += e[1] @ vp.reshape(-1)
+            elif e[1].dtype.is_floating_point:   # g = sum_t L_t^T R_t; <g, V> = sum_t <L_t, V R_t>
+                out += ((e[1] @ vp) * e[2]).sum((1, 2))
+            else:
+                out += (vp[e[1]] * e[2]).sum((1, 2))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# verification
+# ----------------------------------------------------------------------------------------------
+TOL = {torch.float64: 1e-6, torch.float32: 2e-3}   # relative to the largest |<g_k, v>| of the capture
+
+
+def verify(model, key, F: Factors, graph, params: list, picks=None):
+    """Check the factors response by response against autograd (see module docstring); raises
+    Unsupported on a mismatch. picks: for pseudo-responses, (k indices, [(row, col)] of the log-prob
+    tensor) to check (a few tokens); default every response k = row k of logps."""
+    full = (key, F.signature)
+    if full in VERIFIED.get(model, set()):
+        return
+    logps, _ = graph
+    gen = torch.Generator().manual_seed(1234)
+    v = {p: torch.randn(p.shape, generator=gen, dtype=F.acc) for p in params}
+    mine = directional(F, v)
+    if picks is None:
+        ks, cells = list(range(F.K)), [(k,) for k in range(F.K)]
+    else:
+        ks, cells = picks
+    ref = []
+    for c in cells:
+        gs = torch.autograd.grad(logps[c], params, retain_graph=True, allow_unused=True)
+        ref.append(sum(float((g.to(F.acc) * v[p]).sum()) for p, g in zip(params, gs) if g is not None))
+    ref = torch.tensor(ref, dtype=F.acc)
+    mine = mine[torch.as_tensor(ks)]
+    scale = max(float(ref.abs().max()), float(mine.abs().max()), 1e-30)
+    tol = TOL.get(next(iter(params)).dtype, 5e-2) if params else 1e-6
+    err = float((mine - ref).abs().max()) / scale
+    if err > tol:
+        raise Unsupported(f"the factored gradients disagree with autograd response by response "
+                          f"(relative error {err:.2g}): a parameter is used outside its module or a layout "
+                          "was misread")
+    VERIFIED.setdefault(model, set()).add(full)
+
+
+def param_group(name: str) -> str:
+    """Coarse group of a parameter name: 'adapter', 'embedding', 'head', 'norm', 'layer<i>.attention',
+    'layer<i>.mlp', 'layer<i>.other' or 'other' (by Hugging Face naming conventions)."""
+    import re
+
+    low = name.lower()
+    if "lora_" in low or "adapter" in low:
+        return "adapter"
+    m = re.search(r"\.(?:h|layers|layer|blocks|block|decoder\.layers)\.(\d+)\.", "." + low)
+    if m:
+        i = m.group(1)
+        rest = low[m.end() - 1:]
+        if any(k in rest for k in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "query", "dense.")):
+            if "mlp" not in rest and "ffn" not in rest and "fc" not in rest.split(".")[1]:
+                return f"layer{i}.attention"
+        if any(k in rest for k in ("mlp", "ffn", "fc", "expert", "gate", "up_proj", "down_proj")):
+            return f"layer{i}.mlp"
+        if "norm" in rest or "ln" in rest:
+            return f"layer{i}.norm"
+        return f"layer{i}.other"
+    if any(k in low for k in ("embed", "wte", "wpe", "tok_emb")):
+        return "embedding"
+    if "lm_head" in low or "embed_out" in low or low.startswith("output."):
+        return "head"
+    if "norm" in low or "ln_f" in low:
+        return "norm"
+    return "other"
+
+
+def sel_key(params: dict) -> tuple:
+    return tuple(params), tuple(id(p) for p in params.values())
+
