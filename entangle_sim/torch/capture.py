@@ -60,24 +60,44 @@ class Recorder:
             if not torch.is_grad_enabled() or self.error is not None:
                 return None
             try:
-                if not torch.is_tensor(out):
+                rule = rule_for(m)
+                if torch.is_tensor(out):
+                    tensors, idx = [out], None
+                elif isinstance(out, (tuple, list)) and rule.multi_output:
+                    # e.g. a MoE router: (logits, weights, indices); the float outputs carry gradient
+                    idx = [i for i, t in enumerate(out) if torch.is_tensor(t) and t.is_floating_point()]
+                    # the model gets aliases: the signal of each alias is then only what the model does
+                    # with that output (not also the path from one output to another inside the module)
+                    out = type(out)(t.view_as(t) if i in idx else t for i, t in enumerate(out))
+                    tensors = [out[i] for i in idx]
+                    if not tensors:
+                        raise Unsupported(f"{name} ({type(m).__name__}) returns no float tensor")
+                else:
                     raise Unsupported(f"{name} ({type(m).__name__}) returns {type(out).__name__}, not a tensor")
-                tag, amb = layout_of(out, self.N)
-                ret = None
+                tags = [layout_of(t, self.N) for t in tensors]
+                tag, amb = tags[0]
+                if any(t[0] != tag for t in tags):
+                    raise Unsupported(f"{name} ({type(m).__name__}): outputs in different layouts")
+                ret = None if idx is None else out
                 if tag == "bcast":  # give every row its own copy, so the backward keeps rows apart
+                    if idx is not None:
+                        raise Unsupported(f"{name}: broadcast tuple output")
                     ret = out = out.expand(self.N, *out.shape[1:])
+                    tensors = [out]
                     args = tuple(a.expand(self.N, *a.shape[1:]) if torch.is_tensor(a) and a.dim() >= 1
                                  and a.shape[0] == 1 else a for a in args)
                     tag = "NS"
-                rule = rule_for(m)
-                cap = rule.capture(m, args, kwargs, out, tag, self.N)
-                cap.update(tag=tag, N=self.N)
+                cap = rule.capture(m, args, kwargs, tensors[0], tag, self.N)
+                cap.update(tag=tag, N=self.N, out_idx=idx)
                 if name in self.protect:
                     cap = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in cap.items()}
-                    ret = out.clone()
-                tensors = [v for v in cap.values() if torch.is_tensor(v)]
-                self.uses.append({"name": name, "module": m, "rule": rule, "cap": cap, "out": out,
-                                  "amb": amb, "ver": [(t, t._version) for t in [out, *tensors]]})
+                    if idx is None:
+                        ret = out.clone()
+                    else:
+                        ret = type(out)(t.clone() if i in idx else t for i, t in enumerate(out))
+                kept = [v for v in cap.values() if torch.is_tensor(v)]
+                self.uses.append({"name": name, "module": m, "rule": rule, "cap": cap, "outs": tensors,
+                                  "amb": amb, "ver": [(t, t._version) for t in [*tensors, *kept]]})
                 return ret
             except Unsupported as e:
                 self.error = e
@@ -125,33 +145,41 @@ def capture(model, sel: set, forward, N: int, *, targets=None):
             raise Unsupported(f"module output changed in place: {sorted(changed)[:3]}")
         protect |= changed  # capture again with those outputs copied
     uses = rec.uses
-    outs = [u["out"] for u in uses]
+    outs = [o for u in uses for o in u["outs"]]
     need = [o.requires_grad for o in outs]
+    req = [o for o, r in zip(outs, need) if r]
     if targets is None:
-        grads = torch.autograd.grad(logps.sum(), [o for o, r in zip(outs, need) if r], allow_unused=True,
-                                    retain_graph=True)
+        grads = torch.autograd.grad(logps.sum(), req, allow_unused=True, retain_graph=True) if req else []
         rows = torch.arange(N)
         K = N
     else:
         go, rows = targets
         K = len(rows)
-        grads = torch.autograd.grad(logps, [o for o, r in zip(outs, need) if r], grad_outputs=go,
-                                    is_grads_batched=True, allow_unused=True, retain_graph=True)
+        grads = torch.autograd.grad(logps, req, grad_outputs=go, is_grads_batched=True, allow_unused=True,
+                                    retain_graph=True) if req else []
     it = iter(grads)
+    per_out = [next(it) if r else None for r in need]
     fac: dict = {}
     sig = []
-    for u, r in zip(uses, need):
-        g = next(it) if r else None
+    pos = 0
+    for u in uses:
+        gs = per_out[pos:pos + len(u["outs"])]
+        pos += len(u["outs"])
         cap = u["cap"]
         tag = cap["tag"]
         sig.append((u["name"], tag, u["amb"] and N > 1))
-        if g is None:
+        if all(g is None for g in gs):
             continue
-        g = g.to(acc)
-        if targets is None:
-            d = normalise(g, tag, N)
-        else:  # [K, *out] -> [K, N, T, d] -> each token's own row
-            d = normalise(g, tag, N, batch_dims=1)[torch.arange(K), rows]
+        ds = []
+        for g, o in zip(gs, u["outs"]):
+            if g is None:
+                g = torch.zeros((K, *o.shape) if targets is not None else o.shape, dtype=acc)
+            g = g.to(acc)
+            if targets is None:
+                ds.append(normalise(g, tag, N))
+            else:  # [K, *out] -> [K, N, T, d] -> each token's own row
+                ds.append(normalise(g, tag, N, batch_dims=1)[torch.arange(K), rows])
+        d = ds if u["rule"].multi_output else ds[0]
         for p, entry in u["rule"].entries(u["module"], cap, d, rows, sel, acc):
             fac.setdefault(p, []).append(entry)
     return logps, Factors(fac, K, tuple(sig), acc), (logps, outs)

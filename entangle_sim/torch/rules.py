@@ -64,6 +64,7 @@ class Rule:
     `entries` runs after the backward to the module outputs and returns [(param, entry)]."""
 
     name = "rule"
+    multi_output = False  # True: the rule takes tuple outputs, `entries` gets one signal per float output
 
     def applies(self, module) -> bool:
         return True
@@ -157,15 +158,17 @@ class EmbeddingRule(Rule):
     name = "embedding"
 
     def applies(self, module):
-        return module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+        # a subclass with its own forward (OPT's learned positions) goes to the generic rule, unless it
+        # only scales the output by its `embed_scale` (Gemma)
+        own_forward = type(module).forward is not nn.Embedding.forward
+        return (module.max_norm is None and not module.scale_grad_by_freq and not module.sparse
+                and (not own_forward or hasattr(module, "embed_scale")))
 
     def capture(self, module, args, kwargs, out, tag, N):
         ids = _first_tensor(args, kwargs)
         if not torch.is_tensor(ids) or ids.dtype.is_floating_point or ids.shape != out.shape[:-1]:
             raise Unsupported(f"{type(module).__name__}: not called on token ids")
         scale = getattr(module, "embed_scale", None)
-        if scale is None and type(module).forward is not nn.Embedding.forward:
-            raise Unsupported(f"{type(module).__name__} overrides Embedding.forward without an embed_scale")
         c = 1.0 if scale is None else float(scale)
         return {"ids": ids, "scale": c}
 
@@ -214,6 +217,7 @@ class MaterialiseRule(Rule):
     The module must act on rows/positions independently (checked by the per-response verification)."""
 
     name = "materialise"
+    multi_output = True
 
     def capture(self, module, args, kwargs, out, tag, N):
         sliced = {}
@@ -239,17 +243,21 @@ class MaterialiseRule(Rule):
         names = [n for n, _ in own]
         out_vecs = []
         # delta is [K, T, d] in the normalised layout; bring each row back to the module's own layout
-        for k in range(delta.shape[0]):
+        deltas = delta if isinstance(delta, list) else [delta]
+        idx = cap.get("out_idx")
+        for k in range(deltas[0].shape[0]):
             n = int(rows[k])
             a = [piece(t, n) for t in cap["args"]]
             kw = {key: piece(v, n) for key, v in cap["kwargs"].items()}
             ps = {nm: p.detach().requires_grad_(True) for nm, p in own}
             with torch.enable_grad():
                 y = torch.func.functional_call(module, ps, tuple(a), kw)
-                if not torch.is_tensor(y):
-                    raise Unsupported(f"{type(module).__name__} returns {type(y).__name__}, not a tensor")
-                d = delta[k].to(y.dtype).reshape(y.shape)  # [T, d] -> the slice's own layout (same order)
-                gs = torch.autograd.grad(y, [ps[nm] for nm in names], grad_outputs=d, allow_unused=True)
+                ys = [y] if idx is None else [y[i] for i in idx]
+                # [T, d] -> the slice's own layout (same element order)
+                ds = [dl[k].to(t.dtype).reshape(t.shape) for dl, t in zip(deltas, ys)]
+                pairs = [(t, dd) for t, dd in zip(ys, ds) if t.requires_grad]
+                gs = torch.autograd.grad([t for t, _ in pairs], [ps[nm] for nm in names],
+                                         grad_outputs=[dd for _, dd in pairs], allow_unused=True)
             out_vecs.append([(torch.zeros_like(ps[nm]) if g is None else g).reshape(-1).to(acc)
                              for nm, g in zip(names, gs)])
         return [(p, ("vec", torch.stack([v[i] for v in out_vecs]))) for i, (_, p) in enumerate(own)]

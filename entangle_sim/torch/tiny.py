@@ -81,3 +81,87 @@ def toy_rows(n: int = 8, *, seed: int = 0, conversational: bool = False) -> list
         else:
             rows.append({"prompt": prompt + " ", "chosen": c + " ", "rejected": r + " "})
     return rows
+
+
+# Decoder-only families that build tiny from transformers 5.x: name -> (config class, model class,
+# config keywords beyond the common ones). Width w, `layers` layers, 2 heads of w/2; intermediate 2w.
+def _family_kwargs(w: int, L: int) -> dict:
+    std = dict(hidden_size=w, intermediate_size=2 * w, num_hidden_layers=L, num_attention_heads=2,
+               num_key_value_heads=1, max_position_embeddings=64, head_dim=w // 2)
+    gpt = dict(n_embd=w, n_layer=L, n_head=2, n_positions=64)
+    moe = dict(std, num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=w,
+               shared_expert_intermediate_size=w, decoder_sparse_step=1, mlp_only_layers=[])
+    return {
+        "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(gpt)),
+        "llama": ("LlamaConfig", "LlamaForCausalLM", dict(std, tie_word_embeddings=False)),
+        "llama_tied": ("LlamaConfig", "LlamaForCausalLM", dict(std, tie_word_embeddings=True)),
+        "mistral": ("MistralConfig", "MistralForCausalLM", dict(std)),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(std)),
+        "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(std)),
+        "phi": ("PhiConfig", "PhiForCausalLM", dict(std, partial_rotary_factor=0.5)),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(std)),
+        "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", dict(std)),
+        "gptj": ("GPTJConfig", "GPTJForCausalLM", dict(gpt, rotary_dim=4)),
+        "stablelm": ("StableLmConfig", "StableLmForCausalLM", dict(std)),
+        "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(std)),
+        "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(std)),
+        "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(gpt)),
+        "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(gpt, n_ctx=64, rotary_dim=4)),
+        "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM",
+                    dict(hidden_size=w, num_layers=L, num_heads=2, max_position_embeddings=64,
+                         attention_types=[[["global", "local"], max(1, L // 2)]] if L > 1 else [[["global"], 1]],
+                         window_size=8)),
+        "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(std)),
+        "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=w, ffn_dim=2 * w, num_hidden_layers=L,
+                                                     num_attention_heads=2, max_position_embeddings=64,
+                                                     word_embed_proj_dim=w)),
+        "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=w, n_layer=L, n_head=2)),
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(moe)),
+        "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(std)),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(std, sliding_window=8)),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(std, sliding_window=8)),
+        "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=w, num_hidden_layers=L,
+                                                             num_attention_heads=2, new_decoder_architecture=False,
+                                                             parallel_attn=True, bias=True)),
+        "cohere": ("CohereConfig", "CohereForCausalLM", dict(std)),
+        "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(moe)),
+        "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(moe)),
+        "granite": ("GraniteConfig", "GraniteForCausalLM", dict(std)),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe)),
+        "glm": ("GlmConfig", "GlmForCausalLM", dict(std)),
+        "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(std)),
+        "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=w, n_heads=2, n_layers=L, expansion_ratio=2,
+                                                    max_seq_len=64)),
+        "biogpt": ("BioGptConfig", "BioGptForCausalLM", dict(std)),
+    }
+
+
+FAMILIES = tuple(_family_kwargs(16, 1))
+
+
+def tiny_family(family: str, tokenizer=None, *, width: int = 16, layers: int = 1, seed: int = 0,
+                dtype=None):
+    """A tiny random-init causal LM of a Hugging Face family in `FAMILIES` (eval mode, float64 when
+    dtype=torch.float64; eager attention, so every family runs the same kernels under torch.func)."""
+    import torch
+    import transformers
+
+    tok = tokenizer or tiny_tokenizer()
+    table = _family_kwargs(width, layers)
+    if family not in table:
+        raise ValueError(f"unknown family {family!r} (one of {', '.join(FAMILIES)})")
+    cname, mname, kw = table[family]
+    torch.manual_seed(seed)
+    common = dict(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  bos_token_id=tok.eos_token_id)
+    for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout",
+              "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+        common[k] = 0.0
+    cfg = getattr(transformers, cname)(**common, **kw)
+    cfg._attn_implementation = "eager"
+    if hasattr(cfg, "_experts_implementation"):  # the eager expert loop (float64-capable, as in the issue)
+        cfg._experts_implementation = "eager"
+    model = getattr(transformers, mname)(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval()
