@@ -15,7 +15,9 @@ def register(sub) -> None:
     p = sub.add_parser("diagnose-model", help="gradient entanglement of your own causal LM on your preference pairs")
     p.add_argument("--model", required=True, help="local model directory (save_pretrained; nothing is downloaded)")
     p.add_argument("--data", required=True, help="JSON/JSONL file of TRL preference rows (prompt, chosen, rejected)")
-    p.add_argument("--ref-model", default=None, help="local reference model directory (its log-probs enter the loss)")
+    p.add_argument("--ref-model", default=None,
+                   help="local reference model directory (default: the model itself, as TRL's DPOTrainer "
+                        "with ref_model=None: every log-ratio starts at 0)")
     p.add_argument("--loss", nargs="+", action="extend", default=None, metavar="NAME",
                    help="registered loss(es) for incentives and regimes (default: sigmoid)")
     p.add_argument("--subset", nargs="+", action="extend", default=None, metavar="PREFIX",
@@ -48,18 +50,14 @@ def _load(path: str, what: str):
 
 def run(args) -> int:
     try:
-        import torch
+        import torch  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
         raise CLIError(INSTALL) from None
-    import numpy as np
-
+    from .. import regimes
     from ..torch import theory
     from ..torch.data import load_preference_rows, pad_token_id, tokenize_rows
-    from ..torch.geometry import response_logps, select_parameters, token_gram
-    from ..torch.measure import batch_prediction, measure_pairs
-    from ..torch.data import collate
-    from .. import regimes
+    from ..torch.session import MeasurementSession
 
     for flag, v in (("--pairs", args.pairs), ("--batch-size", args.batch_size)):
         if v is not None and v <= 0:
@@ -77,48 +75,30 @@ def run(args) -> int:
     subset = None
     if args.subset:
         subset = "trainable" if args.subset == ["trainable"] else args.subset
-    select_parameters(model, subset)  # unknown prefix -> one-line error
     examples = tokenize_rows(tok, rows, max_length=args.max_length)
-    pad = pad_token_id(tok)
+    session = MeasurementSession(model, pad_token_id=pad_token_id(tok), subset=subset, method=args.method,
+                                 batch_size=args.batch_size, max_length=args.max_length)  # bad prefix -> error
     B = len(examples)
 
     from tqdm.auto import tqdm
     with tqdm(total=B, desc="diagnose-model", unit="pair", disable=None, file=sys.stderr) as bar:
-        m = measure_pairs(model, examples, pad, subset=subset, method=args.method, batch_size=args.batch_size,
-                          max_length=args.max_length, progress=bar.update)
-    ref_w = ref_l = None
-    if ref is not None:
-        rw, rl = [], []
-        for s in range(0, B, args.batch_size):
-            b = collate(examples[s:s + args.batch_size], pad, max_length=args.max_length)
-            with torch.no_grad():
-                lp = response_logps(ref, b["input_ids"], b["attention_mask"], b["completion_mask"])
-            n = len(examples[s:s + args.batch_size])
-            rw.append(lp[:n].double().numpy())
-            rl.append(lp[n:].double().numpy())
-        ref_w, ref_l = np.concatenate(rw), np.concatenate(rl)
+        d = session.diagnose(examples, loss_names, ref_model=ref, token_maps=args.token_maps, progress=bar.update)
+    m, (ref_w, ref_l), per_loss = d["measure"], d["ref"], d["per_loss"]
 
-    per_loss = {}
     summary = {"n_pairs": B, "model": str(args.model), "data": str(args.data), "subset": args.subset,
                "losses": loss_names, "cos_mean": float(m["cos"].mean()), "rho_mean": float(m["rho"].mean()),
                "frac_rho_le_1": float((m["rho"] <= 1).mean()), "regime_fractions": {},
-               "batch_regime_fractions": {}, "moved_by_batch": {}, "reference": args.ref_model is not None}
-    for name in loss_names:
-        th = theory.evaluate(name, **{k: m[k] for k in ("chosen_logps", "rejected_logps", "chosen_len", "rejected_len",
-                                                        "G_ww", "G_wl", "G_ll", "prompt_len")},
-                             ref_chosen_logps=ref_w, ref_rejected_logps=ref_l)
-        bw, bl = batch_prediction(model, examples, pad, th["d_w"] / B, th["d_l"] / B, subset=subset,
-                                  batch_size=args.batch_size, max_length=args.max_length)
-        breg = regimes.names(regimes.classify(bw, bl))
-        th.update(batch_delta_chosen=bw, batch_delta_rejected=bl, batch_regime=breg)
-        per_loss[name] = th
+               "batch_regime_fractions": {}, "moved_by_batch": {},
+               # TRL's default: without a reference model the reference is the model itself (log-ratios 0)
+               "reference": d["reference"], "ref_model": args.ref_model, "method": args.method,
+               "dtype": session.dtype}
+    for name, th in per_loss.items():
         summary["regime_fractions"][name] = regimes.fractions(regimes.classify(th["delta_chosen"], th["delta_rejected"]))
-        summary["batch_regime_fractions"][name] = regimes.fractions(regimes.classify(bw, bl))
-        summary["moved_by_batch"][name] = int(sum(a != b for a, b in zip(th["regime"], breg)))
+        summary["batch_regime_fractions"][name] = regimes.fractions(
+            regimes.classify(th["batch_delta_chosen"], th["batch_delta_rejected"]))
+        summary["moved_by_batch"][name] = int(sum(a != b for a, b in zip(th["regime"], th["batch_regime"])))
 
-    cols = ["pair", "chosen_logps", "rejected_logps"]
-    if ref is not None:
-        cols += ["ref_chosen_logps", "ref_rejected_logps"]
+    cols = ["pair", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"]
     cols += ["chosen_len", "rejected_len", "prompt_len", "G_ww", "G_wl", "G_ll", "cos", "rho_w", "rho_l", "rho"]
     for name in loss_names:
         cols += [f"{k}_{name}" for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "regime",
@@ -129,8 +109,7 @@ def run(args) -> int:
                                                 "rho_w", "rho_l", "rho")},
              "chosen_len": int(m["chosen_len"][i]), "rejected_len": int(m["rejected_len"][i]),
              "prompt_len": int(m["prompt_len"][i])}
-        if ref is not None:
-            r["ref_chosen_logps"], r["ref_rejected_logps"] = ref_w[i], ref_l[i]
+        r["ref_chosen_logps"], r["ref_rejected_logps"] = float(ref_w[i]), float(ref_l[i])
         for name, th in per_loss.items():
             for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "batch_delta_chosen", "batch_delta_rejected"):
                 r[f"{k}_{name}"] = float(th[k][i])
@@ -146,7 +125,7 @@ def run(args) -> int:
             w.writeheader()
             for r in table:
                 w.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in r.items()})
-        _figures(out, m, per_loss, examples, tok, model, subset, args, pad)
+        _figures(out, m, per_loss, examples, tok, d["token_maps"])
         summary["figures"] = sorted(p.name for p in out.glob("*.png"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.json:
@@ -161,27 +140,23 @@ def run(args) -> int:
     return 0
 
 
-def _figures(out, m, per_loss, examples, tok, model, subset, args, pad):
+def _figures(out, m, per_loss, examples, tok, token_maps):
     import matplotlib.pyplot as plt
     import numpy as np
 
     from ..plotting.model_diagnose import plot_histograms, plot_pairs_regime_map, plot_token_map
-    from ..torch.data import collate
-    from ..torch.geometry import token_gram
 
     ratio = np.sqrt(m["G_ll"] / np.maximum(m["G_ww"], np.finfo(float).tiny))
     figs = {}
     for name, th in per_loss.items():
         figs[f"regime_map_{name}"] = plot_pairs_regime_map(m["cos"], ratio, th["regime"], th["d_w"], th["d_l"], loss=name)
     figs["histograms"] = plot_histograms(m["cos"], m["rho"])
-    order = np.argsort(-m["cos"])[: args.token_maps]
-    for rank, i in enumerate(order):
-        ex = examples[int(i)]
-        tg = token_gram(model, collate([ex], pad, max_length=args.max_length), subset=subset)
+    for rank, (i, tg) in enumerate(token_maps):
+        ex = examples[i]
         cw = tok.convert_ids_to_tokens(ex["chosen_ids"][: tg.cos.shape[0]])
         cl = tok.convert_ids_to_tokens(ex["rejected_ids"][: tg.cos.shape[1]])
-        figs[f"token_map_{rank}_pair{int(i)}"] = plot_token_map(
-            tg.cos.numpy(), cw, cl, title=f"pair {int(i)}: cos {m['cos'][i]:+.3f}, token inner products sum to G_wl")
+        figs[f"token_map_{rank}_pair{i}"] = plot_token_map(
+            tg.cos.numpy(), cw, cl, title=f"pair {i}: cos {m['cos'][i]:+.3f}, token inner products sum to G_wl")
     from ..results import atomic_write
 
     for fname, fig in figs.items():  # atomically, like every other output file

@@ -19,8 +19,16 @@ see `attach`):
 The reference log-probs are the probe log-probs before training (TRL's default reference is the
 initial policy). The prediction is the SGD theory: with Adam or when the training batches differ from
 the probe set, compare signs and regimes, not magnitudes.
+
+What is measured is what the optimiser updates: by default the parameters with requires_grad (the
+adapters under PEFT). Measurements run in eval mode and outside the trainer's autocast (TRL's DPOConfig
+turns bf16 autocast on by default), in the parameters' own dtype (float32, or float64), so small
+realised changes are not rounded away; the callback says so once in its log (logger
+"entangle_sim.torch") and in every `history` entry ("dtype").
 """
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 from transformers import TrainerCallback
@@ -28,14 +36,17 @@ from transformers import TrainerCallback
 from .. import regimes
 from . import theory
 from .data import load_preference_rows, pad_token_id, tokenize_rows
-from .measure import batch_prediction, measure_pairs
+from .session import MeasurementSession
+
+log = logging.getLogger("entangle_sim.torch")
 
 
 class EntanglementCallback(TrainerCallback):
     """Log probe-set entanglement every N steps (see module docstring).
 
     probe_rows: TRL-format rows (list of dicts, JSON/JSONL path or `datasets.Dataset`);
-    subset: parameter prefixes or "trainable" (LoRA-only under PEFT); loss: registry name
+    subset: parameter prefixes, "trainable" or None (default: the parameters with requires_grad, i.e.
+    what the optimiser updates; LoRA-only under PEFT); method: "auto" | "ghost" | "exact"; loss: registry name
     (default: the trainer's `loss_type`, else "sigmoid"), hyperparameters from the trainer's args
     (`beta`) unless given in `loss_kwargs`.
     """
@@ -52,6 +63,7 @@ class EntanglementCallback(TrainerCallback):
         self.batch_size = batch_size
         self.loss_kwargs = dict(loss_kwargs or {})
         self.examples = None
+        self.session = None
         self.ref = None
         self.last = None       # (logps_chosen [B], logps_rejected [B]) at the previous measurement
         self.pending: dict = {}
@@ -84,11 +96,20 @@ class EntanglementCallback(TrainerCallback):
         return hp
 
     def _measure(self, model, tokenizer, args, state, lr):
+        max_length = getattr(args, "max_length", 1024)
         if self.examples is None:
-            self.examples = tokenize_rows(tokenizer, self.rows, max_length=getattr(args, "max_length", 1024))
+            self.examples = tokenize_rows(tokenizer, self.rows, max_length=max_length)
             self.pad = pad_token_id(tokenizer)
-        m = measure_pairs(model, self.examples, self.pad, subset=self.subset, method=self.method,
-                          batch_size=self.batch_size, max_length=getattr(args, "max_length", 1024))
+        if self.session is None or self.session.model is not model:
+            self.session = MeasurementSession(model, pad_token_id=self.pad,
+                                              subset="trainable" if self.subset is None else self.subset,
+                                              method=self.method, batch_size=self.batch_size,
+                                              max_length=max_length)
+            log.info("EntanglementCallback: measuring %d parameters (%s) in %s, outside autocast, eval mode",
+                     self.session.n_parameters, "requires_grad" if self.subset is None else self.subset,
+                     self.session.dtype)
+        s = self.session
+        m = s.measure(self.examples)
         if self.ref is None:
             self.ref = (m["chosen_logps"].copy(), m["rejected_logps"].copy())
         name = self._loss_name(args)
@@ -98,9 +119,7 @@ class EntanglementCallback(TrainerCallback):
                              ref_chosen_logps=self.ref[0], ref_rejected_logps=self.ref[1], **hp)
         B = len(self.examples)
         eta = lr * self.every
-        dw, dl = batch_prediction(model, self.examples, self.pad, th["d_w"] / B, th["d_l"] / B,
-                                  subset=self.subset, batch_size=self.batch_size,
-                                  max_length=getattr(args, "max_length", 1024))
+        dw, dl = s.predict(self.examples, th["d_w"] / B, th["d_l"] / B)
         pc, pr = eta * float(dw.mean()), eta * float(dl.mean())
         logs = {
             "entangle/cos_mean": float(m["cos"].mean()),
@@ -121,7 +140,7 @@ class EntanglementCallback(TrainerCallback):
             logs.update({"entangle/real_delta_chosen": rc, "entangle/real_delta_rejected": rr,
                          "entangle/real_regime": int(regimes.classify(np.array(rc), np.array(rr)))})
         self.last = (m["chosen_logps"], m["rejected_logps"])
-        self.history.append({"step": state.global_step, **logs})
+        self.history.append({"step": state.global_step, "dtype": s.dtype, **logs})
         self.pending = logs
 
     @staticmethod
