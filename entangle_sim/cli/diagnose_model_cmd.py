@@ -91,7 +91,8 @@ def run(args) -> int:
                "batch_regime_fractions": {}, "moved_by_batch": {},
                # TRL's default: without a reference model the reference is the model itself (log-ratios 0)
                "reference": d["reference"], "ref_model": args.ref_model, "method": args.method,
-               "dtype": session.dtype}
+               "dtype": session.dtype,
+               "reference_used_by": {n: bool(theory.loss_spec(n).uses_reference) for n in loss_names}}
     for name, th in per_loss.items():
         summary["regime_fractions"][name] = regimes.fractions(regimes.classify(th["delta_chosen"], th["delta_rejected"]))
         summary["batch_regime_fractions"][name] = regimes.fractions(

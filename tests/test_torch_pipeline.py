@@ -1,0 +1,189 @@
+"""Regression tests of the PyTorch bridge pipeline, one per failure class, plus the general contractions.
+
+All numbers in float64 against a brute force (one autograd backward per response, unpadded); tolerance
+1e-6 relative (the methods differ by summation order only, observed <= 1e-12).
+"""
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from entangle_sim.torch import (collate, directional, pad_token_id, pair_gram, select_parameters,  # noqa: E402
+                                token_gram, tokenize_rows)
+from entangle_sim.torch.capture import PROTECT, param_group  # noqa: E402
+from entangle_sim.torch.geometry import response_gram  # noqa: E402
+from entangle_sim.torch.tiny import tiny_family, tiny_model, tiny_tokenizer, toy_rows  # noqa: E402
+
+RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+    return collate(tokenize_rows(tok, toy_rows(2, seed=1)), pad_token_id(tok))
+
+
+def brute(model, batch, params):
+    out = []
+    for i in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][i].sum())
+        ids = batch["input_ids"][i, :n][None]
+        cm = batch["completion_mask"][i, :n]
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        gs = torch.autograd.grad((lp * cm[1:]).sum(), params, allow_unused=True)
+        out.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, gs)]))
+    return torch.stack(out)
+
+
+def close(a, b):
+    err = float((a - b).abs().max() / b.abs().max())
+    assert err <= RTOL, f"relative error {err:.2g}"
+
+
+def wl(g):
+    B = g.shape[0] // 2
+    return (g[:B] * g[B:]).sum(1)
+
+
+def test_flattened_layout_opt(tok, batch):
+    """OPT flattens hidden states to [N*S, d] inside its decoder layer: read as the 'flat' layout."""
+    model = tiny_family("opt", tok, dtype=torch.float64)
+    g = brute(model, batch, list(select_parameters(model).values()))
+    close(pair_gram(model, batch, method="ghost").G_wl, wl(g))
+    w = torch.tensor([1.0, -0.5, 2.0, 0.3], dtype=torch.float64)
+    for method in ("exact", "ghost", "auto"):
+        close(directional(model, batch, w, method=method), (g @ g.T) @ w)
+
+
+class SeqFirst(torch.nn.Module):
+    """Applies a linear layer sequence-first (h.transpose(0, 1)), as some custom blocks do."""
+
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, h):
+        return self.lin(h.transpose(0, 1)).transpose(0, 1)
+
+
+def _seq_first_model(tok):
+    model = tiny_model("llama", tok, width=16).double()
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = SeqFirst(mlp.down_proj)
+    return model
+
+
+def test_sequence_first_with_T_equal_2B(tok):
+    """T == 2B: a sequence-first [S, N, d] output has the shape of [N, S, d]; the per-response check
+    catches the mix-up (the summed gradient alone does not), ghost raises, auto is right."""
+    model = _seq_first_model(tok)
+    g0 = torch.Generator().manual_seed(0)
+    ids = torch.randint(7, len(tok), (4, 4), generator=g0)  # B = 2 pairs, N = 4 rows, S = 4 positions
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+         "completion_mask": torch.tensor([[0, 0, 1, 1]] * 4)}
+    g = brute(model, b, list(select_parameters(model).values()))
+    with pytest.raises(ValueError, match="ghost method unsupported.*response by response"):
+        pair_gram(model, b, method="ghost")
+    close(pair_gram(model, b, method="auto").G_wl, wl(g))
+    # ... and with S != N the same layer is read as sequence-first and ghost is right
+    b2 = {k: torch.cat([v, v[:, -2:]], 1) for k, v in b.items()}
+    g2 = brute(model, b2, list(select_parameters(model).values()))
+    close(pair_gram(model, b2, method="ghost").G_wl, wl(g2))
+
+
+def _foreign_use_model(tok):
+    model = tiny_model("gpt2", tok).double()
+    blk = model.transformer.h[1]
+    orig = blk.forward
+
+    def fwd(hidden_states, *a, **k):
+        out = orig(hidden_states, *a, **k)
+        h = out[0] if isinstance(out, tuple) else out
+        h = h + 0.1 * torch.tanh(h @ blk.mlp.c_fc.weight[:, : h.shape[-1]])  # a use outside its module
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    blk.forward = fwd
+    return model
+
+
+def test_foreign_weight_use_in_token_maps(tok, batch):
+    model = _foreign_use_model(tok)
+    pair = {k: v[[0, 2]] for k, v in batch.items()}
+    with pytest.raises(ValueError, match="ghost method unsupported"):
+        token_gram(model, pair, method="ghost")
+    tg = token_gram(model, pair, method="auto")
+    # reference: one backward per completion token
+    params = list(model.parameters())
+    per = []
+    for row in (0, 1):
+        n = int(pair["attention_mask"][row].sum())
+        ids = pair["input_ids"][row, :n][None]
+        cm = pair["completion_mask"][row, :n]
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        per.append(torch.stack([torch.cat([x.reshape(-1) for x in torch.autograd.grad(lp[t], params, retain_graph=True)])
+                                for t in cm[1:].nonzero()[:, 0].tolist()]))
+    close(tg.inner, per[0] @ per[1].T)
+
+
+def test_token_gram_ghost_many_families(tok, batch):
+    """Token maps through the same capture and verification (flattened OPT, MoE, Gemma's scaled embedding)."""
+    pair = {k: v[[1, 3]] for k, v in batch.items()}
+    for fam in ("opt", "qwen2_moe", "gemma"):
+        model = tiny_family(fam, tok, dtype=torch.float64)
+        a = token_gram(model, pair, method="ghost")
+        b = token_gram(model, pair, method="exact")
+        close(a.inner, b.inner)
+        close(a.norm_w, b.norm_w)
+
+
+@pytest.mark.parametrize("family", ["bloom", "mixtral"])
+def test_exact_falls_back_to_ordinary_backward(tok, batch, family, caplog):
+    """BLOOM's GELU is a custom autograd.Function, Mixtral's eager expert loop is data-dependent control
+    flow: torch.func cannot transform them; exact says so in one line and loops over responses."""
+    model = tiny_family(family, tok, dtype=torch.float64)
+    g = brute(model, batch, list(select_parameters(model).values()))
+    with caplog.at_level(logging.WARNING, logger="entangle_sim.torch"):
+        close(pair_gram(model, batch, method="exact").G_wl, wl(g))
+    notes = [r.getMessage() for r in caplog.records if "torch.func cannot transform" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0]
+    close(pair_gram(model, batch, method="ghost").G_wl, wl(g))   # and ghost works too (rules for experts)
+
+
+def test_moe_experts_and_router_rules(tok, batch):
+    model = tiny_family("qwen2_moe", tok, dtype=torch.float64)
+    for sub in ("model.layers.0.mlp.experts", "model.layers.0.mlp.gate"):
+        g = brute(model, batch, list(select_parameters(model, sub).values()))
+        close(pair_gram(model, batch, subset=sub, method="ghost").G_wl, wl(g))
+
+
+def test_in_place_output_change_detected_falcon(tok, batch):
+    """Falcon adds the attention output into the MLP output in place: detected, that output copied."""
+    model = tiny_family("falcon", tok, dtype=torch.float64)
+    g = brute(model, batch, list(select_parameters(model).values()))
+    close(pair_gram(model, batch, method="ghost").G_wl, wl(g))
+    assert any("dense_4h_to_h" in n for n in PROTECT[model])
+
+
+def test_response_gram_groups_and_parameter_groups(tok, batch):
+    model = tiny_family("qwen2", tok, dtype=torch.float64)
+    params = select_parameters(model)
+    g = brute(model, batch, list(params.values()))
+    for method in ("ghost", "exact"):
+        close(response_gram(model, batch, method=method), g @ g.T)
+        per = response_gram(model, batch, groups=2, method=method)
+        assert per.shape == (2, 2, 2)
+        close(per[1], g[2:] @ g[2:].T)
+    # the Gram split by parameter group: every group equals the brute force on its own parameters
+    for method in ("ghost", "exact"):
+        split = pair_gram(model, batch, method=method, by_group=True)
+        close(sum(v.G_wl for v in split.values()), wl(g))
+        assert {"embedding", "head", "norm", "layer0.attention", "layer0.mlp"} <= set(split)
+        names = [n for n in params if param_group(n) == "layer0.mlp"]
+        gm = brute(model, batch, [params[n] for n in names])
+        close(split["layer0.mlp"].G_wl, wl(gm))
