@@ -84,3 +84,37 @@ def test_bad_inputs(saved, tmp_path, capsys):
     assert "subset" in _err(["diagnose-model", "--model", m, "--data", d, "--subset", "transformer.h.99"], capsys)
     err = _err(["diagnose-model", "--model", m, "--data", d, "--loss", "dpo_nope"], capsys)
     assert "dpo_nope" in err
+
+
+def test_default_reference_is_the_model_itself(saved, tmp_path, capsys):
+    """Without --ref-model the reference is the model (TRL's DPOTrainer with ref_model=None at step 0):
+    every log-ratio is 0, so DPO's incentive is beta * sigmoid(0) = 0.05; reference-free losses ignore it."""
+    out = tmp_path / "out"
+    rc = main(["diagnose-model", "--model", str(saved / "model"), "--data", str(saved / "pairs.jsonl"),
+               "--loss", "sigmoid", "simpo", "--out", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["reference"] == "model" and summary["ref_model"] is None
+    assert summary["reference_used_by"] == {"sigmoid": True, "simpo": False}
+    with open(out / "pairs.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert all(abs(float(r["d_w_sigmoid"]) - 0.05) < 1e-6 for r in rows)
+    assert all(r["ref_chosen_logps"] == r["chosen_logps"] for r in rows)
+
+
+@pytest.mark.parametrize("family,method", [("opt", "exact"), ("bloom", "auto"), ("mixtral", "ghost")])
+def test_families_end_to_end(tmp_path, capsys, family, method):
+    """diagnose-model on families that used to crash (OPT everywhere, BLOOM's exact, Mixtral's experts)."""
+    from entangle_sim.torch.tiny import tiny_family
+
+    tok = tiny_tokenizer()
+    model = tiny_family(family, tok)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_rows(3, seed=4)))
+    rc = main(["diagnose-model", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "pairs.jsonl"),
+               "--method", method, "--token-maps", "1", "--out", str(tmp_path / "out"), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_pairs"] == 3 and summary["method"] == method and summary["dtype"] == "float32"
+    assert any(p.name.startswith("token_map_0_") for p in (tmp_path / "out").glob("*.png"))

@@ -105,3 +105,49 @@ def test_callback_predictions_agree_in_sign(tmp_path):
     e = summ["entangle"]
     assert e["n_compared"] == 4
     assert e["sign_agreement_chosen"] == e["sign_agreement_rejected"] == e["regime_agreement"] == 4
+
+
+# peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias (third-party deprecation)
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_callback_lora_default_subset_bf16_autocast(tmp_path):
+    """A real DPOTrainer with a LoRA `peft_config` and TRL's default bf16 autocast (on CPU too): the
+    callback's default subset is the adapters (requires_grad), it measures outside the autocast in
+    float32 (its baseline equals a float32 measurement made before training, 1e-5 absolute on log-probs
+    of size ~20: float32 round-off; bf16 would be off by ~1e-3), and its predicted regimes match the
+    realised ones."""
+    peft = pytest.importorskip("peft")
+    from trl import DPOConfig, DPOTrainer
+
+    from entangle_sim.torch import EntanglementCallback
+    from entangle_sim.torch.tiny import tiny_family
+
+    tok = tiny_tokenizer()
+    rows = toy_rows(4, seed=7)
+    model = tiny_family("qwen2", tok, width=32)
+    b = collate(tokenize_rows(tok, rows), pad_token_id(tok))
+    cb = EntanglementCallback(rows, every_n_steps=1)
+    cfg = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=len(rows), max_steps=3,
+                    learning_rate=2e-2, optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                    logging_steps=1, save_strategy="no", disable_tqdm=True, beta=0.1)
+    assert cfg.bf16  # TRL's default: bf16 autocast, also on CPU
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    tr = DPOTrainer(model=model, args=cfg, train_dataset=datasets.Dataset.from_list(rows), processing_class=tok,
+                    peft_config=lora)
+    cb.attach(tr)
+    tr.train()
+    assert cb.session is not None and all("lora_" in n for n in cb.session.params)
+    assert cb.history[0]["dtype"] == "float32"
+    hist = cb.history
+    assert len(hist) == 4
+    # the last measurement (after the last step) equals a float32 measurement of the final model outside
+    # autocast; the same under bf16 autocast differs by far more (what the callback used to report)
+    final = tr.accelerator.unwrap_model(tr.model, keep_fp32_wrapper=False).eval()  # accelerate's autocast off
+    with torch.no_grad():
+        lp32 = response_logps(final, b["input_ids"], b["attention_mask"], b["completion_mask"])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp16 = response_logps(final, b["input_ids"], b["attention_mask"], b["completion_mask"])
+    B = len(rows)
+    assert abs(hist[-1]["entangle/logps_chosen"] - float(lp32[:B].mean())) < 1e-5
+    assert abs(float(lp16[:B].mean()) - float(lp32[:B].mean())) > 1e-4
+    agree = sum(prev["entangle/pred_regime"] == cur["entangle/real_regime"] for prev, cur in zip(hist, hist[1:]))
+    assert agree == 3
