@@ -1,13 +1,20 @@
-"""PyTorch backend geometry vs the official method, each measurement in a fresh subprocess.
+"""PyTorch backend geometry vs a plain training step and vs the official method, each measurement in a
+fresh subprocess.
 
-Baseline ("official", re-implemented here): batch of one - for each response a forward, the sum of
-its response log-probs, a backward, all parameter gradients flattened into one vector, then the
-dot products; token maps by one such backward per completion token.
-Ours: `entangle_sim.torch.pair_gram(method="auto")` on batches of pairs, `token_gram` (ghost).
+Baselines, measured in the same run:
+* "plain": one forward + one backward (to the parameters) of the same 2B sequences, batched like ours
+  (8 pairs per batch): what one DPO training step costs without the optimizer;
+* "official" (re-implemented here): batch of one - for each response a forward, the sum of its
+  response log-probs, a backward, all parameter gradients flattened into one vector, then the dot
+  products; token maps by one such backward per completion token.
+Ours: `measure_pairs` (= `pair_gram(method="auto")` per batch of 8 pairs: capture, rules, layouts; the
+per-response verification runs on the first capture of a model and is reported separately as
+`first_call_s`), `token_gram` (ghost).
 
-Models: random-weight GPT-2 configs, (a) 0.43M parameters (2 layers, width 128, vocabulary 256),
-(b) GPT-2 small (124M: 12 layers, width 768, vocabulary 50257); 16-token prompt, 16-token responses,
-random token ids. Peak memory: VmHWM of the worker process (includes the model and Python).
+Models: random-weight GPT-2 configs, (a) 0.43M parameters (2 layers, width 128, vocabulary 256) with
+16-token prompts and 16-token responses, (b) GPT-2 small (124M: 12 layers, width 768, vocabulary 50257)
+with 64-token prompts and 64-token responses; random token ids. Peak memory: VmHWM of the worker
+process (includes the model and Python).
 Matmul peak: best of a few 2048^3 float32 matmuls in the same run; model FLOPs of a pair counted as
 6 x (matmul parameters) x 64 tokens (forward + backward of both responses).
 
@@ -25,7 +32,7 @@ import time
 
 SIZES = {"tiny": dict(n_layer=2, n_embd=128, n_head=4, vocab_size=256),
          "gpt2": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)}
-P_LEN = R_LEN = 16
+LENGTHS = {"tiny": (16, 16), "gpt2": (64, 64)}   # (prompt, response) tokens
 
 
 def _vmhwm_gib() -> float:
@@ -41,13 +48,14 @@ def _model(size):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **SIZES[size])
+    cfg = GPT2Config(n_positions=160, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **SIZES[size])
     return GPT2LMHeadModel(cfg).eval()
 
 
-def _examples(n, vocab, seed=0):
+def _examples(n, vocab, seed=0, size="tiny"):
     import torch
 
+    P_LEN, R_LEN = LENGTHS[size]
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
@@ -110,9 +118,21 @@ def worker(case, size, n):
     model = _model(size)
     res["params"] = sum(p.numel() for p in model.parameters())
     res["matmul_params"] = sum(p.numel() for n_, p in model.named_parameters() if p.dim() == 2 and "wpe" not in n_)
-    exs = _examples(n, SIZES[size]["vocab_size"])
-    warm = _examples(1, SIZES[size]["vocab_size"], seed=1)
-    if case == "official":
+    exs = _examples(n, SIZES[size]["vocab_size"], size=size)
+    warm = _examples(1, SIZES[size]["vocab_size"], seed=1, size=size)
+    if case == "plain":
+        from entangle_sim.torch import response_logps
+
+        def step(batch):
+            model.zero_grad(set_to_none=True)
+            response_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]).sum().backward()
+
+        step(collate(warm, 0))
+        t = time.perf_counter()
+        for s0 in range(0, n, 8):
+            step(collate(exs[s0:s0 + 8], 0))
+        res["pairs_per_s"] = n / (time.perf_counter() - t)
+    elif case == "official":
         _official_pair(model, warm[0])
         t = time.perf_counter()
         for ex in exs:
@@ -120,9 +140,12 @@ def worker(case, size, n):
         dt = time.perf_counter() - t
         res["pairs_per_s"] = n / dt
     elif case == "ours":
-        pair_gram(model, collate(warm, 0))
+        bs = int(os.environ.get("BENCH_BATCH", "8"))
         t = time.perf_counter()
-        measure_pairs(model, exs, 0, batch_size=int(os.environ.get("BENCH_BATCH", "8")))
+        measure_pairs(model, exs[:bs], 0, batch_size=bs)      # first capture of the model: verified
+        res["first_call_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        measure_pairs(model, exs, 0, batch_size=bs)
         dt = time.perf_counter() - t
         res["pairs_per_s"] = n / dt
         res["method"] = "auto"
@@ -157,22 +180,30 @@ def main():
     ap.add_argument("--worker", nargs=3, metavar=("CASE", "SIZE", "N"))
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--token-map-124m", action="store_true", help="also the 124M token map (needs > 4 GiB)")
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker[0], a.worker[1], int(a.worker[2]))))
         return
     results = {"uptime_before": os.popen("uptime").read().strip()}
     results["matmul"] = run("matmul", "tiny", 0)
+    results["tiny_plain"] = run("plain", "tiny", 64)
     results["tiny_official"] = run("official", "tiny", 16)
     results["tiny_ours"] = run("ours", "tiny", 64)
     results["tiny_tokenmap_official"] = run("tokenmap_official", "tiny", 1)
     results["tiny_tokenmap_ours"] = run("tokenmap_ours", "tiny", 1)
-    results["tiny_mem_64"] = run("ours", "tiny", 64)
-    results["tiny_mem_512"] = run("ours", "tiny", 512)
     if not a.quick:
-        results["gpt2_official"] = run("official", "gpt2", 3)
+        results["gpt2_plain"] = run("plain", "gpt2", 8)
+        results["gpt2_official"] = run("official", "gpt2", 2)
         results["gpt2_ours"] = run("ours", "gpt2", 8)
-        results["gpt2_tokenmap_ours"] = run("tokenmap_ours", "gpt2", 1)
+        if a.token_map_124m:  # holds T x (signals of every layer): far above 4 GiB at 64+64 tokens
+            results["gpt2_tokenmap_ours"] = run("tokenmap_ours", "gpt2", 1)
+    for size in ("tiny", "gpt2"):
+        o, p, f = (results.get(f"{size}_{k}", {}) for k in ("ours", "plain", "official"))
+        if "pairs_per_s" in o and "pairs_per_s" in p:
+            results[f"{size}_ratio_vs_plain"] = p["pairs_per_s"] / o["pairs_per_s"]   # time ours / time plain
+        if "pairs_per_s" in o and "pairs_per_s" in f:
+            results[f"{size}_speedup_vs_official"] = o["pairs_per_s"] / f["pairs_per_s"]
     results["uptime_after"] = os.popen("uptime").read().strip()
     text = json.dumps(results, indent=1)
     print(text)

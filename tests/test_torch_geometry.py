@@ -160,8 +160,8 @@ def test_custom_module_materialised_by_generic_rule(tok, batch):
         _close(pair_gram(model, batch, method=method).G_wl, (g[:B] * g[B:]).sum(1))
 
 
-class _TupleOut(torch.nn.Module):
-    """A module owning a parameter and returning a tuple: no rule can factor it."""
+class _DictOut(torch.nn.Module):
+    """A module owning a parameter and returning a dict: no rule can factor it."""
 
     def __init__(self, inner, d):
         super().__init__()
@@ -169,15 +169,15 @@ class _TupleOut(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(d, dtype=torch.float64) * 1.3)
 
     def forward(self, x):
-        return (self.inner(x) * self.scale,)
+        return {"y": self.inner(x) * self.scale}
 
 
 def test_unsupported_module_refused_or_exact(tok, batch):
     model = tiny_model("gpt2", tok).double()
     mlp = model.transformer.h[0].mlp
-    mlp.c_proj = _TupleOut(mlp.c_proj, model.config.n_embd)
+    mlp.c_proj = _DictOut(mlp.c_proj, model.config.n_embd)
     orig = mlp.forward
-    mlp.forward = lambda h: mlp.dropout(mlp.c_proj(mlp.act(mlp.c_fc(h)))[0])
+    mlp.forward = lambda h: mlp.dropout(mlp.c_proj(mlp.act(mlp.c_fc(h)))["y"])
     with pytest.raises(ValueError, match="ghost method unsupported"):
         pair_gram(model, batch, method="ghost")
     params = list(select_parameters(model).values())

@@ -9,7 +9,7 @@ protected by a copy (remembered per model). Any failure is `rules.Unsupported`.
 
 Verification (`verify`): for the first capture of a (model, parameter selection, layout signature,
 kind) the factors must reproduce, response by response, <g_k, v> along a random direction v, against
-autograd on the same forward (one backward per response, or per sampled token for token maps). A
+autograd on the same forward (one backward, random weights over the responses or tokens). A
 response mix-up (a sequence-first layer read as batch-first, a parameter also used outside its module)
 changes the per-response values even when their sum is right. Layouts that the shapes cannot tell apart
 get their own signature, so each such shape is verified when first seen.
@@ -255,28 +255,30 @@ TOL = {torch.float64: 1e-6, torch.float32: 2e-3}   # relative to the largest |<g
 
 def verify(model, key, F: Factors, graph, params: list, picks=None):
     """Check the factors response by response against autograd (see module docstring); raises
-    Unsupported on a mismatch. picks: for pseudo-responses, (k indices, [(row, col)] of the log-prob
-    tensor) to check (a few tokens); default every response k = row k of logps."""
+    Unsupported on a mismatch.
+
+    With a random direction v and random weights r over the responses, sum_k r_k <g_k, v> from the
+    factors must equal <grad of sum_k r_k logp_k, v> from one backward through the capture's own forward
+    graph. A permutation or mixing of responses changes the left side (r is not symmetric), so this is a
+    per-response check at the cost of one backward. picks: for pseudo-responses (token maps),
+    (k indices, cells of the log-prob tensor); default: response k = row k of logps.
+    """
     full = (key, F.signature)
     if full in VERIFIED.get(model, set()):
         return
     logps, _ = graph
     gen = torch.Generator().manual_seed(1234)
     v = {p: torch.randn(p.shape, generator=gen, dtype=F.acc) for p in params}
-    mine = directional(F, v)
-    if picks is None:
-        ks, cells = list(range(F.K)), [(k,) for k in range(F.K)]
-    else:
-        ks, cells = picks
-    ref = []
-    for c in cells:
-        gs = torch.autograd.grad(logps[c], params, retain_graph=True, allow_unused=True)
-        ref.append(sum(float((g.to(F.acc) * v[p]).sum()) for p, g in zip(params, gs) if g is not None))
-    ref = torch.tensor(ref, dtype=F.acc)
-    mine = mine[torch.as_tensor(ks)]
-    scale = max(float(ref.abs().max()), float(mine.abs().max()), 1e-30)
+    ks, cells = (list(range(F.K)), [(k,) for k in range(F.K)]) if picks is None else picks
+    r = torch.randn(len(cells), generator=gen, dtype=F.acc)
+    per = directional(F, v)[torch.as_tensor(ks)]
+    mine = float((r * per).sum())
+    target = sum(r[i].to(logps.dtype) * logps[c] for i, c in enumerate(cells))
+    gs = torch.autograd.grad(target, params, retain_graph=True, allow_unused=True)
+    ref = sum(float((g.to(F.acc) * v[p]).sum()) for p, g in zip(params, gs) if g is not None)
+    scale = max(float((r * per).abs().sum()), abs(ref), 1e-30)
     tol = TOL.get(next(iter(params)).dtype, 5e-2) if params else 1e-6
-    err = float((mine - ref).abs().max()) / scale
+    err = abs(mine - ref) / scale
     if err > tol:
         raise Unsupported(f"the factored gradients disagree with autograd response by response "
                           f"(relative error {err:.2g}): a parameter is used outside its module or a layout "

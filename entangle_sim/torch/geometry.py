@@ -24,6 +24,9 @@ Every driver (`pair_gram`, `response_gram`, `directional`, `token_gram`) goes th
 Subsets: None (all parameters), "trainable" (requires_grad, e.g. LoRA-only under PEFT), or a list
 of name prefixes ("lm_head", "transformer.h.11"); a prefix matches a name or a dotted ancestor. A
 parameter shared by several modules is selected if any of its names matches.
+
+Size: the four public drivers, their shared method choice / fallback and the log-prob definition they
+all measure belong together (one contract: every driver the same pipeline).
 """
 from __future__ import annotations
 
@@ -451,7 +454,7 @@ def token_gram(model, pair, *, subset: Subset = None, method: str = "auto") -> T
 
     pair: a TRL-collated batch with B = 1 (2 rows) or a dict with `prompt_ids`, `chosen_ids`,
     `rejected_ids` lists. ghost: one forward of both rows and one batched backward to the module outputs
-    over the T_w + T_l token log-probs (`is_grads_batched`), verified on sampled tokens the first time;
+    over the T_w + T_l token log-probs (`is_grads_batched`), verified (all tokens) the first time;
     exact: one ordinary backward per completion token (T x |theta| memory, small models only).
     """
     if "input_ids" not in pair:
@@ -493,10 +496,9 @@ def _token_gram_ghost(model, params, ids, am, cm, acc):
     go[Tw + torch.arange(Tl), 1, pos_l] = 1
     rows = torch.cat([torch.zeros(Tw, dtype=torch.long), torch.ones(Tl, dtype=torch.long)])
     tok, F, graph = capture(model, sel, fwd, 2, targets=(go, rows))
-    # verify on a few tokens of each response (first, middle, last): one backward each
-    pick = sorted({0, Tw // 2, Tw - 1, Tw, Tw + Tl // 2, K - 1})
-    cells = [(0, int(pos_w[k])) if k < Tw else (1, int(pos_l[k - Tw])) for k in pick]
-    verify(model, ("token", sel_key(params)), F, graph, list(sel), picks=(pick, cells))
+    # verify every token (one backward for all of them)
+    cells = [(0, int(pos_w[k])) if k < Tw else (1, int(pos_l[k - Tw])) for k in range(K)]
+    verify(model, ("token", sel_key(params)), F, graph, list(sel), picks=(list(range(K)), cells))
     I = torch.arange(Tw).repeat_interleave(Tl)
     J = Tw + torch.arange(Tl).repeat(Tw)
     ip = inner(F, I, J, chunk=16).reshape(Tw, Tl)
