@@ -62,11 +62,21 @@ plt.ylabel("chosen token")
 plt.colorbar(label="cos of token gradients");
 
 # %% [markdown]
+# ## Where the entanglement lives: the pair Gram split by parameter group
+# `by_group=True` splits G_wl into the contributions of the embeddings, each block's attention and
+# MLP, the norms and the head (they add up to the total).
+
+# %%
+split = pair_gram(model, batch, by_group=True)
+{name: round(float(v.G_wl.mean()), 4) for name, v in split.items()}
+
+# %% [markdown]
 # ## The command line: table, regimes per loss, figures
+# Without `--ref-model` the reference is the model itself, as in TRL's `DPOTrainer(ref_model=None)`.
 
 # %%
 out = work / "out"
 main(["diagnose-model", "--model", str(MODEL_DIR), "--data", str(DATA), "--loss", "sigmoid", "ipo",
       "--token-maps", "1", "--out", str(out)])
 summary = json.loads((out / "summary.json").read_text())
-summary["regime_fractions"]["sigmoid"], summary["moved_by_batch"]
+summary["regime_fractions"]["sigmoid"], summary["moved_by_batch"], summary["reference"]
