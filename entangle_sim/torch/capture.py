@@ -113,13 +113,14 @@ class Recorder:
         self.handles = []
 
 
-def capture(model, sel: set, forward, N: int, *, targets=None):
+def capture(model, sel: set, forward, N: int, *, targets=None, retain_graph: bool = True):
     """Run `forward()` (returns the [N] (or [N, K']) log-probs) under hooks and back-propagate to the
     captured module outputs.
 
     targets: None for per-response signals (the gradient of sum_i logp_i), or (grad_outputs [K, ...],
     rows [K]) for K pseudo-responses (token maps: one-hot grad_outputs, rows = the response of each token).
-    Returns (logps, Factors, graph) where graph = (logps, outs) for the verification.
+    Returns (logps, Factors, graph) where graph = (logps, outs) for the verification (usable only
+    with retain_graph; without it the forward's saved tensors are freed during the backward).
     """
     acc = acc_dtype(model)
     protect = PROTECT.setdefault(model, set())
@@ -149,14 +150,14 @@ def capture(model, sel: set, forward, N: int, *, targets=None):
     need = [o.requires_grad for o in outs]
     req = [o for o, r in zip(outs, need) if r]
     if targets is None:
-        grads = torch.autograd.grad(logps.sum(), req, allow_unused=True, retain_graph=True) if req else []
+        grads = torch.autograd.grad(logps.sum(), req, allow_unused=True, retain_graph=retain_graph) if req else []
         rows = torch.arange(N)
         K = N
     else:
         go, rows = targets
         K = len(rows)
         grads = torch.autograd.grad(logps, req, grad_outputs=go, is_grads_batched=True, allow_unused=True,
-                                    retain_graph=True) if req else []
+                                    retain_graph=retain_graph) if req else []
     it = iter(grads)
     per_out = [next(it) if r else None for r in need]
     fac: dict = {}
@@ -199,37 +200,53 @@ def _lr_dot(L1, L2, acc):
     return torch.gather(L2, 2, L1.unsqueeze(1).expand(-1, L2.shape[1], -1)).transpose(1, 2)
 
 
-def _entries_inner(entries, I, J, acc, chunk):
-    out = torch.zeros(len(I), dtype=acc)
+def _blocks(I, J, chunk):
+    """(i, j, out-slice) pieces: slices stay slices (views, no copies), index tensors are chunked."""
+    if isinstance(I, slice):
+        return [(I, J, slice(0, I.stop - I.start))]
+    return [(I[s:s + chunk], J[s:s + chunk], slice(s, min(len(I), s + chunk))) for s in range(0, len(I), chunk)]
+
+
+def _entries_inner(entries, pairs, acc, chunk):
+    outs = [torch.zeros((I.stop - I.start) if isinstance(I, slice) else len(I), dtype=acc) for I, _ in pairs]
     for e1 in entries:
         for e2 in entries:
-            if e1[0] != e2[0]:  # one parameter both as a matrix and elementwise: contract densely
+            if e1[0] != e2[0]:  # one parameter both as a matrix and elementwise
                 raise Unsupported("a parameter used both as a matrix and elementwise")
-            for s in range(0, len(I), chunk):
-                i, j = I[s:s + chunk], J[s:s + chunk]
-                if e1[0] == "vec":
-                    out[s:s + chunk] += (e1[1][i] * e2[1][j]).sum(-1)
-                else:
-                    LL = _lr_dot(e1[1][i], e2[1][j], acc)
-                    RR = torch.bmm(e1[2][i], e2[2][j].transpose(1, 2))
-                    out[s:s + chunk] += (LL * RR).sum((1, 2))
-    return out
+            for out, (I, J) in zip(outs, pairs):
+                for i, j, o in _blocks(I, J, chunk):
+                    if e1[0] == "vec":
+                        out[o] += (e1[1][i] * e2[1][j]).sum(-1)
+                    else:
+                        LL = _lr_dot(e1[1][i], e2[1][j], acc)
+                        RR = torch.bmm(e1[2][i], e2[2][j].transpose(1, 2))
+                        out[o] += (LL * RR).sum((1, 2))
+    return outs
 
 
-def inner(F: Factors, I, J, *, groups: dict | None = None, chunk: int = 64):
-    """<g_I[p], g_J[p]> for index pairs p ([P]); with groups (parameter -> group name) a dict of
-    per-group [P] tensors instead (their sum is the total)."""
-    I, J = torch.as_tensor(I), torch.as_tensor(J)
+def inner(F: Factors, I, J=None, *, groups: dict | None = None, chunk: int = 64):
+    """<g_I[p], g_J[p]> for index pairs p ([P]); I, J index tensors or slices (views: no copies).
+    I may instead be a list of (I, J) pairs (then a list of results, one pass over the factors).
+    With groups (parameter -> group name) each result is a dict of per-group [P] tensors instead
+    (their sum is the total)."""
+    many = J is None
+    pairs = I if many else [(I, J)]
+    pairs = [(i if isinstance(i, slice) else torch.as_tensor(i), j if isinstance(j, slice) else torch.as_tensor(j))
+             for i, j in pairs]
     if groups is None:
-        out = torch.zeros(len(I), dtype=F.acc)
+        tot = None
         for entries in F.fac.values():
-            out += _entries_inner(entries, I, J, F.acc, chunk)
-        return out
-    res: dict = {}
+            r = _entries_inner(entries, pairs, F.acc, chunk)
+            tot = r if tot is None else [a + b for a, b in zip(tot, r)]
+        if tot is None:
+            tot = [torch.zeros((i.stop - i.start) if isinstance(i, slice) else len(i), dtype=F.acc) for i, _ in pairs]
+        return tot if many else tot[0]
+    res = [dict() for _ in pairs]
     for p, entries in F.fac.items():
         g = groups[p]
-        res[g] = res.get(g, 0) + _entries_inner(entries, I, J, F.acc, chunk)
-    return res
+        for d, r in zip(res, _entries_inner(entries, pairs, F.acc, chunk)):
+            d[g] = d.get(g, 0) + r
+    return res if many else res[0]
 
 
 def directional(F: Factors, v: dict) -> torch.Tensor:
@@ -251,6 +268,14 @@ def directional(F: Factors, v: dict) -> torch.Tensor:
 # verification
 # ----------------------------------------------------------------------------------------------
 TOL = {torch.float64: 1e-6, torch.float32: 2e-3}   # relative to the largest |<g_k, v>| of the capture
+
+
+def is_verified(model, key, F: Factors | None = None) -> bool:
+    """Whether (key, F's layout signature) was verified; with F None, whether any layout of key was."""
+    done = VERIFIED.get(model, set())
+    if F is not None:
+        return (key, F.signature) in done
+    return any(k[0] == key for k in done)
 
 
 def verify(model, key, F: Factors, graph, params: list, picks=None):

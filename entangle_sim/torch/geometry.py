@@ -37,7 +37,7 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import nn
 
-from .capture import acc_dtype, capture, inner, param_group, sel_key, verify
+from .capture import acc_dtype, capture, inner, is_verified, param_group, sel_key, verify
 from .capture import directional as factor_directional
 from .exact import exact_grads
 from .rules import Unsupported
@@ -89,7 +89,7 @@ def gram_stats(G_ww, G_wl, G_ll) -> PairGram:
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-_acc_dtype = acc_dtype
+
 
 
 def named_parameter_aliases(model) -> dict[nn.Parameter, list[str]]:
@@ -192,7 +192,7 @@ def response_logps(model, input_ids, attention_mask, completion_mask, *, per_tok
         kw["logits_to_keep"] = K + 1  # logits of positions first..S-1; the last one has no label
     out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw)
     logits = out.logits[:, -(K + 1):-1] if kw else out.logits[:, first:S - 1]
-    acc = _acc_dtype(model)
+    acc = acc_dtype(model)
     lp = torch.log_softmax(logits.to(acc), dim=-1)
     labels = input_ids[:, first + 1:]
     tok = lp.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * cm[:, first:].to(acc)
@@ -266,8 +266,15 @@ def ghost_capture(model, params, ids, am, cm, kind: str):
     """One verified capture of rows (ids, am, cm) -> (logps [N], Factors)."""
     sel = set(params.values())
     N = ids.shape[0]
-    logps, F, graph = capture(model, sel, lambda: response_logps(model, ids, am, cm), N)
-    verify(model, (kind, sel_key(params)), F, graph, list(sel))
+    key = (kind, sel_key(params))
+    fwd = lambda: response_logps(model, ids, am, cm)  # noqa: E731
+    # the forward graph is kept for the verification only (keeping it raises the peak memory)
+    retain = not is_verified(model, key)
+    logps, F, graph = capture(model, sel, fwd, N, retain_graph=retain)
+    if not is_verified(model, key, F):  # a layout not seen before: capture again, keeping the graph
+        if not retain:
+            logps, F, graph = capture(model, sel, fwd, N, retain_graph=True)
+        verify(model, key, F, graph, list(sel))
     return logps.detach(), F
 
 
@@ -321,8 +328,8 @@ def pair_gram(model, batch, *, subset: Subset = None, method: str = "auto", chun
                     fallback(method, e, "pair_gram")
                     meth, parts, lw, ll = "exact", [], [], []
                     break
-                w, l = torch.arange(b), b + torch.arange(b)
-                parts.append([dense(inner(F, i, j, groups=groups), b) for i, j in ((w, w), (w, l), (l, l))])
+                w, l = slice(0, b), slice(b, 2 * b)
+                parts.append([dense(x, b) for x in inner(F, [(w, w), (w, l), (l, l)], groups=groups)])
             else:
                 with torch.no_grad():
                     lp = response_logps(model, ids[rows], am[rows], cm[rows])
