@@ -19,6 +19,10 @@ from entangle_sim.torch import (collate, directional, pad_token_id, pair_gram, s
 from entangle_sim.torch.tiny import FAMILIES, tiny_family, tiny_tokenizer, toy_rows  # noqa: E402
 
 RTOL = 1e-6
+# GPT-Neo casts query and key to float32 for its attention scores inside the float64 model, so the
+# batched (padded) forward and the brute force's unpadded one differ by float32 round-off (~1e-7 in the
+# activations); the small LoRA-only Gram entries show it at 1.5e-6 relative. 1e-5 for that family.
+RTOL_FLOAT32_INSIDE = {"gpt_neo": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,8 @@ def brute_grads(model, batch, params):
 
 def close(a, b, what):
     err = float((a - b).abs().max() / b.abs().max())
-    assert err <= RTOL, f"{what}: relative error {err:.2g}"
+    tol = RTOL_FLOAT32_INSIDE.get(what.split()[0], RTOL)
+    assert err <= tol, f"{what}: relative error {err:.2g}"
 
 
 def check_gram(model, batch, subset, methods, what):
