@@ -159,7 +159,7 @@ def tiny_family(family: str, tokenizer=None, *, width: int = 16, layers: int = 1
         common[k] = 0.0
     cfg = getattr(transformers, cname)(**common, **kw)
     cfg._attn_implementation = "eager"
-    if hasattr(cfg, "_experts_implementation"):  # the eager expert loop (float64-capable, as in the issue)
+    if hasattr(cfg, "_experts_implementation"):  # the eager expert loop (runs in float64)
         cfg._experts_implementation = "eager"
     model = getattr(transformers, mname)(cfg)
     if dtype is not None:
