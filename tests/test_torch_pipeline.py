@@ -187,3 +187,46 @@ def test_response_gram_groups_and_parameter_groups(tok, batch):
         names = [n for n in params if param_group(n) == "layer0.mlp"]
         gm = brute(model, batch, [params[n] for n in names])
         close(split["layer0.mlp"].G_wl, wl(gm))
+
+
+class Scaled(torch.nn.Module):
+    """y = inner(x) * scale: a custom layer with its own parameter."""
+
+    def __init__(self, inner, d):
+        super().__init__()
+        self.inner = inner
+        self.scale = torch.nn.Parameter(torch.linspace(0.5, 1.5, d, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+def test_register_a_rule_for_a_new_module_type(tok, batch):
+    """Supporting a new layer is one registered rule: g(scale) = sum_t delta_t * inner(x)_t."""
+    from entangle_sim.torch import register
+    from entangle_sim.torch.rules import RULES, Rule, normalise, rule_for
+
+    class ScaledRule(Rule):
+        name = "scaled"
+        used = 0
+
+        def capture(self, module, args, kwargs, out, tag, N):
+            with torch.no_grad():
+                return {"u": module.inner(args[0])}
+
+        def entries(self, module, cap, delta, rows, sel, acc):
+            ScaledRule.used += 1
+            u = normalise(cap["u"], cap["tag"], cap["N"])[rows].to(acc)
+            return [(module.scale, ("vec", (delta * u).sum(1)))] if module.scale in sel else []
+
+    model = tiny_model("gpt2", tok).double()
+    model.transformer.h[1].mlp.c_proj = Scaled(model.transformer.h[1].mlp.c_proj, model.config.n_embd)
+    sub = "transformer.h.1.mlp.c_proj.scale"
+    g = brute(model, batch, list(select_parameters(model, sub).values()))
+    register(Scaled)(ScaledRule)
+    try:
+        assert isinstance(rule_for(model.transformer.h[1].mlp.c_proj), ScaledRule)
+        close(pair_gram(model, batch, subset=sub, method="ghost").G_wl, wl(g))
+        assert ScaledRule.used > 0
+    finally:
+        RULES.pop(Scaled)
