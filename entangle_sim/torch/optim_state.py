@@ -169,9 +169,12 @@ def from_state_dict(sd, model, *, source: str = "state dict") -> AdamState:
     return st
 
 
-def from_optimizer(optimizer, model) -> AdamState:
+def from_optimizer(optimizer, model, *, copy: bool = True) -> AdamState:
     """The state of a live `torch.optim.Adam`/`AdamW` (e.g. `trainer.optimizer`; accelerate's
-    wrapper is unwrapped) mapped to `model`'s names by identity of the parameter tensors."""
+    wrapper is unwrapped) mapped to `model`'s names by identity of the parameter tensors.
+
+    copy=True snapshots the moments (the optimiser updates its tensors in place at its next step);
+    copy=False shares them (no extra memory; use the state before the optimiser steps again)."""
     opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
     if not isinstance(opt, torch.optim.Adam):
         raise OptimizerStateError(f"live optimiser: {type(opt).__name__} is not torch.optim.Adam/AdamW")
@@ -188,8 +191,8 @@ def from_optimizer(optimizer, model) -> AdamState:
                 continue  # not stepped yet (no gradient so far): no preconditioner for it
             n = names[p]
             st.names.append(n)
-            st.exp_avg[n] = s["exp_avg"].detach()
-            st.exp_avg_sq[n] = s["exp_avg_sq"].detach()
+            st.exp_avg[n] = s["exp_avg"].detach().clone() if copy else s["exp_avg"].detach()
+            st.exp_avg_sq[n] = s["exp_avg_sq"].detach().clone() if copy else s["exp_avg_sq"].detach()
             st.step[n] = _float(s["step"])
             st.betas[n] = tuple(_float(b) for b in g["betas"])
             st.eps[n] = _float(g["eps"])
