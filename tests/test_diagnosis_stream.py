@@ -57,7 +57,7 @@ def test_formats_stream_the_same_rows(files, fmt):
     assert [r for _, c in chunks for r in c] == expected
     assert stream.count_rows(paths[fmt]) in (None, len(expected))
     if fmt == "json":
-        assert list(stream._json_array(paths["json"], block=7)) == rows
+        assert list(stream.iter_json_array(paths["json"], block=7)) == rows
 
 
 def _compute(calls):

@@ -23,7 +23,7 @@ import torch
 from .data import collate
 
 
-def _hidden_sums(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+def hidden_sums(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """([N, D] sums of the last hidden states over the completion-predicting positions, [N] counts)."""
     ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     out = model(input_ids=ids, attention_mask=am, output_hidden_states=True, use_cache=False)
@@ -42,7 +42,7 @@ def ches_batch(model, batch) -> dict[str, np.ndarray]:
     was = model.training
     model.eval()
     try:
-        S, n = _hidden_sums(model, batch)
+        S, n = hidden_sums(model, batch)
     finally:
         model.train(was)
     B = S.shape[0] // 2

@@ -59,7 +59,7 @@ def source_format(source) -> str:
     raise StreamError(f"{p}: unknown data format {suf!r} (.jsonl, .json, .parquet or a datasets folder)")
 
 
-def _json_array(path: Path, block: int = 1 << 20) -> Iterator[dict]:
+def iter_json_array(path: Path, block: int = 1 << 20) -> Iterator[dict]:
     """Objects of a top-level JSON array (or one top-level object), decoded incrementally."""
     dec = json.JSONDecoder()
     buf, pos, eof, started = "", 0, False, False
@@ -128,7 +128,7 @@ def iter_rows(source) -> Iterator[dict]:
     if fmt == "jsonl":
         yield from _jsonl(p)
     elif fmt == "json":
-        yield from _json_array(p)
+        yield from iter_json_array(p)
     elif fmt == "parquet":
         try:
             import pyarrow.parquet as pq
