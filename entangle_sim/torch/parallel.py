@@ -74,7 +74,8 @@ def barrier() -> None:
 
 
 def run_parallel(source, out, compute, *, chunk_rows: int = 256, config: dict | None = None,
-                 progress: bool = True, rank: int | None = None, world_size: int | None = None):
+                 progress: bool = True, rank: int | None = None, world_size: int | None = None,
+                 validate: bool = True):
     """`stream.run_chunked` sharded over the process group; rank 0 returns the merged columns
     (identical to a one-process run), the other ranks None. Without a group: one process."""
     import torch.distributed as dist
@@ -85,12 +86,13 @@ def run_parallel(source, out, compute, *, chunk_rows: int = 256, config: dict | 
         else:
             rank, world_size = 0, 1
     if world_size == 1:
-        return stream.run_chunked(source, out, compute, chunk_rows=chunk_rows, config=config, progress=progress)
+        return stream.run_chunked(source, out, compute, chunk_rows=chunk_rows, config=config, progress=progress,
+                                  validate=validate)
     if rank == 0:  # refuses a folder of another configuration before any rank writes into it
         stream.prepare_out(source, out, chunk_rows, config)
     barrier()
     n_chunks = stream.run_chunked(source, out, compute, chunk_rows=chunk_rows, config=config, rank=rank,
-                                  world_size=world_size, progress=progress)
+                                  world_size=world_size, progress=progress, validate=validate)
     barrier()
     if rank != 0:
         return None

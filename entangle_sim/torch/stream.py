@@ -219,13 +219,14 @@ def prepare_out(source, out, chunk_rows: int, config: dict | None = None) -> Pat
 
 def run_chunked(source, out, compute: Callable[[list[dict], int], dict], *, chunk_rows: int = 256,
                 config: dict | None = None, rank: int = 0, world_size: int = 1, progress: bool = True,
-                desc: str = "pairs"):
+                desc: str = "pairs", validate: bool = True):
     """Stream `source` in chunks; `compute(rows, start) -> {column: numpy [len(rows)]}`; resumable.
 
     The output folder holds config.json (`results.prepare_dir`: a different configuration is refused),
     chunks/chunk-*.npz (+ .sha256) and manifest.json. Returns the concatenated columns (rank 0 /
     single process, after every chunk exists) or None on other ranks. Progress: a tqdm bar with ETA
-    (rows; resumed chunks count at once). With world_size > 1 every rank returns the number of
+    (rows; resumed chunks count at once). validate=False skips the TRL column check (rows of
+    another shape, e.g. pre-tokenised ids). With world_size > 1 every rank returns the number of
     chunks instead, and `merge_chunks` (after a barrier) concatenates them.
     """
     from tqdm.auto import tqdm
@@ -238,7 +239,7 @@ def run_chunked(source, out, compute: Callable[[list[dict], int], dict], *, chun
     done: dict[int, dict] = {}
     n_chunks = 0
     try:
-        for k, (start, rows) in enumerate(iter_chunks(source, chunk_rows)):
+        for k, (start, rows) in enumerate(iter_chunks(source, chunk_rows, validate=validate)):
             n_chunks = k + 1
             if k % world_size != rank:
                 continue
