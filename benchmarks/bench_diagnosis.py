@@ -5,9 +5,11 @@ Three sections, each a ratio against a baseline measured in the same run:
 * screen: pairs/s of `screen.ches_scores` (one forward per response, no gradient) against pairs/s of
   the exact per-pair Gram `measure.measure_pairs` (method auto) on the same pairs; and the Spearman
   rank correlation of CHES / ln-CHES with the exact rho on those pairs.
-* parallel: N pairs end to end (JSONL -> tokenise -> measure_pairs -> resumable chunks) on the 0.43M
-  GPT-2 (2 layers, width 128, vocabulary 256, random weights), one process against 2 gloo ranks
-  (`parallel.run_parallel`), wall time including process start; outputs checked equal.
+* parallel: N pairs end to end (JSONL -> measure_pairs -> resumable chunks) on the 0.43M GPT-2
+  (2 layers, width 128, vocabulary 256, random weights), one process against 2 gloo ranks
+  (`parallel.run_parallel`), the same torch threads per process (--proc-threads, default 1: on a
+  loaded machine more threads per process than free cores makes OpenMP spin and distorts the ratio),
+  wall time including process start; outputs checked equal.
 * adam: a tiny float64 GPT-2 trained T AdamW steps on DPO; the next real AdamW step on a probe batch
   against three first-order predictions: SGD (the plain Gram account `diagnose-model` used), Adam with
   v frozen at the checkpoint (the per-pair Gram's linearisation), Adam with the step's v. Sign
@@ -113,11 +115,11 @@ def bench_parallel(n, threads):
             f.write(json.dumps({"prompt": e["prompt_ids"], "c": e["chosen_ids"], "r": e["rejected_ids"]}) + "\n")
     script = tmp / "worker.py"
     script.write_text(WORKER.format(bench_dir=str(Path(__file__).resolve().parent)))
-    res = {"section": "parallel", "size": "tiny", "pairs": n}
+    res = {"section": "parallel", "size": "tiny", "pairs": n, "threads_per_process": threads}
     for world in (1, 2):
         out = tmp / f"out{world}"
         env0 = {**os.environ, "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29600 + world),
-                "OMP_NUM_THREADS": str(max(1, threads // world)), "JAX_PLATFORMS": "cpu"}
+                "OMP_NUM_THREADS": str(threads), "JAX_PLATFORMS": "cpu"}
         t = time.perf_counter()
         procs = [subprocess.Popen([sys.executable, str(script), str(src), str(out)], env={**env0, "RANK": str(r)},
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
@@ -210,6 +212,8 @@ def main():
     ap.add_argument("--screen-pairs", type=int, default=64)
     ap.add_argument("--pairs", type=int, default=10000, help="pairs of the 1 vs 2 processes section")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--proc-threads", type=int, default=1,
+                    help="torch threads of each process in the 1 vs 2 processes section (same for both)")
     ap.add_argument("--sections", default="screen,parallel,adam")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
@@ -228,7 +232,7 @@ def main():
         print(json.dumps(r))
         out.append(r)
     if "parallel" in secs:
-        r = bench_parallel(args.pairs, args.threads)
+        r = bench_parallel(args.pairs, args.proc_threads)
         print(json.dumps(r))
         out.append(r)
     if "adam" in secs:

@@ -4,7 +4,8 @@
   written out in torch (same log-prob changes to 1e-12 relative: identical gradients);
 * SGD: predicted vs realised relative error < 1e-2 at lr 1e-3 and ~10x smaller at lr 1e-4 (first order);
 * AdamW from a live state: relative error < 5% at lr 1e-5;
-* build_summary has the contract keys; the verdict names the loss, beta and the checkpoint.
+* build_summary has the contract keys; the verdict names the loss, beta and the checkpoint; report.md
+  and the two figures; the callback values carry the contract keys.
 """
 import numpy as np
 import pytest
@@ -92,3 +93,22 @@ def test_adam_check_and_summary(setup):
     shares = sum(g["share_G_wl"] for g in summ["by_group"].values())
     assert shares == pytest.approx(1.0, rel=1e-9)
     assert summ["reference"]["given"] is False
+
+    md = diagnosis.report_markdown(summ, figures={"by group": "by_group.png"})
+    assert md.count(summ["verdict"]) == 1 and "| scenario |" in md and "![by group](by_group.png)" in md
+    assert "**" in md.split("## Which pairs")[1]  # tokens not shared with the other completion are bold
+    from entangle_sim.plotting.diagnosis import plot_by_group, plot_what_if
+
+    fig = plot_by_group(summ["by_group"])
+    assert len(fig.axes[0].patches) == len(summ["by_group"])
+    fig = plot_what_if(summ["what_if"], top=5)
+    assert len(fig.axes[0].patches) == 10  # SGD and Adam bars of 5 scenarios
+    import matplotlib.pyplot as plt
+    plt.close("all")
+
+    # EntanglementCallback values from the live optimiser: the contract keys, the mean of the prediction
+    cb = adam.callback_metrics(trained, ex, tok.pad_token_id, opt, cw, cl, subset=None)
+    pred = adam.adam_step_prediction(trained, batch, optim_state.from_optimizer(opt, trained), cw, cl, subset=None)
+    assert set(cb) == {"entangle/pred_delta_chosen_adam", "entangle/pred_delta_rejected_adam"}
+    assert cb["entangle/pred_delta_chosen_adam"] == pytest.approx(float(pred["delta_chosen"].mean()), rel=1e-12)
+    assert cb["entangle/pred_delta_rejected_adam"] == pytest.approx(float(pred["delta_rejected"].mean()), rel=1e-12)

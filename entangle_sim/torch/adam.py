@@ -286,3 +286,23 @@ def measure_adam(model, examples: list[dict], pad_token_id: int, state, *, subse
     if by_group:
         out["by_group"] = {g: {k: np.concatenate(v) for k, v in d.items()} for g, d in groups.items()}
     return out
+
+
+def callback_metrics(model, examples: list[dict], pad_token_id: int, optimizer, c_w, c_l, *, lr: float | None = None,
+                     subset="trainable", max_length: int | None = 1024) -> dict[str, float]:
+    """`EntanglementCallback` values from the live optimiser: the mean first-order change of the probe
+    pairs' chosen and rejected log-probs under one more AdamW step of `optimizer` on the probe batch
+    (`adam_step_prediction`, v frozen at the optimiser's, momentum and weight decay included):
+
+        {"entangle/pred_delta_chosen_adam": float, "entangle/pred_delta_rejected_adam": float}
+
+    c_w, c_l: incentives / B of the probe batch's mean loss (as for `measure.batch_prediction`);
+    lr: default the optimiser's current (scheduled) learning rate."""
+    from .data import collate
+    from .optim_state import from_optimizer
+
+    state = from_optimizer(optimizer, model, copy=False)  # used at once, before the optimiser steps again
+    batch = collate(examples, pad_token_id, max_length=max_length)
+    p = adam_step_prediction(model, batch, state, c_w, c_l, lr=lr, subset=subset)
+    return {"entangle/pred_delta_chosen_adam": float(np.mean(p["delta_chosen"])),
+            "entangle/pred_delta_rejected_adam": float(np.mean(p["delta_rejected"]))}

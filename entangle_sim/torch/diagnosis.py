@@ -142,3 +142,60 @@ def check_summary(res: dict) -> dict:
                           == regimes.classify(res["real_chosen"], res["real_rejected"]))
     return {"sign_agreement": agree, "counted": counted, "max_rel_error": float(np.abs(pred - real).max() / scale),
             "regime_agreement": float(same_regime), "first_order": True}
+
+
+# ----------------------------------------------------------------------------------------------
+# report.md
+# ----------------------------------------------------------------------------------------------
+def _highlight(tokens, other) -> str:
+    """Tokens of one completion, those not in the other completion in **bold** (markdown-escaped)."""
+    from collections import Counter
+
+    left = Counter(other)
+    out = []
+    for t in tokens:
+        s = str(t).replace("|", "\\|").replace("*", "\\*").replace("`", "'")
+        if left[t] > 0:
+            left[t] -= 1
+            out.append(s)
+        else:
+            out.append(f"**{s}**")
+    return " ".join(out)
+
+
+def report_markdown(summary: dict, *, figures: dict[str, str] | None = None, top: int = 15) -> str:
+    """report.md text: verdict, the what-if table (top rows), the top pairs with token highlights
+    (tokens not shared with the other completion in bold) and the figures ({caption: relative path})."""
+    from ..results import markdown_table
+
+    lines = ["# Why the chosen log-prob falls: diagnosis", "", f"**{summary['verdict']}**", ""]
+    if summary.get("verdict_sgd") and summary["verdict_sgd"] != summary["verdict"]:
+        lines += [f"Plain SGD account: {summary['verdict_sgd']}", ""]
+    lines += [f"All predictions are {summary.get('first_order', 'first order')}.", "", "## What to change", ""]
+    rows = [r for r in summary["what_if"] if "skipped" not in r][:top]
+    has_adam = any("adam" in r for r in rows)
+    head = ["scenario", "chosen up & margin up (SGD)", "chosen falls (SGD)", "mean Δmargin (SGD)"]
+    if has_adam:
+        head += ["chosen up & margin up (Adam)", "chosen falls (Adam)"]
+    body = []
+    for r in rows:
+        b = [r["label"], f"{r['sgd']['chosen_up_margin_up']:.0%}", f"{r['sgd']['chosen_falls']:.0%}",
+             f"{r['sgd']['mean_delta_margin']:.3g}"]
+        if has_adam:
+            b += [f"{r['adam']['chosen_up_margin_up']:.0%}", f"{r['adam']['chosen_falls']:.0%}"]
+        body.append(b)
+    lines += [markdown_table(head, body), "", "## Which pairs, and why", ""]
+    for p in summary["top_pairs"]:
+        lines += [f"### pair {p['index']} (rho {p['rho']:.3g}, cos {p['cos']:.2f})", "", p["why"] + ".", ""]
+        if p.get("G_wl_top_groups"):
+            lines += ["G_wl from: " + ", ".join(p["G_wl_top_groups"]), ""]
+        if "chosen_tokens" in p:
+            lines += ["- chosen: " + _highlight(p["chosen_tokens"], p["rejected_tokens"]),
+                      "- rejected: " + _highlight(p["rejected_tokens"], p["chosen_tokens"]), ""]
+    opt = summary.get("optimizer", {})
+    lines += ["## Setting", "", f"- optimizer: {opt.get('kind')}" + (f" ({opt.get('source')}, step {opt.get('step')})"
+                                                                    if opt.get("source") else ""),
+              f"- reference: {summary.get('reference', {}).get('note', '')}", ""]
+    for cap, path in (figures or {}).items():
+        lines += [f"![{cap}]({path})", ""]
+    return "\n".join(lines)
