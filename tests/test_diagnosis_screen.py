@@ -33,6 +33,14 @@ def test_ches_batched_equals_brute_force(arch):
         (sp, n_p), (sm, n_m) = sums
         np.testing.assert_allclose(got["ches"][i], float(sp @ sm - sp @ sp), rtol=1e-10)
         np.testing.assert_allclose(got["ln_ches"][i], float(sp @ sm / (n_p * n_m) - sp @ sp / n_p ** 2), rtol=1e-10)
+    if arch == "gpt2":  # --screen K: the exact Gram of the K best-scored pairs, in score order
+        from entangle_sim.torch.measure import measure_pairs
+
+        r = screen.screen_and_measure(model, ex, tok.pad_token_id, 3)
+        assert r["index"].tolist() == np.argsort(-got["ln_ches"], kind="stable")[:3].tolist()
+        full = measure_pairs(model, ex, tok.pad_token_id)
+        np.testing.assert_allclose(r["measured"]["rho"], full["rho"][r["index"]], rtol=1e-9)
+        assert set(r["spearman"]) == {"ches", "ln_ches"}
 
 
 def test_ches_definition_on_known_hidden_states(monkeypatch):

@@ -84,3 +84,21 @@ def rank_correlation(x, y) -> float:
     if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
     return float(spearmanr(x, y).statistic)
+
+
+def screen_and_measure(model, examples: list[dict], pad_token_id: int, k: int, *, score: str = "ln_ches",
+                       batch_size: int = 8, max_length: int | None = 1024, **measure_kw) -> dict:
+    """`--screen K`: CHES-score every pair, measure the exact Gram (`measure.measure_pairs`) on the K
+    highest `score` ('ches' or 'ln_ches') only. Returns {'index': [K] row indices (best first),
+    'scores': {'ches', 'ln_ches'} over all pairs, 'measured': columns over the K pairs,
+    'spearman': {'ches', 'ln_ches'} rank correlation with the exact rho on the measured pairs}."""
+    from .measure import measure_pairs
+
+    if score not in ("ches", "ln_ches"):
+        raise ValueError(f"score must be 'ches' or 'ln_ches', got {score!r}")
+    s = ches_scores(model, examples, pad_token_id, batch_size=batch_size, max_length=max_length)
+    idx = select_top(s[score], k)
+    m = measure_pairs(model, [examples[i] for i in idx], pad_token_id, batch_size=batch_size, max_length=max_length,
+                      **measure_kw)
+    return {"index": idx, "scores": s, "measured": m,
+            "spearman": {x: rank_correlation(s[x][idx], m["rho"]) for x in ("ches", "ln_ches")}}
