@@ -134,3 +134,18 @@ def test_pair_reasons():
     assert [t["index"] for t in top] == [1, 0] and top[1]["shared_prefix"] == 3 and top[1]["length_ratio"] == 6 / 7
     with pytest.raises(ValueError, match=">= 1"):
         whatif.top_pairs(m, ex, k=0)
+
+
+@pytest.mark.parametrize("name", ["entangle_sim.torch.whatif", "entangle_sim.torch.adam", "entangle_sim.torch.parallel",
+                                  "entangle_sim.torch.stream", "entangle_sim.torch.screen",
+                                  "entangle_sim.torch.optim_state", "entangle_sim.torch.diagnosis"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(name)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    for t in doctest.DocTestFinder().find(mod):
+        runner.run(t)
+    res = runner.summarize(verbose=False)
+    assert res.failed == 0, f"{res.failed} of {res.attempted} examples failed in {name}"

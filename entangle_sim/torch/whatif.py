@@ -183,7 +183,11 @@ def verdict(summary: dict, sc: Scenario, *, optimizer: str | None = None) -> str
 # which pairs, and why
 # ----------------------------------------------------------------------------------------------
 def shared_prefix(a, b) -> int:
-    """Number of equal leading tokens."""
+    """Number of equal leading tokens.
+
+    >>> shared_prefix([5, 6, 7], [5, 6, 9, 7])
+    2
+    """
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -193,13 +197,21 @@ def shared_prefix(a, b) -> int:
 
 
 def shared_suffix(a, b) -> int:
-    """Number of equal trailing tokens (not overlapping the shared prefix)."""
+    """Number of equal trailing tokens (not overlapping the shared prefix).
+
+    >>> shared_suffix([1, 8, 2, 3], [1, 9, 9, 2, 3])
+    2
+    """
     k = shared_prefix(a, b)
     return shared_prefix(list(a)[k:][::-1], list(b)[k:][::-1])
 
 
 def token_overlap(a, b) -> float:
-    """Multiset Jaccard |A ∩ B| / |A ∪ B| of the two completions' tokens (1 = same bag of tokens)."""
+    """Multiset Jaccard |A ∩ B| / |A ∪ B| of the two completions' tokens (1 = same bag of tokens).
+
+    >>> token_overlap([1, 1, 2], [1, 2, 2])
+    0.5
+    """
     ca, cb = Counter(a), Counter(b)
     union = sum((ca | cb).values())
     return sum((ca & cb).values()) / union if union else 1.0
