@@ -125,3 +125,37 @@ def test_bad_input_is_one_line(tmp_path):
     with pytest.raises(stream.StreamError, match="no rows"):
         list(stream.iter_chunks(tmp_path / "empty.jsonl", 3))
     assert Path(tmp_path / "bad.jsonl").exists()
+
+
+def test_measure_rows_through_the_chunked_runner(tmp_path):
+    torch = pytest.importorskip("torch")
+    from entangle_sim.torch import diagnosis, optim_state
+    from entangle_sim.torch.data import collate, tokenize_rows
+    from entangle_sim.torch.geometry import response_logps
+    from entangle_sim.torch.tiny import tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_model("gpt2", tok, width=16).double()
+    ref = tiny_model("gpt2", tok, width=16, seed=3).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    b = collate(tokenize_rows(tok, toy_rows(3, seed=9)), tok.pad_token_id)
+    response_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"]).sum().backward()
+    opt.step()
+    st = optim_state.from_optimizer(opt, model)
+    rows = toy_rows(7, seed=5)
+    src = tmp_path / "rows.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in rows))
+
+    def compute(rs, start):
+        return diagnosis.measure_rows(model, tok, rs, start, state=st, ref_model=ref, by_group=True, batch_size=2)
+
+    cols = stream.run_chunked(src, tmp_path / "o", compute, chunk_rows=3, progress=False)
+    plain, groups = diagnosis.split_group_columns(cols)
+    assert plain["index"].tolist() == list(range(7))
+    assert {"G_ww_adam", "G_wl_adam", "G_ll_adam", "ref_chosen_logps", "G_wl", "rho"} <= set(plain)
+    np.testing.assert_allclose(sum(d["G_wl_adam"] for d in groups.values()), plain["G_wl_adam"], rtol=1e-12)
+    whole = collate(tokenize_rows(tok, rows), tok.pad_token_id)
+    with torch.no_grad():
+        lp = response_logps(ref, whole["input_ids"], whole["attention_mask"], whole["completion_mask"]).numpy()
+    np.testing.assert_allclose(plain["ref_chosen_logps"], lp[:7], rtol=1e-10)
+    np.testing.assert_allclose(plain["ref_rejected_logps"], lp[7:], rtol=1e-10)

@@ -199,3 +199,61 @@ def report_markdown(summary: dict, *, figures: dict[str, str] | None = None, top
     for cap, path in (figures or {}).items():
         lines += [f"![{cap}]({path})", ""]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# one chunk of rows -> columns (the `compute` of stream.run_chunked / parallel.run_parallel)
+# ----------------------------------------------------------------------------------------------
+GROUP_SEP = "::"
+
+
+def measure_rows(model, tokenizer, rows: list[dict], start: int = 0, *, state=None, ref_model=None, subset=None,
+                 adam_subset="trainable", by_group: bool = False, batch_size: int = 8, max_length: int | None = 1024,
+                 method: str = "auto") -> dict[str, np.ndarray]:
+    """Per-pair columns of TRL rows (numpy [n]): index (row number in the data set), the
+    `measure.measure_pairs` columns, ref_chosen_logps / ref_rejected_logps (with ref_model), the
+    G_ww_adam / G_wl_adam / G_ll_adam columns (with an `AdamState`), and with by_group the per-group
+    entries as columns 'by_group::<group>::<entry>' (`split_group_columns` undoes it)."""
+    from .adam import measure_adam
+    from .data import collate, pad_token_id, tokenize_rows
+    from .measure import measure_pairs
+
+    ex = tokenize_rows(tokenizer, rows, max_length=max_length)
+    pad = pad_token_id(tokenizer)
+    m = {"index": np.arange(start, start + len(rows))}
+    m.update(measure_pairs(model, ex, pad, subset=subset, method=method, batch_size=batch_size, max_length=max_length))
+    if ref_model is not None:
+        rw, rl = [], []
+        was = ref_model.training
+        ref_model.eval()
+        try:
+            with torch.no_grad():
+                for s in range(0, len(ex), batch_size):
+                    b = collate(ex[s:s + batch_size], pad, max_length=max_length)
+                    lp = response_logps(ref_model, b["input_ids"], b["attention_mask"], b["completion_mask"])
+                    n = lp.shape[0] // 2
+                    rw.append(lp[:n].double().numpy())
+                    rl.append(lp[n:].double().numpy())
+        finally:
+            ref_model.train(was)
+        m["ref_chosen_logps"], m["ref_rejected_logps"] = np.concatenate(rw), np.concatenate(rl)
+    if state is not None or by_group:
+        a = measure_adam(model, ex, pad, state, subset=adam_subset if state is not None else subset,
+                         batch_size=batch_size, max_length=max_length, by_group=by_group)
+        for g, d in a.pop("by_group", {}).items():
+            for k, v in d.items():
+                m[f"by_group{GROUP_SEP}{g}{GROUP_SEP}{k}"] = v
+        m.update({k: v for k, v in a.items() if k.endswith("_adam")})
+    return m
+
+
+def split_group_columns(cols: dict) -> tuple[dict, dict]:
+    """(per-pair columns, {group: {entry: [N]}}) from `measure_rows` output."""
+    plain, groups = {}, {}
+    for k, v in cols.items():
+        if k.startswith("by_group" + GROUP_SEP):
+            _, g, e = k.split(GROUP_SEP)
+            groups.setdefault(g, {})[e] = v
+        else:
+            plain[k] = v
+    return plain, groups
