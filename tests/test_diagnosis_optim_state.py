@@ -63,6 +63,16 @@ def test_checkpoint_maps_to_the_live_optimiser(checkpoint):
         assert st.weight_decay[n] == (0.0 if "norm" in n else 0.1), n
     d = st.describe()
     assert d["source"] == "checkpoint-2" and d["step"] == 2.0 and d["betas"] == [0.9, 0.999] and d["eps"] == 1e-8
+    # the linear schedule ends at lr 0 after max_steps; the base lr is kept for predictions
+    assert d["lr"] == 0.0 and d["initial_lr"] == 1e-3
+    from entangle_sim.torch import adam
+    from entangle_sim.torch.data import collate, tokenize_rows
+    from entangle_sim.torch.tiny import toy_rows
+
+    tok = tiny_tokenizer()
+    b = collate(tokenize_rows(tok, toy_rows(2)), tok.pad_token_id)
+    with pytest.raises(ValueError, match="pass lr"):
+        adam.adam_step_prediction(model, b, st, [0.1, 0.1], [0.1, 0.1])
 
 
 def test_preconditioner_is_adamws_denominator():

@@ -221,6 +221,9 @@ def adam_step_prediction(model, batch, state, c_w, c_l, *, lr: float | None = No
     if missing:
         from .optim_state import OptimizerStateError
         raise OptimizerStateError(f"the optimiser state has no entry for parameter {missing[0]!r}")
+    if lr is None and not any(state.lr[n] > 0 for n in params):
+        raise ValueError(f"the optimiser state's learning rate is {state.lr[next(iter(params))]:g} (end of the "
+                         f"schedule?); pass lr (the schedule's initial lr was {state.initial_lr.get(next(iter(params)))})")
     acc = _acc(model)
     w = torch.cat([torch.as_tensor(np.asarray(c_w, dtype=float)), -torch.as_tensor(np.asarray(c_l, dtype=float))])
     with _eval_mode(model):

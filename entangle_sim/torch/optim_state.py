@@ -54,6 +54,7 @@ class AdamState:
     weight_decay: dict[str, float]
     source: str = "live optimiser"
     layout: str = "live"
+    initial_lr: dict[str, float] = dataclasses.field(default_factory=dict)  # the scheduler's base lr, if saved
 
     def v_hat(self, name: str, dtype=torch.float64) -> torch.Tensor:
         """exp_avg_sq / (1 - beta2^step) (bias-corrected second moment)."""
@@ -80,6 +81,7 @@ class AdamState:
         return {"source": self.source, "layout": self.layout, "n_parameters": len(self.names),
                 "n_entries": int(sum(v.numel() for v in self.exp_avg_sq.values())),
                 "step": self.step[n0], "betas": list(self.betas[n0]), "eps": self.eps[n0], "lr": self.lr[n0],
+                "initial_lr": self.initial_lr.get(n0),
                 "weight_decay": sorted({float(w) for w in self.weight_decay.values()}),
                 "uniform": bool(uniq(self.step) and uniq(self.betas) and uniq(self.eps) and uniq(self.lr)),
                 "preconditioner": "P = 1/(sqrt(exp_avg_sq / (1 - beta2^step)) + eps)"}
@@ -164,6 +166,8 @@ def from_state_dict(sd, model, *, source: str = "state dict") -> AdamState:
             st.eps[name] = _float(g["eps"])
             st.lr[name] = _float(g.get("lr", float("nan")))
             st.weight_decay[name] = _float(g.get("weight_decay", 0.0))
+            if "initial_lr" in g:
+                st.initial_lr[name] = _float(g["initial_lr"])
     if not st.names:
         raise OptimizerStateError(f"{source}: the optimiser state holds no parameter")
     return st
@@ -198,6 +202,8 @@ def from_optimizer(optimizer, model, *, copy: bool = True) -> AdamState:
             st.eps[n] = _float(g["eps"])
             st.lr[n] = _float(g["lr"])
             st.weight_decay[n] = _float(g.get("weight_decay", 0.0))
+            if "initial_lr" in g:
+                st.initial_lr[n] = _float(g["initial_lr"])
     if not st.names:
         raise OptimizerStateError("live optimiser: no parameter has an Adam state yet (take a step first)")
     return st
