@@ -130,3 +130,36 @@ def test_bad_inputs_are_one_line_errors(checkpoint, tmp_path):
     torch.save(sgd.state_dict(), tmp_path / "sgd.pt")
     with pytest.raises(optim_state.OptimizerStateError, match="not an Adam"):
         optim_state.load_optimizer_state(tmp_path / "sgd.pt", model)
+
+
+@pytest.mark.slow
+def test_trl_dpo_lora_checkpoint(tmp_path, monkeypatch):
+    """A TRL DPOTrainer checkpoint of a LoRA run: the adapter-only state maps to the PeftModel's names
+    (equal to the live optimiser's tensors), and the adapter-only Adam Gram is measured per group."""
+    pytest.importorskip("trl")
+    pytest.importorskip("peft")
+    datasets = pytest.importorskip("datasets")
+    import numpy as np
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from entangle_sim.torch import adam
+    from entangle_sim.torch.data import tokenize_rows
+    from entangle_sim.torch.tiny import toy_rows
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = tiny_tokenizer()
+    cfg = DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3,
+                    report_to=[], use_cpu=True, save_strategy="steps", save_steps=2, logging_strategy="no",
+                    disable_tqdm=True, weight_decay=0.05)
+    tr = DPOTrainer(model=tiny_model("llama", tok, width=16), args=cfg, train_dataset=datasets.Dataset.from_list(toy_rows(4)),
+                    processing_class=tok, peft_config=LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                                 task_type="CAUSAL_LM"))
+    tr.train()
+    st = optim_state.load_optimizer_state(tmp_path / "checkpoint-2", tr.model)
+    live = optim_state.from_optimizer(tr.optimizer, tr.model)
+    assert sorted(st.names) == sorted(live.names) and len(st.names) == 8
+    assert all(torch.equal(st.exp_avg_sq[n], live.exp_avg_sq[n]) for n in st.names)
+    ex = tokenize_rows(tok, toy_rows(3, seed=2))
+    a = adam.measure_adam(tr.model, ex, tok.pad_token_id, st, by_group=True)
+    assert list(a["by_group"]) == ["lora"] and np.all(np.isfinite(a["G_wl_adam"])) and np.all(a["G_ww_adam"] > 0)

@@ -86,12 +86,23 @@ def parameter_groups(model, names) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _eval_mode(model):
+    """Eval mode (no dropout) for the measurement, with HF's input-embedding hook for checkpointed
+    training (`enable_input_require_grads`, registered by TRL/PEFT) lifted meanwhile: it calls
+    requires_grad_ inside the forward, which functorch transforms reject, and changes no number here."""
     was = model.training
+    lifted = []
+    for m in model.modules():
+        for key, h in list(m._forward_hooks.items()):
+            if getattr(h, "__name__", "") == "make_inputs_require_grads":
+                lifted.append((m, key, h))
+                del m._forward_hooks[key]
     model.eval()
     try:
         yield
     finally:
         model.train(was)
+        for m, key, h in lifted:
+            m._forward_hooks[key] = h
 
 
 def _acc(model) -> torch.dtype:
