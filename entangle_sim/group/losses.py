@@ -262,7 +262,8 @@ def rollout_weights(loss_type: str, advantages, lens, **params) -> np.ndarray:
     check_loss_type(loss_type)
     lens = np.asarray(lens)
     A = np.asarray(advantages, dtype=np.float64)
-    mask = jnp.asarray(length_mask(lens), dtype=jnp.float64)
-    x = jnp.zeros(mask.shape, jnp.float64) - 0.5 * mask   # any log-probs: weights do not depend on them at ratio 1
-    w_tok = token_incentives(loss_type, x, mask, jnp.asarray(A), None, x, **params)
+    dt = jnp.result_type(float)   # float64 under jax_enable_x64 (the CLI and tests enable it)
+    mask = jnp.asarray(length_mask(lens), dtype=dt)
+    x = jnp.zeros(mask.shape, dt) - 0.5 * mask   # any log-probs: weights do not depend on them at ratio 1
+    w_tok = token_incentives(loss_type, x, mask, jnp.asarray(A, dt), None, x, **params)
     return np.asarray(w_tok.sum(-1) / lens)
