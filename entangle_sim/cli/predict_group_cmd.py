@@ -105,3 +105,17 @@ def run(args) -> int:
     print(f"  w^T K w = {out['wKw']:.4g} (>= 0); effective rank of diag(|w|)^1/2 K diag(|w|)^1/2: "
           f"{out['effective_rank']:.3g}")
     return 0
+
+
+def run_group_conditions(args) -> bool:
+    """`entangle-sim conditions LOSS` for a GRPOTrainer loss type: print its group theory, return True;
+    False (nothing printed) for any other LOSS, which the pair renderer handles."""
+    from ..symbolic import group
+
+    if not getattr(args, "loss", None) or args.loss not in group.LOSS_TYPES:
+        return False
+    if args.all or args.table or args.param or args.latex:
+        raise CLIError(f"{args.loss} is a group loss type: its conditions take no --all, --table, --param or --latex")
+    d = group.conditions(args.loss)
+    print(dumps(d, indent=2) if args.json else group.conditions_text(d))
+    return True
