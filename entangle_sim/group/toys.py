@@ -168,3 +168,33 @@ def run(toy: GroupToy, loss_type: str, *, lr: float, steps: int, optimizer: str 
     _, _, rec = jax.jit(lambda p, s: train.run_steps(step, p, s, toy.batch, (ref, ref), jax.random.PRNGKey(0),
                                                      steps))(toy.params, opt_state)
     return rec
+
+
+def lld_data(seed: int = 0, *, loss_type: str = "grpo", lr: float = 0.05, steps: int = 30,
+             strength: float = 0.5) -> dict:
+    """Figure/report data of the lazy-likelihood-displacement toy: cumulative log-prob change per
+    rollout [S + 1, G] without and with the shared-token mitigation, and first-step predictions."""
+    toy = lld_toy(seed)
+    A, _ = gl.advantages(toy.rewards, toy.rewards.size)
+    out = {"labels": list(toy.labels), "loss_type": loss_type, "lr": lr, "steps": steps, "strength": strength,
+           "rewards": toy.rewards.tolist()}
+    for key, mit in (("plain", None), ("mitigated", shared_token_weights(toy.policy, A, strength))):
+        rec = run(toy, loss_type, lr=lr, steps=steps, mitigation=mit)
+        real = np.asarray(rec.real)
+        out[key] = np.vstack([np.zeros(real.shape[1]), np.cumsum(real, 0)]).tolist()
+        out[key + "_first_pred"] = np.asarray(rec.pred[0]).tolist()
+        out[key + "_first_lin"] = np.asarray(rec.lin[0]).tolist()
+        out[key + "_first_real"] = real[0].tolist()
+    return out
+
+
+def eta_rate_data(loss_types=gl.LOSS_TYPES, etas=(0.02, 0.01, 0.005), seed: int = 0) -> dict:
+    """Max |realised - eta K w| over the toy group's rollouts after one SGD step, per loss type and eta."""
+    toy = lld_toy(seed)
+    errs = {}
+    for lt in loss_types:
+        errs[lt] = []
+        for eta in etas:
+            rec = run(toy, lt, lr=eta, steps=1)
+            errs[lt].append(float(np.abs(np.asarray(rec.real[0]) - np.asarray(rec.pred[0])).max()))
+    return {"etas": list(etas), "errors": errs}
