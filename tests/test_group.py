@@ -156,6 +156,10 @@ def test_predict_group_cli_json_contract(capsys, tmp_path):
     ["grpo", "--rewards", "1,0", "--lens", "3,3", "--param", "nope=1"],
     ["grpo", "--rewards", "1,0", "--lens", "3,3", "--eta", "-1"],
     ["grpo", "--rewards", "1,0", "--lens", "3,3", "--gram", "/nonexistent.json"],
+    ["grpo", "--rewards", "1e308,-1e308", "--lens", "3,3"],     # std would overflow
+    ["grpo", "--rewards", "1,0", "--lens", "3,1000000000"],     # mask too large
+    ["dapo", "--rewards", "1,0", "--lens", "3,3", "--eta", "1e308", "--param", "num_items_in_batch=1e-300",
+     "--param", "scale_rewards=none", "--gram", "/dev/null"],   # /dev/null: not JSON
 ])
 def test_predict_group_bad_input_one_line_exit_2(capsys, argv):
     code, out, err = run(capsys, "predict-group", *argv)

@@ -19,7 +19,7 @@ same for every token of a rollout, `w_i` (docs/theory.md, "Group entanglement": 
 
 Example:
     >>> import numpy as np
-    >>> adv = advantages(np.array([1.0, 0.0, 0.0, 1.0]), 4)
+    >>> adv, zero_std = advantages(np.array([1.0, 0.0, 0.0, 1.0]), 4)
     >>> w = rollout_weights("dr_grpo", adv, np.array([2, 3, 4, 5]), max_completion_length=8)
     >>> bool(np.allclose(w, adv / (4 * 8)))
     True

@@ -23,6 +23,9 @@ import numpy as np
 
 from . import losses as gl
 
+#: Largest G x max(length) accepted (a float64 mask of this many entries is 128 MiB).
+MAX_TOKENS = 2**24
+
 #: Regime of a rollout: its advantage's sign and its predicted direction.
 REGIMES = ("correct_rises", "correct_falls", "incorrect_falls", "incorrect_rises", "neutral")
 
@@ -40,6 +43,11 @@ def check_inputs(rewards, lens, K=None, eta: float = 1.0, num_generations: int |
         raise ValueError(f"rewards must be finite, got {r.tolist()}")
     if not np.all(np.isfinite(n)) or np.any(n < 1) or np.any(n != np.round(n)):
         raise ValueError(f"lengths must be positive integers (completion tokens), got {n.tolist()}")
+    if np.abs(r).max() > 1e150:   # squares of the centred rewards would overflow in the std
+        raise ValueError(f"rewards must be below 1e150 in magnitude, got {np.abs(r).max():g}")
+    if n.max() * n.size > MAX_TOKENS:
+        raise ValueError(f"G x max(length) must be at most {MAX_TOKENS} tokens (the weights are computed on a "
+                         f"G x max(length) mask), got {n.size} x {int(n.max())}")
     G = r.size if num_generations is None else int(num_generations)
     if G < 2 or r.size % G:
         raise ValueError(f"num_generations must be >= 2 and divide the {r.size} completions, got {num_generations}")
@@ -106,7 +114,11 @@ def predict(loss_type: str, rewards, lens, K=None, eta: float = 1.0, *, num_gene
     p = gl.resolve(loss_type, **trl_params)
     A, zero = gl.advantages(r, G, p["scale_rewards"])
     w = gl.rollout_weights(loss_type, A, n, **trl_params)
-    delta = eta * K @ w
+    with np.errstate(over="ignore", invalid="ignore"):
+        delta = eta * K @ w
+    if not (np.all(np.isfinite(w)) and np.all(np.isfinite(delta))):
+        raise ValueError("the prediction overflows at these inputs (non-finite weights or delta); use a smaller "
+                         "eta, Gram or hyperparameters")
     ev = spectrum(K, w)
     zero_groups = zero.reshape(-1, G)[:, 0]
     return {"loss_type": loss_type, "advantages": A.tolist(), "weights": w.tolist(), "delta": delta.tolist(),
