@@ -2,8 +2,9 @@
 
 TRL's method is called unbound on a stand-in `self` holding exactly the attributes it reads; the
 model forward (`_get_per_token_logps_and_entropies`) returns a float64 leaf tensor, so torch
-autograd gives TRL's per-token incentives -dL/dl_{i,t}. Tolerance 1e-6 absolute (the issue's
-contract); both sides are float64, so agreement is expected near 1e-15.
+autograd gives TRL's per-token incentives -dL/dl_{i,t}. The contract is 1e-6 absolute; both sides
+are float64 and the registry reproduces TRL's two float32 roundings (the SAPO temperatures, the
+Bessel factor of the std), so the test holds them to 1e-12 (measured: <= 5e-16).
 """
 from collections import defaultdict
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from trl.trainer.utils import nanstd  # noqa: E402
 
 from entangle_sim.group import losses as gl  # noqa: E402
 
-TOL = 1e-6
+TOL = 1e-12   # tighter than the 1e-6 contract: see the module docstring
 
 
 class _Acc:

@@ -207,7 +207,10 @@ def group_loss(loss_type: str, per_token_logps, mask, advantages, old_per_token_
             coef_1 = jnp.minimum(coef_1, p["delta"])
         per_token = -jnp.minimum(coef_1 * adv, coef_2 * adv)
     elif loss_type == "sapo":
-        tau = jnp.where(adv > 0, p["sapo_temperature_pos"], p["sapo_temperature_neg"])
+        # TRL builds the temperatures with torch.where on two Python floats: a float32 tensor; the same
+        # rounding here keeps the loss equal to TRL's to ~1e-16 instead of ~1e-8
+        f32 = lambda v: float(np.float32(v))  # noqa: E731
+        tau = jnp.where(adv > 0, f32(p["sapo_temperature_pos"]), f32(p["sapo_temperature_neg"]))
         per_token = -jax.nn.sigmoid(tau * (coef_1 - 1)) * 4 / tau * adv
     else:   # vespo
         per_token = -_gamma_weights(adv, log_ratio, mask, p) * adv * lp
