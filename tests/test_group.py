@@ -36,10 +36,10 @@ def test_symbolic_weight_equals_registry_gradient(loss_type):
 
 def test_group_proofs_hold():
     proofs = sg.all_proofs()
-    assert [p.result for p in proofs] == ["R22b", "R22c", "R22d", "R22-Adam"]
+    assert [p.result for p in proofs] == ["R22b-condition", "R22b", "R22c", "R22d", "R22-Adam"]
     assert all(p.holds for p in proofs)
     # R22c's certificate is a sum of squares: SymPy derives its sign from the symbols' assumptions
-    assert proofs[1].certificate.is_nonnegative and isinstance(proofs[1].certificate, sp.Mul)
+    assert proofs[2].certificate.is_nonnegative and isinstance(proofs[2].certificate, sp.Mul)
 
 
 def test_wKw_nonnegative_random_groups():

@@ -8,7 +8,7 @@ TRL GRPOTrainer loss type has, at the on-policy step (ratio 1), the gradient -su
 
 The weights are obtained by differentiating each loss type's per-token loss at log-ratio 0 and
 its aggregation (TRL 1.16 `_compute_loss`); this module does not import the numeric registry.
-Proofs (each a `proofs.Proof` with a certificate): G = 2 reduces to Condition 1, w^T K w >= 0,
+Proofs (each a `proofs.Proof` with a certificate): the group condition, G = 2 reduces to Condition 1, w^T K w >= 0,
 a zero-variance group does not move, and the Adam-preconditioned form.
 
 Example:
@@ -103,6 +103,30 @@ def rises_condition(K, w, j: int):
     return sum(w[i] * K[j, i] for i in range(K.shape[0]))
 
 
+def group_condition(n_correct: int = 2, n_incorrect: int = 2) -> Proof:
+    """The group condition: with w_i = a_i > 0 on correct and w_i = -b_i < 0 on incorrect rollouts,
+    Delta l_j / eta = w_j K_jj + sum_{i in C, i != j} w_i K_ji - sum_{i in I} |w_i| K_ji for every j, so a
+    correct j rises iff its own and the other correct terms exceed the incorrect ones (and the mirror
+    statement for an incorrect j)."""
+    G = n_correct + n_incorrect
+    d, K, w = first_order(G)
+    a = [sp.Symbol(f"a_{i + 1}", positive=True) for i in range(n_correct)]
+    b = [sp.Symbol(f"b_{i + 1}", positive=True) for i in range(n_incorrect)]
+    sub = {w[i]: a[i] for i in range(n_correct)} | {w[n_correct + i]: -b[i] for i in range(n_incorrect)}
+    ok = True
+    for j in range(G):
+        own = w[j].subs(sub) * K[j, j]
+        pos = sum(a[i] * K[j, i] for i in range(n_correct) if i != j)
+        neg = sum(b[i] * K[j, n_correct + i] for i in range(n_incorrect) if n_correct + i != j)
+        ok &= sp.expand(d[j].subs(sub) / eta - (own + pos - neg)) == 0
+        ok &= sp.expand(rises_condition(K, w, j).subs(sub) - (own + pos - neg)) == 0
+    j0 = 0
+    lhs = sp.expand(d[j0].subs(sub) / eta)
+    return Proof("R22b-condition", "correct j rises iff w_j K_jj + sum_{C, i != j} w_i K_ji > sum_I |w_i| K_ji; "
+                 "incorrect j falls iff the same sum is < 0", sp.Eq(lhs, lhs), lhs, bool(ok),
+                 {"n_correct": n_correct, "n_incorrect": n_incorrect})
+
+
 def pair_reduction() -> Proof:
     """G = 2, rewards r_1 > r_2, equal lengths: A = (a, -a) with a > 0 under every scale_rewards, so
     w = (c, -c) with c > 0 for every loss type, and Delta l = eta (c (K_11 - K_12), c (K_12 - K_22)):
@@ -180,7 +204,7 @@ def adam_form(G: int = 2, P: int = 3) -> Proof:
 
 def all_proofs() -> list[Proof]:
     """The group theorems of this module."""
-    return [pair_reduction(), mean_change_nonnegative(), zero_variance_no_change(), adam_form()]
+    return [group_condition(), pair_reduction(), mean_change_nonnegative(), zero_variance_no_change(), adam_form()]
 
 
 def conditions(loss_type: str) -> dict:
@@ -217,7 +241,7 @@ def conditions_text(d: dict) -> str:
         f"  weight           {d['weight']}" + (f"   ({sym})" if sym else ""),
         f"  gradient         {d['gradient']}",
         f"  change           {d['delta']}",
-        f"  correct rises    {d['correct_rises']}",
+        f"  correct rises    {d['correct_rises']}" + proved("R22b-condition"),
         f"  incorrect falls  {d['incorrect_falls']}",
         f"  lazy likelihood displacement: {d['lazy_likelihood_displacement']}",
         f"  pair case        {d['pair_case']}" + proved("R22b"),
