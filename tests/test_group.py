@@ -65,9 +65,10 @@ def toy():
 
 @pytest.mark.slow
 def test_one_step_error_is_second_order(toy):
-    """R22b: realised - eta K w shrinks ~4x per halving of eta (grpo, luspo; SGD in train.make_step)."""
-    for lt in ("grpo", "luspo"):
-        recs = [toys.run(toy, lt, lr=eta, steps=1) for eta in (0.02, 0.01)]
+    """R22b: realised - eta K w shrinks ~4x per halving of eta (grpo, luspo on the softmax sequence LM,
+    dapo on the linear-feature policy; SGD in train.make_step)."""
+    for lt, t in (("grpo", toy), ("luspo", toy), ("dapo", toys.linear_toy())):
+        recs = [toys.run(t, lt, lr=eta, steps=1) for eta in (0.02, 0.01)]
         errs = [np.abs(r.real[0] - r.pred[0]).max() for r in recs]
         # the remainder is eta^2 (1/2 dl^T H dl + ...): ratio 4 up to O(eta^3) terms; measured 3.99-4.00
         assert 3.8 < errs[0] / errs[1] < 4.2, (lt, errs)

@@ -97,6 +97,19 @@ def lld_toy(seed: int = 0, *, K: int = 12, d: int = 16) -> GroupToy:
                     ("correct, shares tokens", "correct, own tokens", "incorrect", "incorrect"))
 
 
+def linear_toy(seed: int = 0, *, G: int = 6, K: int = 8, d: int = 4) -> GroupToy:
+    """G one-token rollouts (distinct responses 0..G-1 of prompt 0) under the log-linear policy with
+    random frozen features (`policies.linear`): gradients phi_y - phibar of any sign and norm ratio.
+    Rewards: the first half 1, the rest 0."""
+    from ..policies import linear
+
+    pol = linear.make(linear.LinearConfig(P=1, K=K, d=d, feature_seed=seed, init_scale=0.5))
+    params = pol.init(jax.random.PRNGKey(seed + 1))
+    rewards = np.array([1.0] * (G // 2) + [0.0] * (G - G // 2))
+    return GroupToy(pol, params, group_batch([0], [[i] for i in range(G)]), rewards,
+                    tuple("correct" if r else "incorrect" for r in rewards))
+
+
 def token_jacobian(policy: Policy, params: PyTree, batch: PairBatch) -> Array:
     """d l_{i,t} / d theta of the rollouts (chosen side) as [G, T, P] (flattened parameters)."""
     flat, unravel = ravel_pytree(params)
