@@ -24,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--eta", "--lr", type=float, default=1.0, help="step size (default 1)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="TRL GRPOConfig hyperparameter by TRL's name (scale_rewards, max_completion_length, "
-                        "num_items_in_batch, epsilon, epsilon_high, beta, ...)")
+                        "num_items_in_batch, epsilon, epsilon_high, beta, ...); the prediction is at the on-policy "
+                        "step with the policy equal to the reference, where the KL term (beta) has no gradient")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
