@@ -183,3 +183,23 @@ def test_conditions_grpo_renders_group_theory(capsys):
     assert code == 0 and d["weight"] == "w_i = A_i*Min(1, epsilon_high)/N" and all(d["proofs"].values())
     code, _, err = run(capsys, "conditions", "grpo", "--all")
     assert code == 2 and err.startswith("entangle-sim: error: ")
+
+
+def test_adam_first_step_is_preconditioned_gram(toy):
+    """R22 Adam form: optax Adam's first update is -eta P grad L with P = diag(1/(|grad L| + eps)), so the
+    first order of the step is eta K^P w, K^P = J P J^T (J: rollout log-prob Jacobian, w: rollout weights)."""
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    eta = 1e-3
+    rec = toys.run(toy, "grpo", lr=eta, steps=1, optimizer="adam")
+    flat, unravel = ravel_pytree(toy.params)
+    J = np.asarray(jax.jacrev(lambda f: toy.policy.logps(unravel(f), toy.batch)[0])(flat))
+    A, _ = gl.advantages(toy.rewards, 4)
+    w = gl.rollout_weights("grpo", A, [4, 4, 4, 4])
+    grad = -(J.T @ w)
+    P = 1.0 / (np.abs(grad) + 1e-8)            # optax.adam: eps = 1e-8, eps_root = 0, bias-corrected first step
+    KP = (J * P) @ J.T
+    # same product computed twice in float64: agreement to rounding (1e-12 absolute, values ~1e-3)
+    assert np.abs(np.asarray(rec.lin[0]) - eta * KP @ w).max() < 1e-12
+    assert np.all(np.sign(np.asarray(rec.real[0])) == np.sign(eta * KP @ w))
