@@ -205,7 +205,7 @@ def incentives_in_dtype(spec, state, hp=None):
 def kink_distance(spec, hp=None):
     """f(**pair values and numeric hp) -> distance (log-prob units) to the nearest kink of the loss
     (zeros of the arguments of Heaviside/sign/Abs/Max/Min in the loss and its incentives)."""
-    from ._userloss import kink_distance as _kd
+    from .losses.user import kink_distance as _kd
     from .symbolic import derive
     from .symbolic.symbols import PAIR_VARS
 
@@ -233,7 +233,7 @@ _ORDER = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_lo
 
 
 def _state_str(state, i, hp) -> str:
-    from ._userloss import fmt_state
+    from .losses.user import fmt_state
 
     at_ref = state[0][i] == state[2][i] and state[1][i] == state[3][i]
     return (fmt_state({k: s[i] for k, s in zip(_ORDER, state)}, {k: v for k, v in hp.items()})
@@ -290,7 +290,7 @@ def _worst(err, tol, mask):
 
 
 def _ordinary_states():
-    from ._userloss import ORDINARY_STATES
+    from .losses.user import ORDINARY_STATES
 
     rows = [s for s in ORDINARY_STATES if not s["prompt_len"]]
     return [np.array([r[k] for r in rows]) for k in _ORDER]
