@@ -149,6 +149,20 @@ class LossSpec:
         }
 
 
+def _checked(state):
+    """The state, after refusing concrete (untraced) lengths n_w, n_l <= 0 or prompt_len < 0: the
+    formulas divide by the lengths, and a 0 there gives NaN or inf, never an error."""
+    for name, lo in (("chosen_len", 0.0), ("rejected_len", 0.0), ("prompt_len", None)):
+        x = getattr(state, name)
+        if isinstance(x, jax.core.Tracer):
+            continue
+        bad = (x <= lo) if lo is not None else (x < 0)
+        if bool(jnp.any(bad | jnp.isnan(x))):
+            raise ValueError(f"{name} must be {'> 0' if lo is not None else '>= 0'} (a token count), got "
+                             f"{jnp.ravel(x)[jnp.argmax(jnp.ravel(bad | jnp.isnan(x)))]!r}")
+    return state
+
+
 class Prediction(NamedTuple):
     """The first-order account of one plain gradient step at a state (docs/theory.md R3, R8, R10).
 
@@ -214,12 +228,13 @@ class ResolvedLoss:
 
     # ---- JAX values
     def loss(self, state) -> Any:
-        """Per-pair loss [...] of a `PairState`."""
-        return self.spec.build(PairVars(**state.as_arrays()._asdict()), JAX, **self.hp)
+        """Per-pair loss [...] of a `PairState` (ValueError for a concrete length <= 0)."""
+        state = _checked(state.as_arrays())
+        return self.spec.build(PairVars(**state._asdict()), JAX, **self.hp)
 
     def batch(self, state) -> Any:
         """TRL's total loss of a batch of pairs ([B] state -> scalar)."""
-        v = PairVars(**state.broadcast()._asdict())
+        v = PairVars(**_checked(state.broadcast())._asdict())
         hp = self.hp
         if self.spec.batch_build is not None:
             return self.spec.batch_build(v, JAX, **hp)

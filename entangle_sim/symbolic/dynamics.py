@@ -55,12 +55,20 @@ class Formula:
 
     def __call__(self, **values):
         self._check(values)
-        fn = lambdify_jax([s for _, s in self.names], self.expr)
+        syms = [s for _, s in self.names]
         # Arrays, not Python floats: a branch a Piecewise does not take (e.g. the alpha-divergence
         # score at a = 1) may divide by zero, which must give inf inside jnp.select, not raise.
         import jax.numpy as jnp
 
-        return fn(*[jnp.asarray(values[n]) for n, _ in self.names])
+        args = [jnp.asarray(values[n]) for n, _ in self.names]
+        out = lambdify_jax(syms, self.expr)(*args)
+        stable = functions.log_space_products(self.expr)
+        if stable is not None:
+            # exp(a) sigma(b) overflows to inf * 0 = NaN where the product itself is tiny (AlphaPO's
+            # incentives far from the policy in float32): there, and only there, the log-space form
+            # exp(a + log sigma(b)) is used, so every finite value stays exactly as it was.
+            out = jnp.where(jnp.isnan(out), lambdify_jax(syms, stable)(*args), out)
+        return out
 
     def _check(self, values) -> None:
         missing = [n for n, _ in self.names if n not in values]
