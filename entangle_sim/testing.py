@@ -159,17 +159,16 @@ def one_step_errors(spec, etas, theta0, a=0, b=1, nw=3.0, nl=2.0, ref=(-4.0, -3.
     import jax.numpy as jnp
 
     from . import losses
-    from .symbolic import derive
+    from .types import PairState
 
-    spec = losses.get(spec)
-    hp = dict(hp or {})
-    der = derive(spec, **{k: v for k, v in hp.items() if spec.hyper(k).structural or spec.hyper(k).keep_value})
-    full = {k: v for k, v in spec.resolve(**hp).items() if not isinstance(v, str)}
+    resolved = losses.get(spec).bind(**dict(hp or {}))
     logps = softmax_pair_model(a, b, nw, nl)
 
+    def state(lw, ll):
+        return PairState.of(lw, ll, reference=ref, chosen_len=nw, rejected_len=nl)
+
     def loss(theta):
-        lw, ll = logps(theta)
-        return spec(lw, ll, ref[0], ref[1], nw, nl, **hp)
+        return resolved.loss(state(*logps(theta)))
 
     lw0, ll0 = logps(theta0)
     gw = jax.grad(lambda t: logps(t)[0])(theta0)
@@ -178,15 +177,13 @@ def one_step_errors(spec, etas, theta0, a=0, b=1, nw=3.0, nl=2.0, ref=(-4.0, -3.
     e = jnp.eye(theta0.shape[0])
     # closed-form Gram (softmax) checked against autodiff first
     np.testing.assert_allclose(gw, nw * (e[a] - p), rtol=1e-13)
-    vals = dict(chosen_logps=lw0, rejected_logps=ll0, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1],
-                chosen_len=nw, rejected_len=nl, prompt_logps=0.0, prompt_len=0.0,
-                G_ww=gw @ gw, G_wl=gw @ gl, G_ll=gl @ gl, **full)
+    gram = (gw @ gw, gw @ gl, gl @ gl)
     g = jax.grad(loss)(theta0)
     errs, preds = [], []
     for eta in etas:
         lw1, ll1 = logps(theta0 - eta * g)
-        pred_w = der.delta_chosen(**vals, eta=eta)
-        pred_l = der.delta_rejected(**vals, eta=eta)
+        pred = resolved.predict(state(lw0, ll0), gram, eta)
+        pred_w, pred_l = pred.delta_chosen, pred.delta_rejected
         errs.append(max(abs(float(lw1 - lw0 - pred_w)), abs(float(ll1 - ll0 - pred_l))))
         preds.append(max(abs(float(pred_w)), abs(float(pred_l))))
     return np.array(errs), np.array(preds)
