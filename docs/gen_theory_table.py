@@ -13,6 +13,7 @@ PAGE = Path(__file__).resolve().parent / "theory.md"
 
 
 def render(text: str) -> str:
+    from entangle_sim import losses  # noqa: F401 - loads the registry the table lists
     from entangle_sim.symbolic.present import table
 
     block = f"{BEGIN}\n{table('markdown')}\n{END}"

@@ -178,5 +178,5 @@ def test_run_is_the_loop_of_run_steps():
     a = train.run_steps(step, gp.params, opt, gp.batch, ref, key, 3)[2]
     # the same with a batch function and a reference function, and a per-step reduction
     b = train.run(step, gp.params, opt, jax.random.split(key, 3), lambda k: gp.batch,
-                  reference=lambda bt: pol.logps(gp.params, bt), reduce=lambda rec, bt: rec[0].mean())
+                  reference=lambda bt: pol.logps(gp.params, bt), reduce=lambda rec, bt: rec[0].mean())[2]
     np.testing.assert_array_equal(np.asarray(a[0]).mean(-1), np.asarray(b))

@@ -381,8 +381,8 @@ def derive(spec, **hp) -> Derivation:
     """
     if isinstance(spec, str):  # a name: resolved by the registry that installed itself (no import)
         if _RESOLVER is None:
-            raise TypeError(f"derive({spec!r}): no loss registry is loaded; pass a loss definition "
-                            "(entangle_sim.losses.get(name))")
+            raise RuntimeError(f"derive({spec!r}): no loss registry is loaded: `import entangle_sim.losses` "
+                               "first, or pass a loss definition (entangle_sim.losses.get(name))")
         spec = _RESOLVER(spec)
     spec = getattr(spec, "spec", spec)  # a resolved loss: its definition (give its values as hp)
     missing = [a for a in ("symbolic", "symbolic_margin", "sym_hypers", "name", "hypers") if not hasattr(spec, a)]
@@ -408,8 +408,12 @@ def set_name_resolver(resolve, names) -> None:
 
 
 def registered_names() -> list[str]:
-    """Names of the registered losses (empty when no registry is loaded)."""
-    return [] if _NAMES is None else list(_NAMES())
+    """Names of the registered losses (RuntimeError when no registry is loaded: the engine does not
+    import one itself)."""
+    if _NAMES is None:
+        raise RuntimeError("no loss registry is loaded: `import entangle_sim.losses` first, or pass loss "
+                           "definitions (entangle_sim.losses.get(name))")
+    return list(_NAMES())
 
 
 def _hashable(v):
