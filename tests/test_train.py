@@ -257,8 +257,9 @@ def test_simulate_with_mitigation_writes_runs_and_resumes(tmp_path, capsys):
     """Hostile input: `--mitigation normalized --out DIR` used to write only config.json and
     summary.json. Each run's records are now on disk; a lost run is recomputed and the summary is
     the same, bit for bit (same program, same keys)."""
-    argv = ["simulate", "--policy", "softmax", "--task", "geometry", "--mitigation", "normalized", "--steps", "3",
-            "--runs", "2", "--pairs", "2", "--K", "4", "--lr", "0.05", "--json", "--out", str(tmp_path)]
+    argv = ["simulate", "--policy", "softmax", "--task", "geometry", "--cos", "-0.3", "--norm-ratio", "1",
+            "--mitigation", "normalized", "--steps", "3",
+            "--runs", "2", "--pairs", "2", "--lr", "0.05", "--json", "--out", str(tmp_path)]
     assert main(argv) == 0
     first = json.loads(capsys.readouterr().out)
     runs = sorted(p.name for p in tmp_path.glob("run_*.npz"))
