@@ -308,7 +308,7 @@ def run(step, params: PyTree, opt_state, keys: Array, batches, *, reference=None
         >>> from entangle_sim import data, train
         >>> gp = data.geometry_pairs(jax.random.PRNGKey(0), "linear", 4, K=6, target_cos=0.5, norm_ratio=1.0)
         >>> cfg = train.TrainConfig(loss="sigmoid", lr=0.1, steps=3, record=False)
-        >>> pol, step = gp.policy(), None
+        >>> pol = gp.policy()
         >>> step = train.make_step(pol, cfg)
         >>> ref = pol.logps(gp.params, gp.batch)
         >>> _, _, (lw, ll, loss) = train.run(step, gp.params, train.make_optimizer("sgd", 0.1).init(gp.params),

@@ -72,7 +72,8 @@ class LossSpec:
         """This loss with its hyperparameters resolved once: defaults filled in, every value checked
         (a misspelt name raises with a suggestion), formula-selecting values split from numeric ones.
 
-            >>> dpo = get("sigmoid").bind(beta=0.5)
+            >>> from entangle_sim import losses
+            >>> dpo = losses.get("sigmoid").bind(beta=0.5)
             >>> dpo.fixed, dpo.numeric
             ((('f_divergence_type', 'reverse_kl'),), (('beta', 0.5), ('f_alpha_divergence_coef', 0.5)))
         """
@@ -190,8 +191,9 @@ class ResolvedLoss:
 
     Every method takes the pair variables as one `PairState` (`PairState.of(..., reference=...)`):
 
+        >>> from entangle_sim import losses
         >>> from entangle_sim.types import PairState
-        >>> dpo = get("sigmoid").bind(beta=0.1)
+        >>> dpo = losses.get("sigmoid").bind(beta=0.1)
         >>> s = PairState.of(-10.0, -12.0, reference=(-11.0, -11.0))
         >>> round(float(dpo.loss(s)), 6)                       # -log sigma(0.1 * 2)
         0.598139

@@ -3,7 +3,7 @@
     >>> import sympy as sp
     >>> from entangle_sim.symbolic.symbols import r_w, r_l
     >>> text(r_l - r_w + 1)
-    '1 - r_w + r_l'
+    '1 + r_l - r_w'
 """
 from __future__ import annotations
 
