@@ -229,7 +229,7 @@ def pair_gram(logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]], param
     if method == "layerwise" and factor_fn is None:
         raise ValueError("method='layerwise' needs factor_fn (e.g. transformer.grad_factors(cfg))")
     if method == "auto" and factor_fn is not None:
-        from . import geometry_cost  # local import keeps `import geometry` light
+        from .. import geometry_cost  # local import keeps `import geometry` light
 
         get = (lambda k: batch[k][0]) if isinstance(batch, dict) else (lambda k: getattr(batch, k)[0])
         side = (get("prompt"), get("chosen"), get("chosen_mask"))   # shapes of one response

@@ -92,7 +92,7 @@ def token_gram(token_logp_fn: Callable[[PyTree, PairBatch], tuple[Array, Array]]
 
 
 def _auto_token_method(factor_fn, params, example_or_batch) -> str:
-    from . import geometry_cost  # local import keeps `import geometry` light
+    from .. import geometry_cost  # local import keeps `import geometry` light
 
     return geometry_cost.choose_token_method(factor_fn, params, _first_example(example_or_batch))
 
