@@ -13,7 +13,8 @@ PAGE = Path(__file__).resolve().parent / "theory.md"
 
 
 def render(text: str) -> str:
-    from entangle_sim.symbolic.compact import table
+    from entangle_sim import losses  # noqa: F401 - loads the registry the table lists
+    from entangle_sim.symbolic.present import table
 
     block = f"{BEGIN}\n{table('markdown')}\n{END}"
     return re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)

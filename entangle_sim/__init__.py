@@ -25,5 +25,7 @@ __all__ = ["__version__", *_SUBMODULES]
 
 def __getattr__(name):
     if name in _SUBMODULES:
+        if name == "symbolic":   # the engine resolves loss names through the registry, which it never imports
+            importlib.import_module(".losses", __name__)
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'entangle_sim' has no attribute {name!r}")

@@ -178,7 +178,7 @@ def geometry_pairs(key: Array, policy_kind: str, n_pairs: int, K: int, target_co
     B = int(n_pairs)
     c = np.broadcast_to(np.asarray(target_cos, dtype=np.float64), (B,))
     r = np.broadcast_to(np.asarray(norm_ratio, dtype=np.float64), (B,))
-    if np.any(np.abs(c) > 1) or np.any(r <= 0) or not np.all(np.isfinite(r)):
+    if not (np.all(np.isfinite(c)) and np.all(np.isfinite(r))) or np.any(np.abs(c) > 1) or np.any(r <= 0):
         raise ValueError(f"need -1 <= target_cos <= 1 and norm_ratio > 0, got {target_cos}, {norm_ratio}")
     rng = _np_rng(key)
     # random distinct (a, b) per pair

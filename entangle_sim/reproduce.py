@@ -26,7 +26,7 @@ from .policies import lastlayer
 from .presets import ALGO_LABELS, ALGORITHMS, MAP_STATE, PRESETS, SEED, Preset, enable_x64, preset  # noqa: F401
 from .results import code_fingerprint, load_data, save_data  # noqa: F401  (re-exported)
 from .symbolic import derive
-from .symbolic.compact import table_rows
+from .symbolic.present import table_rows
 from .train import TrainConfig
 
 

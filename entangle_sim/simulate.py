@@ -143,3 +143,50 @@ def run_sweep(cfg: SimConfig, seed: int, runs: int, *, out=None, chunk: int | No
         parts.append(traj)
     # a chunk saved before a field existed holds None there: the field is then None for the whole run
     return Trajectory(*[None if any(x is None for x in xs) else np.concatenate(xs, 0) for xs in zip(*parts)])
+
+
+def run_mitigated(cfg: SimConfig, seed: int, runs: int, mitigation: str, *, out=None,
+                  progress: bool | None = None) -> dict[str, Any]:
+    """`runs` runs of `cfg` with a mitigation (`entangle_sim.mitigations.METHODS`), one compiled
+    program, and the summary averaged over runs (the schema of `run_sweep` + `train.summarize`, plus
+    the mitigation's own statistics; `mitigations.simulation_summary`).
+
+    With `out`, each run's records ([S, B]; masks [S, B, T]) are written atomically as `run_0000.npz`,
+    `run_0001.npz`, ... next to `config.json`; an interrupted call resumes from the runs on disk
+    (a damaged or partial file is recomputed). Returns the summary dict.
+    """
+    from . import mitigations
+
+    if mitigation not in mitigations.METHODS:
+        raise ValueError(f"unknown mitigation {mitigation!r}; valid: none, {', '.join(mitigations.METHODS)}")
+    _v.integer("runs", runs, lo=1)
+    key = jax.random.PRNGKey(seed)
+    pol, params, batch = build(cfg, jax.random.fold_in(key, 0))
+    outdir = None
+    if out is not None:
+        outdir = results.prepare_dir(out, {"sim": cfg.as_dict(), "seed": seed, "runs": runs,
+                                           "mitigation": mitigation})
+    show = sys.stderr.isatty() if progress is None else progress
+    from tqdm.auto import tqdm
+
+    summaries = []
+    for r in tqdm(range(runs), desc=f"simulate ({mitigation})", unit="run", disable=not show):
+        path = None if outdir is None else Path(outdir) / f"run_{r:04d}.npz"
+        cached = None if path is None else results.load_chunk(path)   # None: missing or damaged
+        if cached is not None:
+            rec = mitigations.MitigationRecord(**cached)
+        else:
+            rec, _ = mitigations.run_with_mitigation(pol, params, batch, cfg.train, mitigation,
+                                                     jax.random.fold_in(key, r + 1))
+            rec = jax.tree.map(np.asarray, rec)
+            if path is not None:
+                results.save_chunk(path, **rec._asdict())
+        summaries.append(mitigations.simulation_summary(rec))
+    out_d: dict[str, Any] = {"config": cfg.as_dict(), "runs": runs, "seed": seed, "mitigation": mitigation}
+    for k, v in summaries[0].items():
+        if isinstance(v, dict):
+            out_d[k] = {kk: float(np.mean([s[k][kk] for s in summaries])) for kk in v}
+        else:
+            out_d[k] = float(np.mean([s[k] for s in summaries]))
+    return out_d
+

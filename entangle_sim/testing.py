@@ -159,17 +159,16 @@ def one_step_errors(spec, etas, theta0, a=0, b=1, nw=3.0, nl=2.0, ref=(-4.0, -3.
     import jax.numpy as jnp
 
     from . import losses
-    from .symbolic import derive
+    from .types import PairState
 
-    spec = losses.get(spec)
-    hp = dict(hp or {})
-    der = derive(spec, **{k: v for k, v in hp.items() if spec.hyper(k).structural or spec.hyper(k).keep_value})
-    full = {k: v for k, v in spec.resolve(**hp).items() if not isinstance(v, str)}
+    resolved = losses.get(spec).bind(**dict(hp or {}))
     logps = softmax_pair_model(a, b, nw, nl)
 
+    def state(lw, ll):
+        return PairState.of(lw, ll, reference=ref, chosen_len=nw, rejected_len=nl)
+
     def loss(theta):
-        lw, ll = logps(theta)
-        return spec(lw, ll, ref[0], ref[1], nw, nl, **hp)
+        return resolved.loss(state(*logps(theta)))
 
     lw0, ll0 = logps(theta0)
     gw = jax.grad(lambda t: logps(t)[0])(theta0)
@@ -178,15 +177,13 @@ def one_step_errors(spec, etas, theta0, a=0, b=1, nw=3.0, nl=2.0, ref=(-4.0, -3.
     e = jnp.eye(theta0.shape[0])
     # closed-form Gram (softmax) checked against autodiff first
     np.testing.assert_allclose(gw, nw * (e[a] - p), rtol=1e-13)
-    vals = dict(chosen_logps=lw0, rejected_logps=ll0, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1],
-                chosen_len=nw, rejected_len=nl, prompt_logps=0.0, prompt_len=0.0,
-                G_ww=gw @ gw, G_wl=gw @ gl, G_ll=gl @ gl, **full)
+    gram = (gw @ gw, gw @ gl, gl @ gl)
     g = jax.grad(loss)(theta0)
     errs, preds = [], []
     for eta in etas:
         lw1, ll1 = logps(theta0 - eta * g)
-        pred_w = der.delta_chosen(**vals, eta=eta)
-        pred_l = der.delta_rejected(**vals, eta=eta)
+        pred = resolved.predict(state(lw0, ll0), gram, eta)
+        pred_w, pred_l = pred.delta_chosen, pred.delta_rejected
         errs.append(max(abs(float(lw1 - lw0 - pred_w)), abs(float(ll1 - ll0 - pred_l))))
         preds.append(max(abs(float(pred_w)), abs(float(pred_l))))
     return np.array(errs), np.array(preds)
@@ -205,7 +202,7 @@ def incentives_in_dtype(spec, state, hp=None):
 def kink_distance(spec, hp=None):
     """f(**pair values and numeric hp) -> distance (log-prob units) to the nearest kink of the loss
     (zeros of the arguments of Heaviside/sign/Abs/Max/Min in the loss and its incentives)."""
-    from ._userloss import kink_distance as _kd
+    from .losses.user import kink_distance as _kd
     from .symbolic import derive
     from .symbolic.symbols import PAIR_VARS
 
@@ -233,7 +230,7 @@ _ORDER = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_lo
 
 
 def _state_str(state, i, hp) -> str:
-    from ._userloss import fmt_state
+    from .losses.user import fmt_state
 
     at_ref = state[0][i] == state[2][i] and state[1][i] == state[3][i]
     return (fmt_state({k: s[i] for k, s in zip(_ORDER, state)}, {k: v for k, v in hp.items()})
@@ -290,7 +287,7 @@ def _worst(err, tol, mask):
 
 
 def _ordinary_states():
-    from ._userloss import ORDINARY_STATES
+    from .losses.user import ORDINARY_STATES
 
     rows = [s for s in ORDINARY_STATES if not s["prompt_len"]]
     return [np.array([r[k] for r in rows]) for k in _ORDER]

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,8 @@ from jax.flatten_util import ravel_pytree
 
 from . import geometry, losses, regimes
 from . import validate as _v
-from .symbolic import derive
-from .types import Array, PairBatch, Policy, PyTree
+from .step import StepContext, StepPlugin  # noqa: F401 - the hooks of make_step (re-exported)
+from .types import Array, PairBatch, PairState, Policy, PyTree
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 
@@ -72,9 +72,9 @@ class TrainConfig:
     record: bool = True
 
     def __post_init__(self):
-        # the loss module's own validation, once: unknown loss -> ValueError with a suggestion; bad or
-        # unknown hyperparameters -> ValueError from LossSpec.resolve
-        losses.get(self.loss).resolve(**dict(self.loss_params))
+        # the loss's one validation (`LossSpec.bind`): unknown loss -> ValueError with a suggestion;
+        # bad or unknown hyperparameters -> ValueError; kept as `resolved`
+        object.__setattr__(self, "_resolved", losses.get(self.loss).bind(**dict(self.loss_params)))
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         _v.integer("steps", self.steps, lo=1)
@@ -84,8 +84,13 @@ class TrainConfig:
         _v.real("weight_decay", self.weight_decay, lo=0)
 
     @property
+    def resolved(self) -> losses.ResolvedLoss:
+        """The loss with its hyperparameters, resolved once (`losses.get(loss).bind(**loss_params)`)."""
+        return self._resolved
+
+    @property
     def hp(self) -> dict[str, Any]:
-        return losses.get(self.loss).resolve(**dict(self.loss_params))
+        return self.resolved.hp
 
 
 class Trajectory(NamedTuple):
@@ -125,92 +130,33 @@ def make_optimizer(name: str, lr, *, momentum: float = 0.9, weight_decay: float 
     raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
-def _incentive_fn(spec, hp):
-    """(d_w, d_l) per pair from the symbolic engine (lambdified to JAX)."""
-    structural = {k: v for k, v in hp.items() if spec.hyper(k).structural or spec.hyper(k).keep_value}
-    der = derive(spec, **structural)
-    numeric = {k: v for k, v in hp.items() if not isinstance(v, str)}
+def _same(v, fixed) -> bool:
+    if isinstance(v, str) or isinstance(fixed, str):
+        return v == fixed
+    try:
+        return float(v) == float(fixed)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        raise ValueError("a traced value for a hyperparameter that selects the formula; "
+                         "configure it in the TrainConfig") from None
 
-    def fn(lw, ll, rw, rl, nw, nl):
-        vals = dict(chosen_logps=lw, rejected_logps=ll, ref_chosen_logps=rw, ref_rejected_logps=rl,
-                    chosen_len=nw, rejected_len=nl, prompt_logps=jnp.zeros_like(lw),
-                    prompt_len=jnp.zeros_like(lw), **numeric)
-        dw = jnp.broadcast_to(der.d_w(**vals), lw.shape)
-        dl = jnp.broadcast_to(der.d_l(**vals), lw.shape)
-        return dw, dl
 
-    return fn
+def with_hp(loss: losses.ResolvedLoss, hp: dict | None) -> losses.ResolvedLoss:
+    """`loss` with the numeric hyperparameters of `hp` (may be traced, e.g. a vmapped beta); the
+    formula-selecting ones in `hp` must equal the loss's own (ValueError otherwise)."""
+    if not hp:
+        return loss
+    fixed = dict(loss.fixed)
+    for k, v in hp.items():
+        if k in fixed and not _same(v, fixed[k]):
+            raise ValueError(f"hyperparameter {k}={v!r} selects the formula and differs from the configured "
+                             f"{k}={fixed[k]!r}; configure it in the TrainConfig")
+    return loss.replace(**{k: v for k, v in hp.items() if k not in fixed})
 
 
 def learning_rate(opt_state) -> Array:
     """The learning rate an optimizer state from `make_optimizer` will apply (optax
     `inject_hyperparams` keeps it in the state, so a schedule sets it there)."""
     return opt_state.hyperparams["learning_rate"]
-
-
-@dataclasses.dataclass(frozen=True)
-class StepPlugin:
-    """Hooks that change what one `make_step` step optimises and records (each optional).
-
-    init(params, batch) -> state      extra trained state (e.g. mask logits); the step's opt_state
-                                      is then the pair (optimizer state, plug-in state)
-    token_weights(state, params, batch) -> (m_w [B,T_w], m_l [B,T_l])
-        the step trains the weighted log-probs l~ = sum_t m_t l_t (policy and reference) instead of
-        the summed ones; ref_logps are then the reference's TOKEN log-probs ([B,T_w], [B,T_l]).
-        Differentiable in `state` (learned masks), constant in `params` (the weights gate).
-    extra_loss(l_w, l_l, batch) -> [B]      added to every pair's loss (e.g. alpha * NLL)
-    penalty(m_w, m_l) -> [B]                per-pair penalty on the token weights (trains the state)
-    state_lr                                plain SGD on the state: state -= state_lr * grad
-    coefficients(ctx) -> (a [B], b [B])     update transformation: the gradient handed to the
-        optimizer is -(sum_i a_i g~_w,i - b_i g~_l,i) (g~ = grad l~) instead of grad L, e.g. the
-        per-pair normalisation g/|g|; computed as jax.grad of the surrogate -sum_i (a_i l~_w,i - b_i l~_l,i)
-    record(ctx) -> row                      what the step records instead of a Trajectory row
-    sequence_loss(tok_w, tok_l, batch, ref_logps, weights) -> scalar
-        a loss on the token log-probs of the whole batch ([B,T_w], [B,T_l]) that replaces the per-pair
-        losses and their reduction (e.g. a group loss over rollouts carried as the chosen side);
-        ref_logps is passed through as given, weights is token_weights' output (or None) for the loss
-        to apply; the full batch is used (batch_size is ignored) and ctx.per_pair is None
-
-    With a plug-in the per-pair losses are combined as sum_i w_i L_i, w_i = 1/b on the step's
-    minibatch and 0 elsewhere (TRL's batch mean for every loss that is not batch-coupled; the
-    batch-coupled ones take this per-pair form too); without one the loss's own batch reduction runs.
-    """
-
-    init: Callable | None = None
-    token_weights: Callable | None = None
-    extra_loss: Callable | None = None
-    penalty: Callable | None = None
-    state_lr: float = 0.0
-    coefficients: Callable | None = None
-    record: Callable | None = None
-    sequence_loss: Callable | None = None
-
-
-class StepContext:
-    """What a step computed, for a plug-in's `coefficients` and `record` hooks.
-
-    spec, hp: the loss and its resolved hyperparameters (the only resolution of a run's loss); policy.
-    Before the update: params, batch, state, weights ((m_w, m_l) or None), logps (p -> effective
-    (l_w [B], l_l [B])), lw, ll (their values at params), ref ((r_w, r_l) effective reference),
-    per_pair ([B] loss incl. extra_loss), w ([B] pair weights, 1/b on the minibatch), b, lr, opt_state.
-    After it: grads, coefficients ((a, b) or None), updates, new_params, new_opt_state, new_state.
-    jacobian (J~ [2B, P] of the effective log-probs) and dloss ((dL_i/dl~_w,i, dL_i/dl~_l,i), [B]
-    each) are computed on first use, once per step.
-    """
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-    @functools.cached_property
-    def jacobian(self) -> Array:
-        if self.weights is None:   # plain log-probs: one reverse pass per response, on its own pair
-            return geometry.response_jacobian(self.policy.logps, self.params, self.batch)
-        # token-weighted log-probs close over this batch's weights: differentiate the whole batch
-        return geometry.response_jacobian(lambda p, _: self.logps(p), self.params, self.batch, separable=False)
-
-    @functools.cached_property
-    def dloss(self) -> tuple[Array, Array]:
-        return jax.grad(lambda x, y: self.loss_of(x, y).sum(), argnums=(0, 1))(self.lw, self.ll)
 
 
 def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | None = None):
@@ -220,16 +166,15 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
     The learning rate is the one in `opt_state` (`make_optimizer(name, lr).init(params)`; set
     `opt_state.hyperparams["learning_rate"]` to schedule it): the step takes none of its own, so
     the rate the records use for the one-pair prediction is always the rate of the real update.
-    hp: loss hyperparameters (may hold traced values, e.g. a vmapped beta); default cfg.hp.
+    hp: loss hyperparameters (numeric ones may be traced, e.g. a vmapped beta); default: the
+    configuration's resolved loss `cfg.resolved` (see `with_hp`).
     record=False configs return (logps_w, logps_l, per-pair loss) instead of a Trajectory row.
     plugin: `StepPlugin` hooks (token weights, extra loss terms, an update transformation, extra
     state, own records): the mitigations of `entangle_sim.mitigations` are such plug-ins.
     """
-    spec = losses.get(cfg.loss)
-    hp = cfg.hp if hp is None else hp
+    loss = with_hp(cfg.resolved, hp)
     plug = plugin or StepPlugin()
     stateful = plug.init is not None
-    incentives = _incentive_fn(spec, hp) if cfg.record and plug.record is None else None
     # The update reads its rate from opt_state (inject_hyperparams), so the value given here is unused.
     opt = make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
@@ -256,8 +201,12 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
             return ref_logps
         return (weights[0] * ref_logps[0]).sum(-1), (weights[1] * ref_logps[1]).sum(-1)
 
+    def pair_state(lw, ll, ref, batch):
+        zeros = jnp.zeros_like(lw)   # the trainer scores no prompt tokens
+        return PairState(lw, ll, ref[0], ref[1], batch.chosen_len, batch.rejected_len, zeros, zeros)
+
     def pair_losses(lw, ll, ref, batch):
-        L = spec(lw, ll, ref[0], ref[1], batch.chosen_len, batch.rejected_len, **hp)
+        L = loss.loss(pair_state(lw, ll, ref, batch))
         return L if plug.extra_loss is None else L + plug.extra_loss(lw, ll, batch)
 
     def weights_at(state, params, batch):
@@ -269,7 +218,7 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
             sub = batch if full else batch.take(idx)  # full batch: no gather
             lw, ll = policy.logps(params, sub)
             rw, rl = ref_logps if full else (ref_logps[0][idx], ref_logps[1][idx])
-            return spec.batch(lw, ll, rw, rl, sub.chosen_len, sub.rejected_len, **hp), (lw, ll)
+            return loss.batch(pair_state(lw, ll, (rw, rl), sub)), (lw, ll)
         weights = weights_at(state, weight_params, batch)
         if plug.sequence_loss is not None:   # a loss on sequences (group losses): no per-pair terms
             tw, tl = policy.token_logps(params, batch)
@@ -287,10 +236,9 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
         weights = weights_at(state, params, batch)
         weights = None if weights is None else jax.lax.stop_gradient(weights)
         ref = reference(ref_logps, weights)
-        ctx = StepContext(spec=spec, hp=hp, policy=policy, params=params, batch=batch, state=state, weights=weights,
-                          ref=ref, w=w, b=b,
-                          lr=learning_rate(inner), opt_state=inner, logps=logps_fn(batch, weights),
-                          loss_of=lambda x, y: pair_losses(x, y, ref, batch), coefficients=None)
+        ctx = StepContext(loss=loss, policy=policy, params=params, batch=batch, state=state, weights=weights,
+                          logps=logps_fn(batch, weights), ref=ref, loss_of=lambda x, y: pair_losses(x, y, ref, batch),
+                          w=w, b=b, lr=learning_rate(inner), opt_state=inner)
         if plug.coefficients is not None:
             ctx.lw, ctx.ll = ctx.logps(params)
             a, bb = ctx.coefficients = jax.lax.stop_gradient(plug.coefficients(ctx))
@@ -311,8 +259,8 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
         new_state = state
         if stateful and state_grads is not None:
             new_state = jax.tree.map(lambda x, g: x - plug.state_lr * g, state, state_grads)
-        ctx.grads, ctx.updates, ctx.new_params, ctx.new_opt_state, ctx.new_state = (
-            grads, updates, new_params, new_inner, new_state)
+        ctx.after_update(grads=grads, updates=updates, new_params=new_params, new_opt_state=new_inner,
+                         new_state=new_state)
         rec = (plug.record or (trajectory_record if cfg.record else lean_record))(ctx)
         return new_params, ((new_inner, new_state) if stateful else new_inner), rec
 
@@ -322,12 +270,12 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
         return ctx.lw, ctx.ll, ctx.per_pair
 
     def trajectory_record(ctx):
-        B, batch = ctx.batch.size, ctx.batch
+        B = ctx.batch.size
         lw, ll = ctx.lw, ctx.ll
         lw1, ll1 = ctx.logps(ctx.new_params)
         J = ctx.jacobian   # [2B, P]: per-response gradients
         gram = geometry.jacobian_pair_gram(J)
-        d_w, d_l = incentives(lw, ll, *ctx.ref, batch.chosen_len, batch.rejected_len)
+        d_w, d_l = ctx.loss.incentives(ctx.pair_state())
         eta = ctx.lr / ctx.b  # the batch mean gives each pair weight 1/b
         pred_w = eta * (d_w * gram.G_ww - d_l * gram.G_wl)
         pred_l = eta * (d_w * gram.G_wl - d_l * gram.G_ll)
@@ -345,16 +293,50 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
     return step
 
 
-def run_steps(step, params: PyTree, opt_state, batch: PairBatch, ref_logps, key: Array, steps: int):
-    """`steps` applications of `step` on a fixed batch as one `lax.scan`; returns
-    (final params, final opt_state, records stacked over steps)."""
+def run(step, params: PyTree, opt_state, keys: Array, batches, *, reference=None, reduce=None):
+    """The one run loop: `step` applied once per key as one `lax.scan` (jit or vmap it outside).
+
+    step: a `make_step` step, step(params, opt_state, batch, ref_logps, key) -> (params, opt_state,
+        record), or with reference=None a reference-free one, step(params, opt_state, batch, key)
+        (e.g. `make_sft_step`).
+    keys: [S] PRNG keys, one per step (e.g. `jax.random.split(key, S)`).
+    batches: a PairBatch (the same every step) or a function key -> PairBatch (a fresh batch per step).
+    reference: None (reference-free step); (ref_chosen [B], ref_rejected [B]) for a fixed batch; or a
+        function batch -> (ref_chosen, ref_rejected), e.g. the reference policy's log-probs
+        `lambda b: jax.lax.stop_gradient(policy.logps(ref_params, b))`.
+    reduce: (record, batch) -> what is stacked per step (default: the record itself).
+    Returns (final params, final opt_state, stacked [S, ...] rows).
+
+        >>> import jax
+        >>> from entangle_sim import data, train
+        >>> gp = data.geometry_pairs(jax.random.PRNGKey(0), "linear", 4, K=6, target_cos=0.5, norm_ratio=1.0)
+        >>> cfg = train.TrainConfig(loss="sigmoid", lr=0.1, steps=3, record=False)
+        >>> pol = gp.policy()
+        >>> step = train.make_step(pol, cfg)
+        >>> ref = pol.logps(gp.params, gp.batch)
+        >>> _, _, (lw, ll, loss) = train.run(step, gp.params, train.make_optimizer("sgd", 0.1).init(gp.params),
+        ...                                  jax.random.split(jax.random.PRNGKey(1), 3), gp.batch, reference=ref)
+        >>> lw.shape
+        (3, 4)
+    """
     def body(carry, k):
         p, s = carry
-        p, s, rec = step(p, s, batch, ref_logps, k)
-        return (p, s), rec
+        batch = batches(k) if callable(batches) else batches
+        if reference is None:
+            p, s, rec = step(p, s, batch, k)
+        else:
+            ref = reference(batch) if callable(reference) else reference
+            p, s, rec = step(p, s, batch, ref, k)
+        return (p, s), (rec if reduce is None else reduce(rec, batch))
 
-    (p, s), recs = jax.lax.scan(body, (params, opt_state), jax.random.split(key, steps))
+    (p, s), recs = jax.lax.scan(body, (params, opt_state), keys)
     return p, s, recs
+
+
+def run_steps(step, params: PyTree, opt_state, batch: PairBatch, ref_logps, key: Array, steps: int):
+    """`steps` applications of `step` on a fixed batch (`run` with keys `jax.random.split(key, steps)`);
+    returns (final params, final opt_state, records stacked over steps)."""
+    return run(step, params, opt_state, jax.random.split(key, steps), batch, reference=ref_logps)
 
 
 def train(policy: Policy, params: PyTree, batch: PairBatch, cfg: TrainConfig, key: Array, *, lr=None,
@@ -391,13 +373,13 @@ def make_sft_step(policy: Policy, optimizer: str, lr: float):
     """step(params, opt_state, batch, key) -> (params, opt_state, batch sft loss before the step):
     the trainer's step with the registry's `sft` loss (no reference model)."""
     cfg = TrainConfig(loss="sft", optimizer=optimizer, lr=lr, steps=1, record=False)
-    spec = losses.get("sft")
     inner = make_step(policy, cfg)
 
     def step(params, opt_state, batch, key):
-        zeros = jnp.zeros(batch.size, jnp.result_type(float))
+        zeros = jnp.zeros(batch.size, jnp.result_type(float))   # `sft` reads no reference
         params, opt_state, (lw, ll, _) = inner(params, opt_state, batch, (zeros, zeros), key)
-        return params, opt_state, spec.batch(lw, ll, zeros, zeros, batch.chosen_len, batch.rejected_len)
+        state = PairState(lw, ll, zeros, zeros, batch.chosen_len, batch.rejected_len, zeros, zeros)
+        return params, opt_state, cfg.resolved.batch(state)
 
     return step
 
@@ -432,7 +414,10 @@ def sweep(policy: Policy, batch: PairBatch, cfg: TrainConfig, key: Array, runs: 
     lrs = jnp.full((runs,), cfg.lr) if lrs is None else jnp.asarray(lrs)
     hps = {k: jnp.asarray(v) for k, v in (hps or {}).items()}
     for k in hps:
-        losses.get(cfg.loss).hyper(k)
+        cfg.resolved.spec.hyper(k)   # an unknown name raises with a suggestion
+        if k in dict(cfg.resolved.fixed):
+            raise ValueError(f"hyperparameter {k!r} selects the formula and cannot be swept; "
+                             "run one sweep per value")
     fn = sweep_fn(policy, cfg, params0 is None)
     n_dev = jax.device_count()
     if n_dev > 1 and runs % n_dev == 0:
@@ -448,7 +433,7 @@ def sweep(policy: Policy, batch: PairBatch, cfg: TrainConfig, key: Array, runs: 
 @functools.lru_cache(maxsize=64)
 def sweep_fn(policy: Policy, cfg: TrainConfig, own_init: bool):
     """The compiled, vmapped sweep for (policy, config): built once, reused across calls."""
-    base_hp = dict(cfg.hp)
+    base_hp = dict(cfg.resolved.numeric)
 
     def one(k, lr, hp_vals, batch, params0, init_noise):
         k_init, k_noise, k_train = jax.random.split(k, 3)

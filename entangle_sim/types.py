@@ -49,6 +49,77 @@ class PairBatch(NamedTuple):
         return jax.tree.map(lambda a: a[idx], self)
 
 
+#: The pair variables, in TRL's names and order (the symbolic engine's symbols share them).
+PAIR_FIELDS = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
+               "chosen_len", "rejected_len", "prompt_logps", "prompt_len")
+REFERENCES = ("none", "self")
+
+
+class PairState(NamedTuple):
+    """The eight pair variables a per-pair loss reads (a pytree; any broadcastable shapes [...]).
+
+    chosen_logps, rejected_logps          l_w, l_l: SUMMED completion log-probs (<= 0)
+    ref_chosen_logps, ref_rejected_logps  the reference model's (r_w = l_w - l_w^ref)
+    chosen_len, rejected_len              n_w, n_l completion token counts (>= 1)
+    prompt_logps, prompt_len              the scored prompt tokens (ORPO's NLL only)
+
+    Build it with `PairState.of`, which makes the reference an explicit choice.
+
+        >>> s = PairState.of(-10.0, -12.0, reference=(-11.0, -11.0))
+        >>> float(s.ref_chosen_logps), float(s.chosen_len)
+        (-11.0, 1.0)
+    """
+
+    chosen_logps: Any
+    rejected_logps: Any
+    ref_chosen_logps: Any
+    ref_rejected_logps: Any
+    chosen_len: Any
+    rejected_len: Any
+    prompt_logps: Any
+    prompt_len: Any
+
+    @classmethod
+    def of(cls, chosen_logps, rejected_logps, *, reference, chosen_len=1.0, rejected_len=1.0,
+           prompt_logps=0.0, prompt_len=0.0) -> "PairState":
+        """A state with an explicit reference: `reference=(ref_chosen, ref_rejected)`, `"self"`
+        (reference = the policy itself, stop-gradient: r_w = r_l = 0, DPO's first step) or `"none"`
+        (no reference model: zeros, the loss sees raw log-probs; what reference-free losses read)."""
+        if isinstance(reference, str):
+            if reference == "self":
+                ref = (jax.lax.stop_gradient(jnp.asarray(chosen_logps)),
+                       jax.lax.stop_gradient(jnp.asarray(rejected_logps)))
+            elif reference == "none":
+                ref = (jnp.zeros_like(jnp.asarray(chosen_logps, dtype=jnp.result_type(float))),
+                       jnp.zeros_like(jnp.asarray(rejected_logps, dtype=jnp.result_type(float))))
+            else:
+                raise ValueError(f"reference={reference!r}: give (ref_chosen, ref_rejected), "
+                                 f"or one of {list(REFERENCES)}")
+        else:
+            try:
+                ref = tuple(reference)
+            except TypeError:
+                raise TypeError(f"reference must be a pair (ref_chosen, ref_rejected) or one of "
+                                f"{list(REFERENCES)}, got {reference!r}") from None
+            if len(ref) != 2:
+                raise ValueError(f"reference must be a pair (ref_chosen, ref_rejected), got {len(ref)} values")
+        return cls(chosen_logps, rejected_logps, ref[0], ref[1], chosen_len, rejected_len, prompt_logps, prompt_len)
+
+    def as_arrays(self) -> "PairState":
+        """Every field as a float JAX array (integers promoted to the default float)."""
+        out = []
+        for x in self:
+            x = jnp.asarray(x)
+            out.append(x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.result_type(float)))
+        return PairState(*out)
+
+    def broadcast(self) -> "PairState":
+        """`as_arrays`, every field broadcast to the common shape."""
+        s = self.as_arrays()
+        shape = jnp.broadcast_shapes(*(jnp.shape(x) for x in s))
+        return PairState(*(jnp.broadcast_to(x, shape) for x in s))
+
+
 class Policy(NamedTuple):
     """Two-function policy protocol: trainer and geometry never branch on the type.
 

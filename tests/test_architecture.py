@@ -9,16 +9,8 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "entangle_sim"
 MAX_LINES = 500
-# Known, owned elsewhere, to be removed: `losses.define` / `user_names` / `undefine` delegate to the
-# user-loss module through function-local imports while that module imports `losses` (a deferred
-# cycle). Listed edge by edge so that any other cycle or private import still fails.
-KNOWN_CYCLE_EDGES = {("entangle_sim.losses", "entangle_sim._userloss"),
-                     # `symbolic.compact.table_rows` / `table` derive every registered loss
-                     # (function-local `from .dynamics import derive`) while `Derivation.compact`
-                     # builds the compact forms: a deferred cycle between the two, kept so that
-                     # `compact.table_rows` stays where the condition table's users find it.
-                     ("entangle_sim.symbolic.compact", "entangle_sim.symbolic.dynamics")}
-KNOWN_PRIVATE_IMPORTS = {("entangle_sim.losses", "_userloss"), ("entangle_sim.cli._user_losses", "_userloss")}
+KNOWN_CYCLE_EDGES: set = set()  # none: every import points one way
+KNOWN_PRIVATE_IMPORTS: set = set()
 # Layers of the experiment code, bottom to top: a module may import its own layer or lower ones.
 LAYERS = [("presets",), ("reproduce", "diagnose", "claim_stats", "mitigations", "simulate"), ("plotting", "figures"),
           ("report",), ("cli",)]

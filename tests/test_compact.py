@@ -6,7 +6,7 @@ import sympy as sp
 
 from entangle_sim import losses
 from entangle_sim.cli import main
-from entangle_sim.symbolic import compact, derive
+from entangle_sim.symbolic import compact, derive, present
 from entangle_sim.symbolic.compact import h_l, h_w, p_l, p_w, r_w, s, z
 from entangle_sim.symbolic.symbols import n_l, n_w
 
@@ -112,7 +112,7 @@ def test_latex_renders_in_mathtext():
     from matplotlib.mathtext import MathTextParser
 
     parser = MathTextParser("path")
-    for row in compact.table_rows():
+    for row in present.table_rows():
         for key in ("t_w_latex", "t_l_latex"):
             for piece in row[key].split("$")[1::2]:
                 parser.parse(f"${piece}$")

@@ -6,12 +6,14 @@ import importlib
 import pytest
 
 MODULES = [
-    "entangle_sim.losses", "entangle_sim.geometry", "entangle_sim.data", "entangle_sim.regimes",
+    "entangle_sim.losses", "entangle_sim.losses.base", "entangle_sim.losses.spec", "entangle_sim.losses.user",
+    "entangle_sim.types", "entangle_sim.geometry", "entangle_sim.geometry.pairs", "entangle_sim.geometry.tokens", "entangle_sim.data", "entangle_sim.regimes",
     "entangle_sim.train", "entangle_sim.mitigations", "entangle_sim.reproduce", "entangle_sim.sentiment",
     "entangle_sim.diagnose", "entangle_sim.report",
     "entangle_sim.policies.softmax", "entangle_sim.policies.linear", "entangle_sim.policies.lastlayer",
     "entangle_sim.policies.transformer",
-    "entangle_sim.symbolic.dynamics", "entangle_sim.symbolic.compact", "entangle_sim.symbolic.proofs",
+    "entangle_sim.symbolic.dynamics", "entangle_sim.symbolic.compact", "entangle_sim.symbolic.present",
+    "entangle_sim.symbolic.printing", "entangle_sim.symbolic.functions", "entangle_sim.symbolic.proofs",
     "entangle_sim.symbolic.softmax_theory", "entangle_sim.symbolic.mitigations",
     "entangle_sim.group.losses", "entangle_sim.group.predict", "entangle_sim.symbolic.group",
 ]

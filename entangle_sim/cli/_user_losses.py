@@ -28,13 +28,13 @@ def _line_of(exc: BaseException, path: Path) -> str:
 
 def load_file(path: str) -> list[str]:
     """Run `path` as a module; returns the names of the losses it defined (new or redefined)."""
-    from .. import _userloss
+    from ..losses import user as user_losses
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise argparse.ArgumentTypeError(f"{path}: no such file" if not p.exists() else f"{path}: not a file")
     p = p.resolve()
-    start = len(_userloss.DEFINED)
+    start = len(user_losses.DEFINED)
     mod_name = f"entangle_sim_user_losses_{abs(hash(str(p)))}"
     try:
         spec = importlib.util.spec_from_file_location(mod_name, p)
@@ -54,7 +54,7 @@ def load_file(path: str) -> list[str]:
         msg = str(e).splitlines()[0] if str(e) else ""
         kind = "" if type(e).__name__ == "LossDefinitionError" else f"{type(e).__name__}: "
         raise argparse.ArgumentTypeError(f"{path}{_line_of(e, p)}: {kind}{msg}") from None
-    new = list(dict.fromkeys(_userloss.DEFINED[start:]))
+    new = list(dict.fromkeys(user_losses.DEFINED[start:]))
     if not new:
         raise argparse.ArgumentTypeError(f"{path}: defines no loss (call entangle_sim.losses.define)")
     return new

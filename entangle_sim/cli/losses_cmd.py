@@ -1,7 +1,6 @@
 """`entangle-sim losses | conditions | predict`: the registry and its first-order theory."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -56,19 +55,16 @@ def register(sub) -> None:
 
 
 def parse_params(spec, items) -> dict:
-    """`NAME=VALUE` strings -> checked hyperparameters (numbers as float, strings for choices)."""
+    """`NAME=VALUE` strings -> hyperparameters by name (numbers as float, strings for choices); an
+    unknown name raises with a suggestion, values are checked by `LossSpec.bind`."""
     out = {}
     for item in items:
         if "=" not in item:
             raise CLIError(f"--param {item!r} is not NAME=VALUE")
         name, value = item.split("=", 1)
         h = spec.hyper(name.strip())
-        val = value.strip() if h.structural else _float(value, f"--param {name}")
-        try:
-            h.check(val)
-        except TypeError as e:
-            raise CLIError(str(e)) from None
-        out[h.name] = val
+        # parsing only: the values are checked once, where the loss is bound (`LossSpec.bind`)
+        out[h.name] = value.strip() if h.structural else _float(value, f"--param {name}")
     return out
 
 
@@ -99,7 +95,7 @@ def run_losses(args) -> int:
 
 def condition_text(d, trl: str | None = None) -> str:
     """The readable block of one derivation dict: compact forms in named symbols, signs, regime."""
-    from ..symbolic.compact import block
+    from ..symbolic.present import block
 
     return block(d, trl)
 
@@ -115,7 +111,7 @@ def run_conditions(args) -> int:
     if args.table:
         if args.loss or args.param:
             raise CLIError("--table prints every loss at default hyperparameters; drop LOSS and --param")
-        from ..symbolic.compact import table
+        from ..symbolic.present import table
 
         print(table(args.table))
         return 0
@@ -139,15 +135,14 @@ def run_conditions(args) -> int:
 def predict(loss_name: str, *, chosen_logp, rejected_logp, ref_chosen_logp=None, ref_rejected_logp=None,
             chosen_len=1.0, rejected_len=1.0, prompt_logp=0.0, prompt_len=0.0, gww, gwl, gll, eta=1.0,
             params=None) -> dict:
-    """First-order prediction at one state (validated); the body of `entangle-sim predict`."""
-    import numpy as np
-
-    from .. import losses, regimes
-    from ..symbolic import derive
+    """`entangle-sim predict`: the inputs checked (CLIError naming the flag), then one library call,
+    `losses.get(name).bind(**params).report(state, (gww, gwl, gll), eta)`."""
+    from .. import losses
+    from ..types import PairState
 
     spec = losses.get(loss_name)
     params = dict(params or {})
-    spec.resolve(**params)
+    loss = spec.bind(**params)   # the one validation of the hyperparameters (bad ones first, as before)
     nums = {"--chosen-logp": chosen_logp, "--rejected-logp": rejected_logp, "--chosen-len": chosen_len,
             "--rejected-len": rejected_len, "--gww": gww, "--gwl": gwl, "--gll": gll, "--eta": eta,
             "--prompt-logp": prompt_logp, "--prompt-len": prompt_len}
@@ -175,31 +170,14 @@ def predict(loss_name: str, *, chosen_logp, rejected_logp, ref_chosen_logp=None,
     if spec.batch_coupled:
         print(f"note: {spec.name} couples pairs across a batch; this is its one-pair form", file=sys.stderr)
 
-    der = derive(spec, **{k: v for k, v in params.items() if spec.hyper(k).structural or spec.hyper(k).keep_value})
-    values = {**spec.resolve(**params), "chosen_logps": chosen_logp, "rejected_logps": rejected_logp,
-              "ref_chosen_logps": ref_chosen_logp or 0.0, "ref_rejected_logps": ref_rejected_logp or 0.0,
-              "chosen_len": chosen_len, "rejected_len": rejected_len, "prompt_logps": prompt_logp,
-              "prompt_len": prompt_len, "G_ww": gww, "G_wl": gwl, "G_ll": gll, "eta": eta}
-    values = {k: v for k, v in values.items() if not isinstance(v, str)}
+    reference = "none" if ref_chosen_logp is None and ref_rejected_logp is None else (
+        ref_chosen_logp or 0.0, ref_rejected_logp or 0.0)   # one given for a reference-free loss: the other is 0
+    state = PairState.of(chosen_logp, rejected_logp, reference=reference, chosen_len=chosen_len,
+                         rejected_len=rejected_len, prompt_logps=prompt_logp, prompt_len=prompt_len)
     try:
-        with np.errstate(all="raise"):
-            ev = der.evaluate(**values)
-    except (OverflowError, ZeroDivisionError, FloatingPointError) as e:
-        raise CLIError(f"the formulas of {spec.name!r} overflow at these values ({e}); "
-                       "use less extreme hyperparameters or inputs") from None
-    out = {"loss": spec.name}
-    for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "delta_margin"):
-        out[k] = float(ev[k])
-    out["regime"] = regimes.REGIMES[int(ev["regime_code"])]
-    out["case"] = regimes.CASE_OF_REGIME[out["regime"]]
-    out["loss_value"] = float(der.loss(**values))
-    out["delta_loss"] = float(der.delta_loss(**values))
-    out["delta_z"] = None if der.delta_z is None else float(der.delta_z(**values))
-    out["hyperparameters"] = {k: v for k, v in spec.resolve(**params).items()}
-    for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "delta_margin", "loss_value"):
-        if not math.isfinite(out[k]):
-            raise CLIError(f"{k} is not finite at this state ({out[k]}); check the inputs")
-    return out
+        return loss.report(state, (gww, gwl, gll), eta)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def run_predict(args) -> int:

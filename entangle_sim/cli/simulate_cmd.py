@@ -55,7 +55,7 @@ def estimate(args) -> tuple[float, float]:
 
 def run(args) -> int:
     from .. import losses
-    from ..simulate import SimConfig, run_sweep
+    from ..simulate import SimConfig, run_mitigated, run_sweep
     from ..train import TrainConfig, summarize
     from .losses_cmd import parse_params
 
@@ -71,12 +71,11 @@ def run(args) -> int:
                     norm_ratio=args.norm_ratio, L=args.suffix_len, init_noise=args.init_noise,
                     sft_steps=args.sft_steps, train=tcfg)
     if args.mitigation != "none":
-        if args.out:  # config.json first (refuses a folder holding another configuration)
-            from ..results import prepare_dir
+        from .. import mitigations
 
-            prepare_dir(args.out, {"sim": cfg.as_dict(), "seed": args.seed, "runs": args.runs,
-                                   "mitigation": args.mitigation})
-        summary = _run_mitigated(cfg, args)
+        if args.mitigation not in mitigations.METHODS:
+            raise CLIError(f"unknown --mitigation {args.mitigation!r}; valid: none, {', '.join(mitigations.METHODS)}")
+        summary = run_mitigated(cfg, args.seed, args.runs, args.mitigation, out=args.out)
     else:
         traj = run_sweep(cfg, args.seed, args.runs, out=args.out)
         summary = {"config": cfg.as_dict(), "runs": args.runs, "seed": args.seed, "mitigation": "none",
@@ -98,29 +97,3 @@ def run(args) -> int:
     print("  realised regimes: " + ", ".join(f"{k} {v:.3f}" for k, v in rf.items() if v > 0))
     print(f"  mean change: chosen {summary['mean_delta_chosen']:+.4f}, rejected {summary['mean_delta_rejected']:+.4f}")
     return 0
-
-
-def _run_mitigated(cfg, args) -> dict:
-    """Runs with a mitigation (entangle_sim.mitigations), one compiled program, a loop over runs."""
-    import jax
-    import numpy as np
-
-    from .. import mitigations
-    from ..simulate import build
-
-    if args.mitigation not in mitigations.METHODS:
-        raise CLIError(f"unknown --mitigation {args.mitigation!r}; valid: none, {', '.join(mitigations.METHODS)}")
-    key = jax.random.PRNGKey(args.seed)
-    pol, params, batch = build(cfg, jax.random.fold_in(key, 0))
-    runs = []
-    for r in range(args.runs):
-        _, s = mitigations.run_with_mitigation(pol, params, batch, cfg.train, args.mitigation,
-                                               jax.random.fold_in(key, r + 1))
-        runs.append(s)
-    out = {"config": cfg.as_dict(), "runs": args.runs, "seed": args.seed, "mitigation": args.mitigation}
-    for k, v in runs[0].items():
-        if isinstance(v, dict):
-            out[k] = {kk: float(np.mean([r[k][kk] for r in runs])) for kk in v}
-        else:
-            out[k] = float(np.mean([r[k] for r in runs]))
-    return out

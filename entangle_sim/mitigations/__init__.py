@@ -64,7 +64,7 @@ Modules: `config` (METHODS, MitigationConfig, MitigationRecord), `precondition` 
 preconditioner, batch-level first order; the Grams themselves are `geometry`'s), `trainer`
 (mitigation_plugin, make_mitigation_step, train_mitigation, train_per_pair, timed_run,
 calibrate_lr), `summary`,
-`comparison` (settings, run_comparison, mask_sweep, format_table, run_with_mitigation).
+`comparison` (settings, run_comparison, mask_sweep, format_table, run_with_mitigation, simulation_summary).
 """
 from __future__ import annotations
 
@@ -74,4 +74,4 @@ from .precondition import (oracle_masks, adam_preconditioner, preconditioned_gra
 from .trainer import (mitigation_plugin, make_mitigation_step, train_mitigation, train_per_pair, timed_run, calibrate_lr)  # noqa: F401
 from .summary import (summarize)  # noqa: F401
 from .comparison import (SETTINGS, LR_TARGET, build_setting, COMPARISON_METHODS, run_comparison, mask_sweep,  # noqa: F401
-                         TABLE_COLUMNS, format_table, run_with_mitigation)
+                         TABLE_COLUMNS, format_table, run_with_mitigation, simulation_summary)

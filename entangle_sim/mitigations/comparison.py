@@ -199,10 +199,17 @@ def run_with_mitigation(policy: Policy, params: PyTree, batch: PairBatch, cfg: T
     method = "baseline" if mitigation in (None, "none") else mitigation
     mcfg = MitigationConfig.from_train_config(cfg, method, **kw)
     rec = train_mitigation(policy, params, batch, mcfg, key)
+    return rec, simulation_summary(rec)
+
+
+def simulation_summary(rec: MitigationRecord) -> dict[str, Any]:
+    """`summarize(rec)` plus the quantities `train.summarize` reports, under its names
+    (TRAIN_SUMMARY_NAMES; mean_delta_margin): the schema of `entangle-sim simulate` with or without
+    a mitigation."""
     s = summarize(rec)
     s.update({train_name: s[name] for train_name, name in TRAIN_SUMMARY_NAMES.items()})
     s["mean_delta_margin"] = s["mean_delta_chosen"] - s["mean_delta_rejected"]
-    return rec, s
+    return s
 
 
 #: `train.summarize` name -> `summarize` name of the same quantity.

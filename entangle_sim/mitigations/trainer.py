@@ -11,24 +11,9 @@ from jax.flatten_util import ravel_pytree
 
 from .. import geometry, losses
 from ..train import StepPlugin, make_optimizer, make_step
-from ..types import Array, PairBatch, Policy, PyTree
+from ..types import Array, PairBatch, PairState, Policy, PyTree
 from .config import JACOBIAN_METHODS, MASK_METHODS, MitigationConfig, MitigationRecord
 from .precondition import oracle_masks, adam_preconditioner
-
-
-def _step_weight(spec, hp, lw, ll, rw, rl, nw, nl, d_w, d_l):
-    """s_i = -m'(z_i) = d_l / h'_l (margin-form losses), else (d_w + d_l) / 2."""
-    if spec.margin is None:
-        return 0.5 * (d_w + d_l)
-
-    def z(a, c):
-        v = losses.PairVars(chosen_logps=a, rejected_logps=c, ref_chosen_logps=rw, ref_rejected_logps=rl,
-                            chosen_len=nw, rejected_len=nl, prompt_logps=jnp.zeros_like(a),
-                            prompt_len=jnp.zeros_like(a))
-        return spec.margin(v, losses.JAX, **hp).sum()
-
-    hl = -jax.grad(z, argnums=1)(lw, ll)
-    return jnp.where(hl != 0, d_l / jnp.where(hl != 0, hl, 1.0), 0.5 * (d_w + d_l))
 
 
 def _precond_vector(optimizer: str, opt_state, P: int, dtype):
@@ -43,7 +28,7 @@ def mitigation_plugin(cfg: MitigationConfig, policy: Policy, features=None) -> S
     the NLL term (method 'nll'), the per-pair / per-batch normalisation as an update transformation
     (R19), the mask parameters as trained state (learned / feature masks), and the records of
     `MitigationRecord`. The loss itself (the configured one, or DPOP for 'dpop': `cfg.effective_train`)
-    and its resolved hyperparameters are the trainer's (`ctx.spec`, `ctx.hp`)."""
+    with its resolved hyperparameters is the trainer's (`ctx.loss`, a `losses.ResolvedLoss`)."""
     method = cfg.method
     learned, feature = method == "learned_mask", method == "feature_mask"
 
@@ -67,8 +52,7 @@ def mitigation_plugin(cfg: MitigationConfig, policy: Policy, features=None) -> S
         if method not in JACOBIAN_METHODS:
             return w * d_w, w * d_l
         batch = ctx.batch
-        s = jnp.ones_like(d_w) if cfg.weight == "unit" else _step_weight(
-            ctx.spec, ctx.hp, ctx.lw, ctx.ll, *ctx.ref, batch.chosen_len, batch.rejected_len, d_w, d_l)
+        s = jnp.ones_like(d_w) if cfg.weight == "unit" else ctx.loss.step_weight(ctx.pair_state(), d_w, d_l)
         Je = ctx.jacobian
         B = batch.size
         tiny = jnp.finfo(Je.dtype).tiny
@@ -235,14 +219,15 @@ def calibrate_lr(policy: Policy, params: PyTree, batch: PairBatch, *, optimizer:
     target 0.05 puts a step at O(0.01-0.1) per log-prob (first order stays accurate; 40 steps move
     log-probs by O(1)).
     """
-    spec = losses.get(loss)
-    hp = spec.resolve(**dict(loss_params))
+    resolved = losses.get(loss).bind(**dict(loss_params))
     flat, unravel = ravel_pytree(params)
     lp = lambda f: jnp.concatenate(policy.logps(unravel(f), batch))
     B = batch.size
+
     def L(f, ref):
         v = lp(f)
-        return spec(v[:B], v[B:], ref[:B], ref[B:], batch.chosen_len, batch.rejected_len, **hp).mean()
+        return resolved.loss(PairState.of(v[:B], v[B:], reference=(ref[:B], ref[B:]), chosen_len=batch.chosen_len,
+                                          rejected_len=batch.rejected_len)).mean()
 
     @jax.jit   # one compilation instead of many eager ones
     def first_step_scale(f):

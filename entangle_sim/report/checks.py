@@ -11,6 +11,7 @@ from .. import geometry, losses, regimes, reproduce
 from ..symbolic import derive, proofs
 from ..symbolic.dynamics import Formula
 from ..symbolic.symbols import GRAM_VARS, PAIR_VARS
+from ..types import PairState
 from .toys import entry, toy_pairs, toy_logps, one_step, rel_err
 
 
@@ -26,12 +27,10 @@ def _incentive_errors(names, n, seed):
     worst, per = 0.0, {}
     nonfinite = 0
     for name in names:
-        spec, der, hp = reproduce.derivation(name)
-        dw_ad, dl_ad = losses.incentives(spec, lw, ll, rw, rl, nw, nl, **{k: v for k, v in spec.resolve().items()})
-        vals = dict(chosen_logps=lw, rejected_logps=ll, ref_chosen_logps=rw, ref_rejected_logps=rl,
-                    chosen_len=nw, rejected_len=nl, prompt_logps=np.zeros(n), prompt_len=np.zeros(n), **hp)
-        dw_s = np.broadcast_to(np.asarray(der.d_w(**vals), float), (n,))
-        dl_s = np.broadcast_to(np.asarray(der.d_l(**vals), float), (n,))
+        loss = losses.get(name).bind()
+        state = PairState.of(lw, ll, reference=(rw, rl), chosen_len=nw, rejected_len=nl)
+        dw_ad, dl_ad = losses.incentives(loss.spec, *state[:6], **loss.hp)      # autodiff of the JAX loss
+        dw_s, dl_s = (np.asarray(x, float) for x in loss.incentives(state))     # the symbolic engine's
         errs = []
         for s, ad in ((dw_s, np.asarray(dw_ad)), (dl_s, np.asarray(dl_ad))):
             fin = np.isfinite(s) & np.isfinite(ad)

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import data, reproduce
+from .. import data, losses
 from ..policies import linear
+from ..types import PairState
 
 
 def entry(id: str, statement: str, check: str, measured, threshold: str, passed, note: str = "") -> dict:
@@ -59,19 +60,18 @@ def one_step(name: str, toys: dict, refs, etas=None, *, step_norm: float | None 
     refs: (ref_w [n], ref_l [n]) as offsets added to the initial log-probs. Either `etas` [m]
     (common step sizes) or `step_norm` (eta = step_norm / |grad L| per pair). Returns a dict of
     [n, m] arrays: real_w, real_l, pred_w, pred_l, and [n] G_ww, G_wl, G_ll, d_w, d_l, lw, ll."""
-    spec, der, hp0 = reproduce.derivation(name)
-    hp = {**hp0, **(hp or {})}
+    loss = losses.get(name).bind(**(hp or {}))
 
     def one(phi, a, b, nw, nl, theta0, off_w, off_l, etas_i):
         logps = toy_logps(phi, a, b, nw, nl)
         lw0, ll0 = logps(theta0)
         rw, rl = lw0 + off_w, ll0 + off_l
 
-        def loss(th):
+        def loss_at(th):
             lw, ll = logps(th)
-            return spec(lw, ll, rw, rl, nw, nl, **hp)
+            return loss.loss(PairState.of(lw, ll, reference=(rw, rl), chosen_len=nw, rejected_len=nl))
 
-        g = jax.grad(loss)(theta0)
+        g = jax.grad(loss_at)(theta0)
         gw = jax.grad(lambda t: logps(t)[0])(theta0)
         gl = jax.grad(lambda t: logps(t)[1])(theta0)
         if step_norm is not None:
@@ -91,16 +91,15 @@ def one_step(name: str, toys: dict, refs, etas=None, *, step_norm: float | None 
                                  np.asarray(refs[0], float) * np.ones(n), np.asarray(refs[1], float) * np.ones(n),
                                  etas_arr)
     out = {k: np.asarray(v) for k, v in out.items()}
-    vals = dict(chosen_logps=out["lw"], rejected_logps=out["ll"], ref_chosen_logps=out["ref_w"],
-                ref_rejected_logps=out["ref_l"], chosen_len=toys["nw"], rejected_len=toys["nl"],
-                prompt_logps=np.zeros(n), prompt_len=np.zeros(n), G_ww=out["G_ww"], G_wl=out["G_wl"],
-                G_ll=out["G_ll"], **{k: v for k, v in hp.items() if not isinstance(v, str)})
-    vals = {k: (v[:, None] if isinstance(v, np.ndarray) else v) for k, v in vals.items()}
-    out["pred_w"] = np.broadcast_to(np.asarray(der.delta_chosen(**vals, eta=out["eta"])), out["real_w"].shape)
-    out["pred_l"] = np.broadcast_to(np.asarray(der.delta_rejected(**vals, eta=out["eta"])), out["real_w"].shape)
-    out["d_w"] = np.broadcast_to(np.asarray(der.d_w(**vals)), (n, 1))[:, 0]
-    out["d_l"] = np.broadcast_to(np.asarray(der.d_l(**vals)), (n, 1))[:, 0]
-    out["vals"] = {k: (v[:, 0] if isinstance(v, np.ndarray) else v) for k, v in vals.items()}
+    state = PairState.of(out["lw"][:, None], out["ll"][:, None], reference=(out["ref_w"][:, None], out["ref_l"][:, None]),
+                         chosen_len=np.asarray(toys["nw"])[:, None], rejected_len=np.asarray(toys["nl"])[:, None],
+                         prompt_logps=np.zeros((n, 1)), prompt_len=np.zeros((n, 1)))
+    gram = (out["G_ww"][:, None], out["G_wl"][:, None], out["G_ll"][:, None])
+    pred = loss.predict(state, gram, out["eta"])
+    out["pred_w"] = np.asarray(pred.delta_chosen)
+    out["pred_l"] = np.asarray(pred.delta_rejected)
+    out["d_w"], out["d_l"] = np.asarray(pred.d_w)[:, 0], np.asarray(pred.d_l)[:, 0]
+    out["vals"] = {k: (np.asarray(v)[:, 0] if np.ndim(v) else v) for k, v in loss.values(state, gram).items()}
     return out
 
 

@@ -16,9 +16,8 @@ Every compact expression is checked against the raw derivation by substituting t
 back: `CompactForm.checks` records, per item, "symbolic" (the difference reduces to 0) or the
 float64 agreement at 1,000 random states where SymPy cannot reduce it.
 
-Size: the named-symbol rewriting, the targeted simplifiers, the equality checks and the printers
-(text, LaTeX, the registry-wide condition table) act on the same expressions; split apart each
-would need the others' private forms.
+The printers are `entangle_sim.symbolic.printing`; the `conditions` text block and the
+registry-wide table are `entangle_sim.symbolic.present`.
 
 Example:
     >>> from entangle_sim import losses
@@ -33,30 +32,25 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import re
 from typing import Any
 
 import numpy as np
 import sympy as sp
 from sympy.codegen.cfunctions import expm1
-from sympy.printing.str import StrPrinter
 
 from .functions import Log1mExp, LogSigmoid, Sigmoid, lambdify_numpy, to_exp
 from .states import sample_states
-from .symbols import PAIR_VARS, ell_l, ell_l_ref, ell_w, ell_w_ref, n_l, n_w
+from .printing import latex, text  # noqa: F401 - re-exported: compact.text / compact.latex
+from .symbols import (PAIR_VARS, NAMED, ell_l, ell_l_ref, ell_w, ell_w_ref, h_l, h_w, n_l, n_w,  # noqa: F401
+                      p_l, p_w, r_l, r_w, s, z)
 
-# ---------------------------------------------------------------------------------------------
-# Named symbols
+class NotCompact(ValueError):
+    """The named-symbol rewriting does not apply to this loss (its raw forms are shown instead)."""
 
-r_w = sp.Symbol("r_w", real=True)
-r_l = sp.Symbol("r_l", real=True)
-p_w = sp.Symbol("p_w", positive=True)       # exp(l_w/n_w) in (0, 1]
-p_l = sp.Symbol("p_l", positive=True)
-z = sp.Symbol("z", real=True)
-s = sp.Symbol("s", real=True)
-h_w = sp.Symbol("h'_w", real=True)
-h_l = sp.Symbol("h'_l", real=True)
-NAMED = {"r_w": r_w, "r_l": r_l, "p_w": p_w, "p_l": p_l, "z": z, "s": s, "h'_w": h_w, "h'_l": h_l}
+
+#: What `Derivation.compact` turns into the raw-form fallback: this module's refusal and SymPy's
+#: "cannot do this" errors. Anything else is a bug and propagates.
+NOT_COMPACT = (NotCompact, NotImplementedError, sp.polys.polyerrors.BasePolynomialError)
 
 _STATE = frozenset(PAIR_VARS.values())
 ITEMS = ("m", "nll", "z", "s", "h_w", "h_l", "d_w", "d_l", "t_w", "t_l")
@@ -250,100 +244,6 @@ def cases(e):
 
 
 # ---------------------------------------------------------------------------------------------
-# Printing
-
-
-def _rank(term) -> tuple:
-    """Print order of the terms of a sum: positive first, then chosen side, rejected side, lengths, constants."""
-    names = {str(x) for x in term.free_symbols}
-    side = 0 if names & {"r_w", "ell_w", "p_w", "h'_w", "z", "s"} else 1 if names & {
-        "r_l", "ell_l", "p_l", "h'_l"} else 2 if names & {"n_w", "n_l", "n_p", "ell_p"} else 3
-    return (term.could_extract_minus_sign(), -1 if term.is_Number else side)
-
-
-class CompactPrinter(StrPrinter):
-    """Plain text: sigma(x), log sigma(x), max(a, b), 'A if c, else B', [x > 0] for a leftover step."""
-
-    def _print_Add(self, expr, order=None):
-        terms = sorted(sp.Add.make_args(expr), key=lambda a: (_rank(a), sp.default_sort_key(a)))
-        out = self._print(terms[0]) if not terms[0].could_extract_minus_sign() else "-" + self.parenthesize(
-            -terms[0], 40)
-        for a in terms[1:]:
-            if a.could_extract_minus_sign():
-                out += " - " + self.parenthesize(-a, 40)
-            else:
-                out += " + " + self.parenthesize(a, 40)
-        return out
-
-    def _print_Sigmoid(self, e):
-        return f"sigma({self._print(e.args[0])})"
-
-    def _print_LogSigmoid(self, e):
-        return f"log sigma({self._print(e.args[0])})"
-
-    def _print_Log1mExp(self, e):
-        return f"log(1 - exp({self._print(e.args[0])}))"
-
-    def _print_Heaviside(self, e):
-        return f"[{self._print(e.args[0])} > 0]"
-
-    def _print_Max(self, e):
-        return "max(" + ", ".join(self._print(a) for a in e.args) + ")"
-
-    def _print_Min(self, e):
-        return "min(" + ", ".join(self._print(a) for a in e.args) + ")"
-
-    def _print_Symbol(self, e):
-        return {"ell_w": "l_w", "ell_l": "l_l", "ell_p": "l_p"}.get(e.name, e.name)
-
-    def _print_Piecewise(self, e):
-        parts = []
-        for val, cond in e.args:
-            v = "undefined" if val is sp.nan else self._print(val)
-            parts.append(v if cond is sp.true else f"{v} if {self._print(cond)}")
-        return ", else ".join(parts)
-
-    def _print_Relational(self, e):
-        return f"{self._print(e.lhs)} {e.rel_op} {self._print(e.rhs)}"
-
-    def _print_And(self, e):
-        return " and ".join(self._print(a) for a in e.args)
-
-    def _print_Or(self, e):
-        return " or ".join(self._print(a) for a in e.args)
-
-
-_LATEX_NAMES = {ell_w: r"\ell_w", ell_l: r"\ell_l", sp.Symbol("ell_p", nonpositive=True): r"\ell_p",
-                r_w: "r_w", r_l: "r_l", p_w: "p_w", p_l: "p_l", z: "z", s: "s", h_w: "h'_w", h_l: "h'_l"}
-
-
-def text(e) -> str:
-    """Plain-text form of a compact expression."""
-    return "-" if e is None else CompactPrinter().doprint(e)
-
-
-def latex(e) -> str:
-    """Inline LaTeX (`$...$` pieces joined by 'if'/'else' words for cases): valid for MathJax,
-    LaTeX text mode and matplotlib mathtext."""
-    if e is None:
-        return "-"
-    if isinstance(e, sp.Piecewise):
-        parts = []
-        for val, cond in e.args:
-            v = "undefined" if val is sp.nan else f"${_tex(val)}$"
-            parts.append(v if cond is sp.true else f"{v} if ${_tex(cond)}$")
-        return ", else ".join(parts)
-    return f"${_tex(e)}$"
-
-
-def _tex(e) -> str:
-    out = sp.latex(e, symbol_names=_LATEX_NAMES, order="rev-lex")
-    # mathtext has no \operatorname; SymPy's \left / \right pairs render fine.
-    out = re.sub(r"\\operatorname\{(\w+)\}", r"\\mathrm{\1}", out)
-    return out.replace(r"\lambda_{p}", r"\lambda_p")
-
-
-# ---------------------------------------------------------------------------------------------
 # The compact form of one derivation
 
 
@@ -421,10 +321,10 @@ def _agree(compact, raw, back, n=N_CHECK, seed=0) -> str:
         b = np.broadcast_to(np.asarray(lambdify_numpy(free, raw)(*args), dtype=float), (n,))
     ok = np.isfinite(a) & np.isfinite(b)
     if ok.sum() < n // 2:
-        raise AssertionError(f"compact form check: only {ok.sum()} finite states of {n}")
+        raise NotCompact(f"compact form check: only {ok.sum()} finite states of {n}")
     err = float(np.max(np.abs(a[ok] - b[ok]) / (1 + np.abs(b[ok]))))
     if not err <= RTOL:
-        raise AssertionError(f"compact form differs from the raw derivation: max rel err {err:.3g}\n"
+        raise NotCompact(f"compact form differs from the raw derivation: max rel err {err:.3g}\n"
                              f"  compact: {compact}\n  raw: {raw}")
     return f"float64 at {int(ok.sum())} states, max rel err {err:.1e}"
 
@@ -555,7 +455,7 @@ def _unpiece(e):
 def _pw_to_heaviside(pw):
     (a, c1), (b, _) = pw.args[0], pw.args[-1]
     if len(pw.args) != 2 or not isinstance(c1, sp.Rel):
-        raise ValueError(f"cannot turn {pw} back into steps")
+        raise NotCompact(f"cannot turn {pw} back into steps")
     step = sp.Heaviside(c1.gts - c1.lts) if c1.rel_op in (">", ">=") else sp.Heaviside(c1.gts - c1.lts)
     return b + (a - b) * step
 
@@ -581,124 +481,3 @@ def prove_nonnegative(expr) -> str | None:
             return (f"proved for l < 0: written in p = exp(l/n) = 1/(1 + v), v > 0, it is{pos}"
                     "; e.g. 1 + 1/expm1(-l/n) = 1/(1 - p) > 0")
     return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Text blocks and the registry-wide table
-
-WIDTH = 156  # printed lines stay under 160 characters
-
-
-def _wrap(head: str, body: str, indent: int = 18) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(body, width=WIDTH, initial_indent=f"  {head:<{indent - 2}}",
-                         subsequent_indent=" " * (indent + 4), break_on_hyphens=False) or [f"  {head}"]
-
-
-def sign_verdict(si: dict) -> str:
-    """'>= 0 (proved ...)' / 'can be < 0 (witness ...)' from a SignInfo dict."""
-    if si["nonnegative"] is True:
-        return f">= 0 ({si['how']})"
-    if si["nonnegative"] is False:
-        w = si.get("witness") or {}
-        wt = ", ".join(f"{k}={v:.4g}" for k, v in w.items() if k != "value")
-        return f"can be < 0 (witness: value {w.get('value', float('nan')):.3g} at {wt})"
-    return f"sign not decided ({si['how']})"
-
-
-def fourth_regime_text(d: dict) -> str:
-    if not d["fourth_regime_possible"]:
-        return "impossible (R5: both incentives are >= 0)"
-    if False in (d["d_w_sign"]["nonnegative"], d["d_l_sign"]["nonnegative"]):
-        return "possible (an incentive can be negative)"
-    return "not excluded (an incentive's sign is undecided)"
-
-
-def block(d: dict, trl: str | None = None) -> str:
-    """The `entangle-sim conditions` text of one derivation dict (`Derivation.as_dict()`)."""
-    c = d["compact"]
-    out = [f"== {d['loss']} ==" + (f"   ({trl})" if trl else "")]
-    if c["margin_form"]:
-        form = "L = m(z) + NLL" if "nll" in c else "L = m(z)"
-        out += _wrap("form", f"{form},  z = h_w(l_w) - h_l(l_l)")
-        if "m" in c:
-            out += _wrap("m(z)", c["m"])
-        if "nll" in c:
-            out += _wrap("NLL", c["nll"])
-        out += _wrap("margin", f"z = {c['z']}")
-        out += _wrap("step weight", f"s = -m'(z) = {c['s']}")
-        out += _wrap("slopes", f"h'_w = dz/dl_w = {c['h_w']}")
-        out += _wrap("", f"h'_l = -dz/dl_l = {c['h_l']}")
-    else:
-        out += _wrap("form", "not a single-margin loss: the two incentives directly")
-    out += _wrap("incentives", f"d_w = -dL/dl_w = {c['d_w']}")
-    out += _wrap("", f"d_l = +dL/dl_l = {c['d_l']}")
-    out += _wrap("first order", "Delta l_w ~ eta (d_w G_ww - d_l G_wl),  Delta l_l ~ eta (d_w G_wl - d_l G_ll)")
-    out += _wrap("", "Delta (l_w - l_l) ~ eta (d_w G_ww + d_l G_ll - (d_w + d_l) G_wl)")
-    out += _wrap("chosen rises", f"<=> G_wl <= t_w G_ww  [where d_l > 0],  t_w = {c.get('t_w', '-')}")
-    out += _wrap("rejected falls", f"<=> G_wl <= t_l G_ll  [where d_w > 0],  t_l = {c.get('t_l', '-')}")
-    out += _wrap("sign of d_w", sign_verdict(d["d_w_sign"]))
-    out += _wrap("sign of d_l", sign_verdict(d["d_l_sign"]))
-    out += _wrap("fourth regime", "(chosen down, rejected up) " + fourth_regime_text(d))
-    syms = [x for x in ("r = l - l_ref (log-ratio)", "p = exp(l/n) (per-token probability)")
-            if (x[0] == "r" and re.search(r"\br_[wl]\b", " ".join(map(str, c.values()))))
-            or (x[0] == "p" and re.search(r"\bp_[wl]\b", " ".join(map(str, c.values()))))]
-    if syms:
-        out += _wrap("symbols", "; ".join(syms) + "; l = summed log-prob, n = length")
-    return "\n".join(out)
-
-
-def _sign_word(v) -> str:
-    return {True: ">= 0", False: "can be < 0", None: "undecided"}[v]
-
-
-def table_rows(names=None) -> list[dict[str, Any]]:
-    """One row per loss: name, TRL name, t_w, t_l (text and inline LaTeX), signs, fourth regime."""
-    from .. import losses
-    from .dynamics import derive
-
-    rows = []
-    for name in names or losses.names():
-        spec = losses.get(name)
-        der = derive(spec)
-        c = der.compact
-        rows.append({"loss": spec.name, "trl": spec.trl or "-", "t_w": c.text("t_w"), "t_l": c.text("t_l"),
-                     "t_w_latex": c.latex("t_w"), "t_l_latex": c.latex("t_l"),
-                     "s": c.text("s") if c.margin_form else "-", "s_latex": c.latex("s") if c.margin_form else "-",
-                     "d_w_sign": _sign_word(der.d_w_sign.nonnegative),
-                     "d_l_sign": _sign_word(der.d_l_sign.nonnegative),
-                     "fourth_regime_possible": bool(der.fourth_regime_possible)})
-    return rows
-
-
-def _tex_escape(t: str) -> str:
-    return t.replace("_", r"\_").replace(">=", r"$\geq$").replace("<", r"$<$")
-
-
-def table(fmt: str = "markdown", names=None) -> str:
-    """The registry-wide condition table (the paper's per-loss table, for every registered loss).
-
-    chosen rises <=> G_wl <= t_w G_ww (where d_l > 0); rejected falls <=> G_wl <= t_l G_ll (where d_w > 0).
-    fmt: 'markdown' (math as $...$) or 'latex' (a tabular).
-    """
-    rows = table_rows(names)
-    if fmt == "markdown":
-        out = ["| loss | TRL | $t_w$ (chosen rises iff $G_{wl} \\le t_w G_{ww}$) | "
-               "$t_l$ (rejected falls iff $G_{wl} \\le t_l G_{ll}$) | $d_w$ / $d_l$ | 4th regime |",
-               "|---|---|---|---|---|---|"]
-        for r in rows:
-            out.append(f"| `{r['loss']}` | {r['trl']} | {r['t_w_latex']} | {r['t_l_latex']} | "
-                       f"{r['d_w_sign']} / {r['d_l_sign']} | "
-                       f"{'possible' if r['fourth_regime_possible'] else 'impossible'} |")
-        return "\n".join(out).replace("|", "|")
-    if fmt == "latex":
-        out = [r"\begin{tabular}{llp{0.28\linewidth}p{0.28\linewidth}ll}", r"\hline",
-               r"loss & TRL & $t_w$ & $t_l$ & $d_w$ / $d_l$ & 4th regime \\", r"\hline"]
-        for r in rows:
-            out.append(f"{_tex_escape(r['loss'])} & {_tex_escape(r['trl'])} & {r['t_w_latex']} & {r['t_l_latex']} & "
-                       f"{_tex_escape(r['d_w_sign'])} / {_tex_escape(r['d_l_sign'])} & "
-                       f"{'possible' if r['fourth_regime_possible'] else 'impossible'} \\\\")
-        out += [r"\hline", r"\end{tabular}"]
-        return "\n".join(out)
-    raise ValueError(f"unknown table format {fmt!r}; valid: ['markdown', 'latex']")

@@ -30,7 +30,7 @@ import numpy as np
 import sympy as sp
 
 from .. import regimes as _regimes
-from . import functions
+from . import compact, functions
 from .functions import lambdify_jax, lambdify_numpy
 from .states import sample_states
 from .symbols import G_ll, G_wl, G_ww, PAIR_VARS, eta
@@ -42,23 +42,51 @@ _LABELS = {name: sp.Symbol(name) for name in _regimes.REGIMES}
 class Formula:
     """A SymPy expression that renders as LaTeX and is callable on JAX arrays by keyword.
 
-    `f(**values)` accepts TRL-style pair names (`chosen_logps`, ...), `G_ww`, `G_wl`, `G_ll`,
-    `eta` and hyperparameter names; extra keys are ignored, missing ones raise ValueError.
+    `f(**values)` takes TRL-style pair names (`chosen_logps`, ...), `G_ww`, `G_wl`, `G_ll`, `eta`
+    and hyperparameter names. Keyword-only and strict: a missing value, a name the derivation does
+    not know (a typo) and a value for a hyperparameter the derivation fixed that differs from it
+    all raise ValueError. Names of the derivation this formula does not use are ignored.
     """
 
     expr: sp.Expr
     names: tuple[tuple[str, sp.Symbol], ...]  # argument name -> symbol, for every free symbol
+    known: frozenset = frozenset()  # every name of the derivation (pair variables, Gram, eta, hyperparameters)
+    fixed: tuple = ()  # (name, value) of hyperparameters the derivation substituted
 
     def __call__(self, **values):
-        missing = [n for n, _ in self.names if n not in values]
-        if missing:
-            raise ValueError(f"missing values for {missing}")
-        fn = lambdify_jax([s for _, s in self.names], self.expr)
+        self._check(values)
+        syms = [s for _, s in self.names]
         # Arrays, not Python floats: a branch a Piecewise does not take (e.g. the alpha-divergence
         # score at a = 1) may divide by zero, which must give inf inside jnp.select, not raise.
         import jax.numpy as jnp
 
-        return fn(*[jnp.asarray(values[n]) for n, _ in self.names])
+        args = [jnp.asarray(values[n]) for n, _ in self.names]
+        out = lambdify_jax(syms, self.expr)(*args)
+        stable = functions.log_space_products(self.expr)
+        if stable is not None:
+            # exp(a) sigma(b) overflows to inf * 0 = NaN where the product itself is tiny (AlphaPO's
+            # incentives far from the policy in float32): there, and only there, the log-space form
+            # exp(a + log sigma(b)) is used, so every finite value stays exactly as it was.
+            out = jnp.where(jnp.isnan(out), lambdify_jax(syms, stable)(*args), out)
+        return out
+
+    def _check(self, values) -> None:
+        missing = [n for n, _ in self.names if n not in values]
+        if missing:
+            raise ValueError(f"missing values for {missing}")
+        if self.known:
+            unknown = sorted(k for k in values if k not in self.known)
+            if unknown:
+                import difflib
+
+                hint = {k: difflib.get_close_matches(k, sorted(self.known), n=1, cutoff=0.6) for k in unknown}
+                hint = "; ".join(f"{k!r} (did you mean {v[0]!r}?)" for k, v in hint.items() if v)
+                raise ValueError(f"unknown names {unknown} for this formula{': ' + hint if hint else ''}; "
+                                 f"valid: {sorted(self.known)}")
+        for k, fixed in self.fixed:
+            if k in values and not _same_value(values[k], fixed):
+                raise ValueError(f"{k}={values[k]!r} differs from the value this derivation was made for "
+                                 f"({k}={fixed}); derive again with it")
 
     @property
     def arg_names(self) -> list[str]:
@@ -132,11 +160,9 @@ class Derivation:
     def compact(self):
         """Named-symbol forms (m, z, s, h', d, t_w, t_l), each proved equal to the raw ones
         (`entangle_sim.symbolic.compact.CompactForm`)."""
-        from . import compact
-
         try:
             return compact.build(self.spec, self, dict(self.hp))
-        except Exception as err:  # noqa: BLE001 - e.g. a user loss of unusual shape: show the raw forms
+        except compact.NOT_COMPACT as err:  # a user loss of unusual shape: show the raw forms
             return compact.raw_form(self, f"compact form not available ({type(err).__name__}: {err})"[:200])
 
     @property
@@ -188,6 +214,18 @@ class Derivation:
         return d
 
 
+def _same_value(given, fixed) -> bool:
+    """A given value equals a fixed one (strings exactly, numbers as floats; traced or array values
+    that cannot be compared concretely are accepted: only concrete mismatches are refused)."""
+    if isinstance(fixed, str) or isinstance(given, str):
+        return given == fixed
+    try:
+        g = np.asarray(given, dtype=float)
+    except Exception:  # noqa: BLE001 - a traced value: cannot be compared here
+        return True
+    return bool(np.all(g == float(fixed)))
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -228,9 +266,7 @@ def sign_info(expr, names: dict, hyper_defaults: dict, n: int = 4000, seed: int 
     steps = {h: sp.Dummy("H", nonnegative=True) for h in expr.atoms(sp.Heaviside)}
     if expr.xreplace(steps).is_nonnegative:
         return SignInfo(True, "proved: every factor is nonnegative under the symbols' assumptions", cond)
-    from .compact import prove_nonnegative
-
-    how = prove_nonnegative(expr)
+    how = compact.prove_nonnegative(expr)
     if how is not None:
         return SignInfo(True, how, cond)
     # Search states (hyperparameters at their defaults) for a negative value, then verify exactly.
@@ -263,14 +299,17 @@ def _threshold(num, den):
     return sp.factor(sp.cancel(sp.together(num / den)))
 
 
-def _formula(expr, names: dict[str, sp.Symbol]) -> Formula:
+def _formula(expr, names: dict[str, sp.Symbol], known: frozenset = frozenset(), fixed: tuple = ()) -> Formula:
     free = expr.free_symbols
     inv = {v: k for k, v in names.items()}
     unknown = [s for s in free if s not in inv]
     if unknown:
         raise ValueError(f"unnamed symbols {unknown} in {expr}")
     ordered = tuple(sorted(((inv[s], s) for s in free), key=lambda t: t[0]))
-    return Formula(expr, ordered)
+    return Formula(expr, ordered, known, fixed)
+
+
+_formula_of = _formula
 
 
 @functools.lru_cache(maxsize=512)
@@ -284,6 +323,12 @@ def _derive_cached(spec, hp_items: tuple) -> Derivation:
         if isinstance(v, sp.Symbol):
             names[k] = v
     ell_w, ell_l = PAIR_VARS["chosen_logps"], PAIR_VARS["rejected_logps"]
+    known = frozenset(names) | {h.name for h in spec.hypers}
+    fixed = tuple((k, v) for k, v in hyper_vals.items() if not isinstance(v, sp.Basic) or v.is_number)
+    fixed = tuple((k, v if isinstance(v, str) else float(v)) for k, v in fixed)
+
+    def _formula(expr, names):  # every formula of this derivation knows the same names
+        return _formula_of(expr, names, known, fixed)
 
     dw = -sp.diff(L, ell_w)
     dl = sp.diff(L, ell_l)
@@ -334,10 +379,12 @@ def derive(spec, **hp) -> Derivation:
     spec: a loss definition (e.g. `entangle_sim.losses.get("sigmoid")`) or a registered loss name;
     hp: hyperparameters to fix (numbers become exact rationals); the others stay symbols.
     """
-    if isinstance(spec, str):  # a name: resolved through the registry (imported only here)
-        from .. import losses
-
-        spec = losses.get(spec)
+    if isinstance(spec, str):  # a name: resolved by the registry that installed itself (no import)
+        if _RESOLVER is None:
+            raise RuntimeError(f"derive({spec!r}): no loss registry is loaded: `import entangle_sim.losses` "
+                               "first, or pass a loss definition (entangle_sim.losses.get(name))")
+        spec = _RESOLVER(spec)
+    spec = getattr(spec, "spec", spec)  # a resolved loss: its definition (give its values as hp)
     missing = [a for a in ("symbolic", "symbolic_margin", "sym_hypers", "name", "hypers") if not hasattr(spec, a)]
     if missing:
         raise TypeError(f"derive() needs a loss name or a loss definition (e.g. losses.get('sigmoid')); "
@@ -346,6 +393,27 @@ def derive(spec, **hp) -> Derivation:
         if not isinstance(v, (str, int, float, sp.Basic)) and not hasattr(v, "__float__"):
             raise TypeError(f"hyperparameter {k}={v!r} must be a number or a string")
     return _derive_cached(spec, tuple(sorted((k, _hashable(v)) for k, v in hp.items())))
+
+
+_RESOLVER = None
+_NAMES = None
+
+
+def set_name_resolver(resolve, names) -> None:
+    """Let `derive` accept loss names: `resolve(name) -> loss definition`, `names() -> [name]`.
+    The registry installs its `get` and `names` here when it loads, so the engine itself never
+    imports the registry (one-way: registry -> engine)."""
+    global _RESOLVER, _NAMES
+    _RESOLVER, _NAMES = resolve, names
+
+
+def registered_names() -> list[str]:
+    """Names of the registered losses (RuntimeError when no registry is loaded: the engine does not
+    import one itself)."""
+    if _NAMES is None:
+        raise RuntimeError("no loss registry is loaded: `import entangle_sim.losses` first, or pass loss "
+                           "definitions (entangle_sim.losses.get(name))")
+    return list(_NAMES())
 
 
 def _hashable(v):

@@ -143,6 +143,55 @@ def _lambdify(args: tuple, expr: sp.Expr):
         {"fully_qualified_modules": True, "inline": True, "allow_unknown_functions": True}), cse=True)
 
 
+def _as_exp_term(t):
+    """(coefficient, x) for a term coefficient * exp(x) with one exp factor, else None."""
+    exps = [a for a in sp.Mul.make_args(t) if isinstance(a, sp.exp)]
+    if len(exps) != 1:
+        return None
+    return sp.Mul(*[a for a in sp.Mul.make_args(t) if a is not exps[0]]), exps[0].args[0]
+
+
+def _scaled_exp_difference(add):
+    """c exp(a) - c exp(b) + rest  ->  c exp(m) (exp(a - m) - exp(b - m)) + rest, m = max(a, b):
+    the difference keeps its sign and magnitude (+-inf) where both exponentials overflow."""
+    terms = list(add.args)
+    parsed = [_as_exp_term(t) for t in terms]
+    for i, p in enumerate(parsed):
+        for j in range(i + 1, len(terms)):
+            q = parsed[j]
+            if p is None or q is None or sp.expand(p[0] + q[0]) != 0:
+                continue
+            m = sp.Max(p[1], q[1])
+            diff = sp.Add(sp.exp(p[1] - m), -sp.exp(q[1] - m), evaluate=False)
+            rest = [t for k, t in enumerate(terms) if k not in (i, j)]
+            return sp.Add(*rest, sp.Mul(p[0], sp.exp(m), diff, evaluate=False))
+    return add
+
+
+@functools.lru_cache(maxsize=1024)
+def log_space_products(expr: sp.Expr):
+    """`expr` rewritten for floating point where it overflows: every product exp(a) sigma(b) ... as
+    exp(a + log sigma(b)) ... and every difference c exp(a) - c exp(b) as c exp(m) (exp(a - m) -
+    exp(b - m)), m = max(a, b) (equal mathematically; no inf * 0 or inf - inf). None if nothing changes.
+
+        >>> x, y = sp.symbols("x y")
+        >>> log_space_products(2 * sp.exp(x) * Sigmoid(y))
+        2*exp(x + LogSigmoid(y))
+    """
+    def merge(m):
+        exps = [a for a in m.args if isinstance(a, sp.exp)]
+        sigs = [a for a in m.args if isinstance(a, Sigmoid)]
+        if not exps or not sigs:
+            return m
+        rest = [a for a in m.args if not isinstance(a, (sp.exp, Sigmoid))]
+        arg = sp.Add(*[a.args[0] for a in exps], *[LogSigmoid(g.args[0]) for g in sigs])
+        return sp.Mul(*rest, sp.exp(arg))
+
+    out = expr.replace(lambda a: a.is_Add, _scaled_exp_difference)
+    out = out.replace(lambda a: a.is_Mul, merge)
+    return None if out == expr else out
+
+
 def lambdify_jax(args, expr: sp.Expr):
     """Compile `expr` to a JAX-traceable function of the symbols `args` (cached)."""
     return _lambdify(tuple(args), expr)

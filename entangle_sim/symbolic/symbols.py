@@ -65,3 +65,16 @@ def hyper_symbol(name: str, lo=None, lo_closed=True) -> sp.Symbol:
     if lo is not None and lo >= 0:
         assumptions = {"positive": True} if (lo > 0 or not lo_closed) else {"nonnegative": True}
     return sp.Symbol(HYPER_SYMBOL_NAMES.get(name, name), **assumptions)
+
+# ---------------------------------------------------------------------------------------------
+# Named symbols of the compact forms (docs/theory.md §3)
+
+r_w = sp.Symbol("r_w", real=True)
+r_l = sp.Symbol("r_l", real=True)
+p_w = sp.Symbol("p_w", positive=True)       # exp(l_w/n_w) in (0, 1]
+p_l = sp.Symbol("p_l", positive=True)
+z = sp.Symbol("z", real=True)
+s = sp.Symbol("s", real=True)
+h_w = sp.Symbol("h'_w", real=True)
+h_l = sp.Symbol("h'_l", real=True)
+NAMED = {"r_w": r_w, "r_l": r_l, "p_w": p_w, "p_l": p_l, "z": z, "s": s, "h'_w": h_w, "h'_l": h_l}

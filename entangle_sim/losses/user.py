@@ -1,4 +1,4 @@
-"""Implementation of `entangle_sim.losses.define` (user-defined losses); see its docstring.
+"""User-defined losses: `define` (re-exported as `entangle_sim.losses.define`), `user_names`, `undefine`.
 
 A definition is checked before it is registered: the builder is run on strict versions of both
 backends (an unknown `F.name` or `v.name` is named), the SymPy expression must be a scalar in the
@@ -19,13 +19,16 @@ from typing import Callable
 import numpy as np
 import sympy as sp
 
-from . import losses as _losses
-from .symbolic.functions import lambdify_numpy
-from .symbolic.symbols import GRAM_VARS, PAIR_VARS
+from ..symbolic.functions import lambdify_numpy
+from ..symbolic.symbols import GRAM_VARS, PAIR_VARS
+from ..types import PairState
+from .base import JAX, SYM, Hyper, PairVars
+from .registry import aliases, names, register, unregister
+from .spec import LossSpec
 
 _USER: dict[str, tuple] = {}  # name -> origin (file, qualname, line) of the builder that defined it
 DEFINED: list[str] = []  # every successful define, in order (the CLI loader reports a file's losses)
-BACKEND_FUNCTIONS = tuple(k for k in vars(_losses.JAX) if k != "name")
+BACKEND_FUNCTIONS = tuple(k for k in vars(JAX) if k != "name")
 PAIR_ATTRIBUTES = (*PAIR_VARS, "r_w", "r_l", "avg_w", "avg_l")
 _RESERVED = {*PAIR_VARS, *(str(s) for s in PAIR_VARS.values()), *GRAM_VARS, "d_w", "d_l", "v", "F"}
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
@@ -46,7 +49,8 @@ ORDINARY_STATES = (
 )
 
 
-LossDefinitionError = _losses.LossDefinitionError
+class LossDefinitionError(ValueError):
+    """A user loss (`define`) that cannot work; the message names the problem and the state."""
 
 
 class _Unknown(Exception):
@@ -67,7 +71,7 @@ class _StrictBackend:
                            f"{', '.join(BACKEND_FUNCTIONS)} (plus + - * / ** and abs)") from None
 
 
-class _StrictPairVars(_losses.PairVars):
+class _StrictPairVars(PairVars):
     def __getattr__(self, key):
         raise _Unknown(f"the pair variables v have no attribute {key!r}; available: {', '.join(PAIR_ATTRIBUTES)}")
 
@@ -112,23 +116,23 @@ def _explain(exc: BaseException, backend: str) -> str:
     return f"building it with the {backend} backend failed: {type(exc).__name__}: {msg.splitlines()[0] if msg else ''}"
 
 
-def _hypers(fn, hyperparameters) -> tuple[_losses.Hyper, ...]:
+def _hypers(fn, hyperparameters) -> tuple[Hyper, ...]:
     """Declared hyperparameters reconciled with the builder's keyword-only parameters."""
     if isinstance(hyperparameters, dict):
         hs = []
         for k, h in hyperparameters.items():
-            if isinstance(h, _losses.Hyper):
+            if isinstance(h, Hyper):
                 if h.name != k:
                     raise LossDefinitionError(f"hyperparameters[{k!r}] is a Hyper named {h.name!r}")
                 hs.append(h)
             elif isinstance(h, (int, float)) and not isinstance(h, bool):
-                hs.append(_losses.Hyper(k, float(h), ""))
+                hs.append(Hyper(k, float(h), ""))
             else:
                 raise LossDefinitionError(f"hyperparameter {k!r}: give a default number or a losses.Hyper, got {h!r}")
     else:
         hs = list(hyperparameters or ())
         for h in hs:
-            if not isinstance(h, _losses.Hyper):
+            if not isinstance(h, Hyper):
                 raise LossDefinitionError(f"hyperparameters must be losses.Hyper objects (or a dict), got {h!r}")
     try:
         sig = inspect.signature(fn)
@@ -153,7 +157,7 @@ def _hypers(fn, hyperparameters) -> tuple[_losses.Hyper, ...]:
                                           "hyperparameters=")
             if not isinstance(p.default, (int, float)) or isinstance(p.default, bool):
                 raise LossDefinitionError(f"hyperparameter {p.name!r}: default {p.default!r} is not a number")
-            hs.append(_losses.Hyper(p.name, float(p.default), ""))
+            hs.append(Hyper(p.name, float(p.default), ""))
     for h in hs:
         if h.name not in kwonly and not has_var_kw:
             raise LossDefinitionError(f"hyperparameter {h.name!r} is declared but the builder has no keyword-only "
@@ -220,10 +224,10 @@ def _origin(fn) -> tuple:
 def _check_name(name: str, origin, replace: bool) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise LossDefinitionError(f"loss name {name!r} must start with a letter and use letters, digits, _ or -")
-    if name in _losses._ALIASES:
+    if name in aliases():
         raise LossDefinitionError(f"loss name {name!r} is an alias of the built-in loss "
-                                  f"{_losses._ALIASES[name]!r}; pick another name")
-    if name in _losses._REGISTRY and name not in _USER:
+                                  f"{aliases()[name]!r}; pick another name")
+    if name in names() and name not in _USER:
         raise LossDefinitionError(f"loss name {name!r} clashes with a built-in loss; pick another name")
     if name in _USER and not replace and _USER[name] != origin:
         raise LossDefinitionError(f"a user loss named {name!r} is already defined (in {_USER[name][0]}); "
@@ -233,7 +237,7 @@ def _check_name(name: str, origin, replace: bool) -> None:
 def _build_sym(spec, fn):
     v = _StrictPairVars(**PAIR_VARS)
     try:
-        expr = spec.build(v, _StrictBackend(_losses.SYM), **spec.sym_hypers())
+        expr = spec.build(v, _StrictBackend(SYM), **spec.sym_hypers())
     except Exception as e:  # noqa: BLE001 - any failure of user code is reported, not raised raw
         raise LossDefinitionError(f"loss {spec.name!r} cannot be derived symbolically{_where(e, fn)}: "
                                   f"{_explain(e, 'SymPy')}") from None
@@ -282,12 +286,12 @@ def _ordinary_checks(spec, fn, expr, grads) -> None:
     args = list(names.values())
     f_sym = lambdify_numpy(tuple(args), expr)
     g_sym = [lambdify_numpy(tuple(args), g) for g in grads]
-    strict = _StrictBackend(_losses.JAX)
+    strict = _StrictBackend(JAX)
     kink = kink_distance([expr, *grads], args)
 
     def jloss(lw, ll, rest):
-        v = _losses._jax_vars(lw, ll, *rest)
-        return spec.build(_StrictPairVars(**vars(v)), strict, **hp)
+        v = PairState(lw, ll, *rest).as_arrays()
+        return spec.build(_StrictPairVars(**v._asdict()), strict, **hp)
 
     value_and_grad = jax.jit(jax.value_and_grad(jloss, argnums=(0, 1)))
     for st in ORDINARY_STATES:
@@ -331,6 +335,37 @@ def _ordinary_checks(spec, fn, expr, grads) -> None:
 def define(name: str, fn: Callable | None = None, *, hyperparameters=(), description: str | None = None,
            trl: str | None = None, margin: Callable | None = None, nll: Callable | None = None,
            reference: str = "", replace: bool = False, check: bool = True):
+    """Define and register your own loss, written once like the built-in losses.
+
+    The builder `fn(v, F, *, <hyperparameters>)` returns the per-pair loss as a formula in
+      v: the pair variables  v.chosen_logps, v.rejected_logps (summed log-probs l_w, l_l <= 0),
+         v.ref_chosen_logps, v.ref_rejected_logps, v.chosen_len, v.rejected_len (n >= 1),
+         v.prompt_logps, v.prompt_len, and v.r_w = l_w - l_w^ref, v.r_l, v.avg_w = l_w/n_w, v.avg_l;
+      F: the math backend  F.log_sigmoid, F.sigmoid, F.exp, F.log, F.expm1, F.log1mexp, F.relu,
+         F.minimum, plus + - * / ** and abs. Nothing else: no numpy/jax/math calls, no if/else
+         on values. With F = JAX it is the JAX loss, with F = SYM the SymPy expression that
+         `entangle_sim.symbolic.derive` differentiates, so the theory and the code cannot drift.
+    Hyperparameters are the keyword-only arguments: declare them as `losses.Hyper(name, default,
+    doc, lo=..., hi=..., lo_open=..., hi_open=...)` (a range; `lo >= 0` also tells SymPy the sign)
+    or a dict {name: default}; undeclared keyword-only arguments with numeric defaults are
+    unbounded. `margin=` / `nll=` (same signature) give the transformed margin z and an additive
+    NLL part, for the step weight s = -m'(z). Use as a function or a decorator:
+
+        >>> from entangle_sim import losses
+        >>> LAM = losses.Hyper("lam", 0.5, "shift", lo=0, hi=1, lo_open=True)
+        >>> @losses.define("my_shift", hyperparameters=[LAM])
+        ... def my_shift(v, F, *, beta=0.1, lam):
+        ...     return -F.log_sigmoid(beta * v.r_w - lam * beta * v.r_l)
+        >>> float(my_shift(-10.0, -12.0, -11.0, -11.0))   # -log sigma(0.1 * 1 + 0.5 * 0.1 * 1)
+        0.62095...
+
+    Refused with a `LossDefinitionError` (a ValueError) naming the problem: a name of a built-in
+    (or of another user loss, unless `replace=True`; re-running the same definition is allowed),
+    a function the backend lacks, direct numpy/jax/math calls, branching on values, a
+    discontinuous or non-differentiable formula, and (with `check=True`) non-finite values or
+    gradients, or JAX and SymPy disagreeing, at ordinary states (policy = reference among them).
+    The thorough checks are `entangle_sim.testing.check_loss`. Returns the registered LossSpec.
+    """
     if fn is None:
         return lambda f: define(name, f, hyperparameters=hyperparameters, description=description, trl=trl,
                                 margin=margin, nll=nll, reference=reference, replace=replace, check=check)
@@ -341,7 +376,7 @@ def define(name: str, fn: Callable | None = None, *, hyperparameters=(), descrip
     hypers = _hypers(fn, hyperparameters)
     doc = (inspect.getdoc(fn) or "").strip().splitlines()
     description = description or (doc[0] if doc else f"user-defined loss {name}")
-    spec = _losses.LossSpec(name=name, description=description, build=fn, hypers=hypers, trl=trl, margin=margin,
+    spec = LossSpec(name=name, description=description, build=fn, hypers=hypers, trl=trl, margin=margin,
                             nll=nll, reference=reference or f"user-defined ({origin[0]})")
     expr, grads = _build_sym(spec, fn)
     refs = {PAIR_VARS["ref_chosen_logps"], PAIR_VARS["ref_rejected_logps"]}
@@ -351,26 +386,25 @@ def define(name: str, fn: Callable | None = None, *, hyperparameters=(), descrip
     for extra, what in ((margin, "margin"), (nll, "nll")):
         if extra is not None:
             try:
-                extra(_StrictPairVars(**PAIR_VARS), _StrictBackend(_losses.SYM), **spec.sym_hypers())
+                extra(_StrictPairVars(**PAIR_VARS), _StrictBackend(SYM), **spec.sym_hypers())
             except Exception as e:  # noqa: BLE001
                 raise LossDefinitionError(f"loss {name!r}: its {what}= function fails{_where(e, extra)}: "
                                           f"{_explain(e, 'SymPy')}") from None
-    if name in _USER:
-        _losses._REGISTRY[name] = spec  # redefinition keeps its place in the listing
-    else:
-        _losses.register(spec)
+    register(spec, replace=name in _USER)  # a redefinition keeps its place in the listing
     _USER[name] = origin
     DEFINED.append(name)
     return spec
 
 
 def user_names() -> list[str]:
-    return [n for n in _losses.names() if n in _USER]
+    """Names of the losses defined with `define` (in definition order)."""
+    return [n for n in names() if n in _USER]
 
 
 def undefine(name: str) -> None:
+    """Remove a loss defined with `define` (built-in losses cannot be removed)."""
     if name not in _USER:
         raise ValueError(f"{name!r} is not a user-defined loss")
-    del _losses._REGISTRY[name]
+    unregister(name)
     del _USER[name]
 
