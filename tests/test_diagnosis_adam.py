@@ -91,7 +91,7 @@ def _incentives(model, batch):
         lp = _lps(model, batch).numpy()
     B = lp.size // 2
     ev = theory.evaluate("sigmoid", chosen_logps=lp[:B], rejected_logps=lp[B:], chosen_len=1, rejected_len=1,
-                         G_ww=0, G_wl=0, G_ll=0, beta=BETA)
+                         G_ww=0, G_wl=0, G_ll=0, reference="none", beta=BETA)   # `_dpo`: raw log-probs
     return lp, ev["d_w"] / B, ev["d_l"] / B
 
 

@@ -35,7 +35,7 @@ def setup():
     with torch.no_grad():
         lp = _lps(model, batch).numpy()
     ev = theory.evaluate("sigmoid", chosen_logps=lp[:5], rejected_logps=lp[5:], chosen_len=1, rejected_len=1,
-                         G_ww=0, G_wl=0, G_ll=0, beta=BETA)
+                         G_ww=0, G_wl=0, G_ll=0, reference="none", beta=BETA)   # the torch loss below: raw log-probs
     return tok, model, ex, batch, ev["d_w"] / 5, ev["d_l"] / 5
 
 

@@ -27,35 +27,50 @@ def loss_spec(name: str):
 
 
 def evaluate(name: str, *, chosen_logps, rejected_logps, chosen_len, rejected_len, G_ww, G_wl, G_ll,
-             ref_chosen_logps=None, ref_rejected_logps=None, prompt_len=None, eta: float = 1.0, **hp) -> dict:
-    """d_w, d_l, delta_chosen, delta_rejected (numpy [B]) and regime names for loss `name`.
+             ref_chosen_logps=None, ref_rejected_logps=None, reference: str | None = None, prompt_len=None,
+             eta: float = 1.0, **hp) -> dict:
+    """d_w, d_l, delta_chosen, delta_rejected (numpy [B], float64) and regime names for loss `name`.
 
-    Reference log-probs default to 0 (no reference model: the loss sees the raw log-probs).
-    Hyperparameters not given take the registry defaults (e.g. beta = 0.1).
+    The loss is resolved once (`losses.get(name).bind(**hp)`: a misspelt hyperparameter is an error;
+    those not given take the registry defaults, e.g. beta = 0.1) and evaluated on one `PairState`.
+    The reference is explicit: the measured `ref_chosen_logps` / `ref_rejected_logps`, or
+    `reference="self"` (the policy is its own reference: DPOTrainer with ref_model=None at step 0)
+    or `reference="none"` (raw log-probs). A loss that reads no reference needs none of them.
     """
-    from .. import regimes, symbolic
+    import jax
+
+    from .. import regimes
+    from ..types import PairState
 
     spec = loss_spec(name)
-    hpv = spec.resolve(**hp)
-    structural = {h.name: hpv[h.name] for h in spec.hypers if h.structural}
-    der = symbolic.derive(spec, **structural)
+    loss = spec.bind(**hp)
     B = len(np.atleast_1d(chosen_logps))
 
-    def arr(x, default=0.0):
-        return np.broadcast_to(np.asarray(default if x is None else x, dtype=float), (B,))
+    def arr(x):
+        return np.broadcast_to(np.asarray(x, dtype=float), (B,))
 
-    vals = {"chosen_logps": arr(chosen_logps), "rejected_logps": arr(rejected_logps),
-            "ref_chosen_logps": arr(ref_chosen_logps), "ref_rejected_logps": arr(ref_rejected_logps),
-            "chosen_len": arr(chosen_len), "rejected_len": arr(rejected_len),
-            "prompt_len": arr(prompt_len), "G_ww": arr(G_ww), "G_wl": arr(G_wl), "G_ll": arr(G_ll),
-            "eta": float(eta)}
-    vals.update({k: v for k, v in hpv.items() if k not in structural})
-    needed = set(der.delta_chosen.arg_names) | set(der.delta_rejected.arg_names)
+    if ref_chosen_logps is not None or ref_rejected_logps is not None:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError("give both ref_chosen_logps and ref_rejected_logps, or neither")
+        if reference is not None:
+            raise ValueError("give the reference log-probs or reference=..., not both")
+        ref = (arr(ref_chosen_logps), arr(ref_rejected_logps))
+    elif reference is not None:
+        ref = reference
+    elif not spec.uses_reference:
+        ref = "none"   # the loss never reads it
+    else:
+        raise ValueError(f"loss {spec.name!r} reads reference log-probs: give ref_chosen_logps and "
+                         "ref_rejected_logps, or reference='self' / 'none' explicitly")
+    needed = set(loss.derivation.delta_chosen.arg_names) | set(loss.derivation.delta_rejected.arg_names)
     if "prompt_logps" in needed:
         raise ValueError(f"loss {spec.name!r} needs the prompt log-prob, which is not measured here")
-    out = {k: np.asarray(getattr(der, k)(**vals), dtype=float) for k in ("d_w", "d_l", "delta_chosen",
-                                                                        "delta_rejected")}
-    out = {k: np.broadcast_to(v, (B,)).copy() for k, v in out.items()}
-    out["regime"] = regimes.names(regimes.classify(out["delta_chosen"], out["delta_rejected"]))
+    with jax.enable_x64(True):   # measured in float64: keep the prediction in float64 too
+        state = PairState.of(arr(chosen_logps), arr(rejected_logps), reference=ref, chosen_len=arr(chosen_len),
+                             rejected_len=arr(rejected_len), prompt_len=arr(0.0 if prompt_len is None else prompt_len))
+        pred = loss.predict(state, (arr(G_ww), arr(G_wl), arr(G_ll)), float(eta))
+        out = {k: np.asarray(getattr(pred, k), dtype=float).copy()
+               for k in ("d_w", "d_l", "delta_chosen", "delta_rejected")}
+    out["regime"] = regimes.names(pred.regime)
     out["loss"] = spec.name
     return out

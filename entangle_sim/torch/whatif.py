@@ -113,6 +113,8 @@ def evaluate_scenario(m: dict, sc: Scenario, *, adam: bool = False) -> dict:
     ev = evaluate(sc.loss, chosen_logps=m["chosen_logps"], rejected_logps=m["rejected_logps"],
                   chosen_len=m["chosen_len"], rejected_len=m["rejected_len"],
                   ref_chosen_logps=m.get("ref_chosen_logps"), ref_rejected_logps=m.get("ref_rejected_logps"),
+                  # columns without reference log-probs: the caller measured none, the loss sees raw log-probs
+                  reference=None if "ref_chosen_logps" in m else "none",
                   prompt_len=m.get("prompt_len"), **G, **sc.params)
     if sc.nll:
         d_w = ev["d_w"] + sc.nll / np.asarray(m["chosen_len"], dtype=float)
