@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import reproduce, results
-from .plotting import claims, simulation, theory
+from .plotting import claims, group, simulation, theory
 from .presets import SEED
 
 
@@ -70,6 +70,9 @@ FIGURES: dict[str, Figure] = {f.name: f for f in [
            "§6.3, R15, R17"),
     Figure("mitigations", simulation.plot_mitigation_comparison,
            "Mitigation comparison: normalized GD and token masks vs plain DPO", "R19, R20, §8"),
+    Figure("group_lld", group.plot_group_lld,
+           "Group entanglement: a correct GRPO rollout sharing tokens with incorrect ones falls; the shared-token "
+           "mitigation", "R22, §13"),
 ]}
 
 

@@ -297,6 +297,14 @@ def build_mitigations(p, seed):
     return {"rows": rows}
 
 
+def build_group_lld(p, seed):
+    """Group entanglement (theory §13): the lazy-likelihood-displacement toy with and without the
+    shared-token mitigation (fixed size: 4 rollouts, 30 SGD steps; the toy's own seed 0)."""
+    from .group import toys
+
+    return toys.lld_data(0)
+
+
 # ----------------------------------------------------------------------------------------------
 # registry and cache
 
@@ -326,6 +334,7 @@ BUILDERS: dict[str, Builder] = {
     "transformer_claims": Builder(build_transformer_claims, ("claims",), ("diagnose.py", "sentiment.py", "corpus.py",
                                                                           "claim_stats.py", "policies/transformer.py")),
     "mitigations": Builder(build_mitigations, ("mitig",), results.OPTIONAL_CODE),
+    "group_lld": Builder(build_group_lld, ("-",)),
 }
 # Figures sharing one builder share one cache file (the transformer runs are computed once).
 DATA_OF = {"transformer_cos": "transformer_logps", "transformer_heatmap": "transformer_logps"}

@@ -165,6 +165,11 @@ class StepPlugin:
         optimizer is -(sum_i a_i g~_w,i - b_i g~_l,i) (g~ = grad l~) instead of grad L, e.g. the
         per-pair normalisation g/|g|; computed as jax.grad of the surrogate -sum_i (a_i l~_w,i - b_i l~_l,i)
     record(ctx) -> row                      what the step records instead of a Trajectory row
+    sequence_loss(tok_w, tok_l, batch, ref_logps, weights) -> scalar
+        a loss on the token log-probs of the whole batch ([B,T_w], [B,T_l]) that replaces the per-pair
+        losses and their reduction (e.g. a group loss over rollouts carried as the chosen side);
+        ref_logps is passed through as given, weights is token_weights' output (or None) for the loss
+        to apply; the full batch is used (batch_size is ignored) and ctx.per_pair is None
 
     With a plug-in the per-pair losses are combined as sum_i w_i L_i, w_i = 1/b on the step's
     minibatch and 0 elsewhere (TRL's batch mean for every loss that is not batch-coupled; the
@@ -178,6 +183,7 @@ class StepPlugin:
     state_lr: float = 0.0
     coefficients: Callable | None = None
     record: Callable | None = None
+    sequence_loss: Callable | None = None
 
 
 class StepContext:
@@ -265,6 +271,9 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
             rw, rl = ref_logps if full else (ref_logps[0][idx], ref_logps[1][idx])
             return spec.batch(lw, ll, rw, rl, sub.chosen_len, sub.rejected_len, **hp), (lw, ll)
         weights = weights_at(state, weight_params, batch)
+        if plug.sequence_loss is not None:   # a loss on sequences (group losses): no per-pair terms
+            tw, tl = policy.token_logps(params, batch)
+            return plug.sequence_loss(tw, tl, batch, ref_logps, weights), (tw.sum(-1), tl.sum(-1))
         lw, ll = logps_fn(batch, weights)(params)
         L = (w * pair_losses(lw, ll, reference(ref_logps, weights), batch)).sum()
         if plug.penalty is not None:
@@ -296,7 +305,7 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
                 params, state, batch, ref_logps, idx, full, w, params)
             grads, state_grads = g if stateful else (g, None)
             ctx.lw, ctx.ll = (lw, ll) if (full or plugin is not None) else ctx.logps(params)
-        ctx.per_pair = pair_losses(ctx.lw, ctx.ll, ref, batch)
+        ctx.per_pair = None if plug.sequence_loss is not None else pair_losses(ctx.lw, ctx.ll, ref, batch)
         updates, new_inner = opt.update(grads, inner, params)
         new_params = optax.apply_updates(params, updates)
         new_state = state

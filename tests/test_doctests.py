@@ -13,6 +13,7 @@ MODULES = [
     "entangle_sim.policies.transformer",
     "entangle_sim.symbolic.dynamics", "entangle_sim.symbolic.compact", "entangle_sim.symbolic.proofs",
     "entangle_sim.symbolic.softmax_theory", "entangle_sim.symbolic.mitigations",
+    "entangle_sim.group.losses", "entangle_sim.group.predict", "entangle_sim.symbolic.group",
 ]
 
 

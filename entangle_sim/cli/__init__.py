@@ -26,6 +26,7 @@ _COMMANDS = (
     "analyze_log_cmd",  # analyze-log
     "reproduce_cmd",  # reproduce
     "diagnose_model_cmd",  # diagnose-model (PyTorch extra)
+    "predict_group_cmd",  # predict-group
 )
 
 

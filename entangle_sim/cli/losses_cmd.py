@@ -106,6 +106,10 @@ def condition_text(d, trl: str | None = None) -> str:
 
 def run_conditions(args) -> int:
     from .. import losses
+    from .predict_group_cmd import run_group_conditions
+
+    if run_group_conditions(args):   # a GRPOTrainer loss type: the group theory's own renderer
+        return 0
     from ..symbolic import derive
 
     if args.table:

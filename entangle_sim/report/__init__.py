@@ -9,7 +9,7 @@ Checks use the package: the symbolic engine (`symbolic.derive`, `symbolic.proofs
 models, the trainer (`simulate`), `geometry`, `diagnose` and `mitigations`.
 
 Modules: `toys` (entry rows, exact one-step toy models), `checks` (R1-R12, R21), `softmax_checks`
-(R13-R20), `claims` (qualitative claims from the figure data); this file runs and writes them.
+(R13-R20), `group_checks` (R22a-R22d, group entanglement), `claims` (qualitative claims from the figure data); this file runs and writes them.
 
 Example:
     >>> rep = run_report("tiny")  # doctest: +SKIP
@@ -26,6 +26,7 @@ from .. import __version__, reproduce, results
 from .checks import (R1_LOSSES, R9_LOSSES, check_R1, check_R2, check_R3, check_R4, check_R5, check_R6,  # noqa: F401
                      check_R7, check_R8, check_R9_R11_R12, check_R10, check_R21)
 from .claims import DIAG_NOTE, check_claims, mitigation_claims  # noqa: F401
+from .group_checks import check_R22
 from .softmax_checks import check_R13, check_R14, check_R15, check_R16, check_R17, check_R18, check_R19
 from .toys import clean, entry, one_step, toy_logps, toy_pairs  # noqa: F401
 
@@ -34,7 +35,7 @@ CHECKS: list[tuple[str, Callable]] = [
     ("R1", check_R1), ("R2", check_R2), ("R3", check_R3), ("R4", check_R4), ("R5", check_R5), ("R6", check_R6),
     ("R7", check_R7), ("R8", check_R8), ("R9-R11-R12", check_R9_R11_R12), ("R10", check_R10), ("R13", check_R13),
     ("R14", check_R14), ("R15", check_R15), ("R16", check_R16), ("R17", check_R17), ("R18", check_R18),
-    ("R19", check_R19), ("R21", check_R21),
+    ("R19", check_R19), ("R21", check_R21), ("R22", check_R22),
 ]
 
 

@@ -1,0 +1,1 @@
+"""Group-relative policy optimisation (TRL GRPOTrainer loss types): losses, one-step prediction, toys."""
