@@ -192,3 +192,75 @@ def test_conversational_tokenisation_is_the_template_suffix(tok):
     assert ex["prompt_ids"] == list(gen["input_ids"])
     # the template renders "<|assistant|> good <|end|> ": after the generation prompt, the content and end-of-turn
     assert tok.convert_ids_to_tokens(ex["completion_ids"][0]) == ["good", "<|end|>"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# GRPOTrainer callback
+# ---------------------------------------------------------------------------------------------------
+def test_probe_measurement_matches_float64_brute_force(model64, tok):
+    """The callback's batch prediction: delta = eta sum_j w_j <g_i, g_j> over ALL probe completions
+    (cross-group terms included), w = TRL's weights of the probe set as one micro-batch."""
+    from entangle_sim.torch.group_callback import measure_probe
+
+    rows = ROWS[:2]
+    exs = [tokenize_group(tok, r) for r in rows]
+    m = measure_probe(model64, exs, [r["rewards"] for r in rows], pad=tok.pad_token_id, loss_type="grpo",
+                      params={}, eta=0.5, subset=None)
+    gs, lens, lps = [], [], []
+    for r in rows:
+        _, g, lp, n = _brute(model64, tok, r)
+        gs.append(g), lens.extend(n), lps.extend(lp)
+    g = torch.cat(gs)
+    K = (g @ g.T).numpy()
+    ref = predict("grpo", [x for r in rows for x in r["rewards"]], lens, K, 0.5, num_generations=4)
+    np.testing.assert_allclose(m["weights"], ref["weights"], rtol=1e-12)
+    assert np.abs(m["delta"] - ref["delta"]).max() <= 1e-9 * np.abs(ref["delta"]).max()
+    np.testing.assert_allclose(m["logps"], lps, rtol=1e-12)
+    A = np.asarray(ref["advantages"])
+    d = np.asarray(ref["delta"])
+    assert math.isclose(m["group_pred_delta_correct"], d[A > 0].mean(), rel_tol=1e-9)
+    assert m["group_frac_correct_fall"] == float((d[A > 0] < 0).mean())
+    ranks = [predict("grpo", r["rewards"], lens[4 * k:4 * k + 4], K[4 * k:4 * k + 4, 4 * k:4 * k + 4])
+             for k, r in enumerate(rows)]   # effective rank is scale-free: the group's own weights suffice
+    assert math.isclose(m["group_effective_rank"], np.mean([x["effective_rank"] for x in ranks]), rel_tol=1e-8)
+
+
+# third-party: TRL/transformers/accelerate notices on a CPU-only tiny run (GRPOConfig's deprecated aliases)
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+def test_grpo_trainer_run_logs_group_keys_and_analyze_log_reads_them(tok, tmp_path, capsys):
+    """A real TRL GRPOTrainer run on CPU (tiny GPT-2, 4 generations of <= 4 tokens, a fixed reward)."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from entangle_sim.torch.group_callback import GroupEntanglementCallback
+
+    model = tiny_model("gpt2", tok, seed=1)
+    ds = Dataset.from_list([{"prompt": "the movie was "}, {"prompt": "the film was "}] * 2)
+
+    def reward(completions, **kw):   # fixed, and varied within a group so the loss is not zero
+        return [float(len(c) % 3) for c in completions]
+
+    cb = GroupEntanglementCallback(ROWS[:2], every_n_steps=1)
+    args = GRPOConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=4, max_steps=2, learning_rate=1e-2, lr_scheduler_type="constant",
+                      logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                      disable_tqdm=True, seed=0)
+    tr = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
+                     callbacks=[cb])
+    tr.train()
+    tr.state.save_to_json(str(tmp_path / "trainer_state.json"))
+    ent = [h for h in tr.state.log_history if "entangle/group_effective_rank" in h]
+    assert [h["step"] for h in ent] == [0, 1, 2]
+    for h in ent:
+        assert h["entangle/group_eta"] == pytest.approx(1e-2)
+        assert 1 <= h["entangle/group_effective_rank"] <= 4
+    # realised change between measurements = difference of the logged probe means (the run moved them)
+    for a, b in zip(ent, ent[1:]):
+        real = b["entangle/group_real_delta_correct"]
+        assert real == pytest.approx(b["entangle/group_logps_correct"] - a["entangle/group_logps_correct"], abs=1e-9)
+    assert any(abs(b["entangle/group_real_delta_correct"]) > 0 for b in ent[1:])
+    capsys.readouterr()   # the trainer's own log lines
+    rc = main(["analyze-log", str(tmp_path / "trainer_state.json"), "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 0 and s["group_entangle"]["n_measurements"] == 3 and s["group_entangle"]["n_compared"] == 2
+    assert s["group_entangle"]["series"]["effective_rank"][0][1] == pytest.approx(ent[0]["entangle/group_effective_rank"])

@@ -74,7 +74,8 @@ def measure_probe(model, examples: list[dict], rewards, *, pad: int, loss_type: 
     base = predict_group(loss_type, r, lens, None, 1.0, num_generations=G, **params)
     w = np.asarray(base["weights"])
     A = np.asarray(base["advantages"])
-    delta = eta * directional(model, batch, torch.as_tensor(w), subset=subset, method=method).double().numpy()
+    Kw = directional(model, batch, torch.as_tensor(w), subset=subset, method=method).double().numpy()
+    delta = eta * Kw
     grams = response_gram(model, batch, groups=G, subset=subset, method=method)
     from ..group.predict import effective_rank, spectrum
 
@@ -93,11 +94,10 @@ def measure_probe(model, examples: list[dict], rewards, *, pad: int, loss_type: 
     def mean(x, m):
         return float(x[m].mean()) if m.any() else float("nan")
 
-    Kw = delta / eta
     return {"group_logps_correct": mean(lp, cor), "group_logps_incorrect": mean(lp, inc),
             "group_pred_delta_correct": mean(delta, cor), "group_pred_delta_incorrect": mean(delta, inc),
-            "group_frac_correct_fall": mean((delta < 0).astype(float), cor),
-            "group_frac_incorrect_rise": mean((delta > 0).astype(float), inc),
+            "group_frac_correct_fall": mean((Kw < 0).astype(float), cor),   # sign of the direction, any eta
+            "group_frac_incorrect_rise": mean((Kw > 0).astype(float), inc),
             "group_effective_rank": float(np.mean(ranks)) if ranks else float("nan"),
             "group_top_eigen_frac": float(np.mean(tops)) if tops else float("nan"),
             "group_frac_zero_variance": float(zero.mean()), "group_wKw": float(w @ Kw),
