@@ -264,3 +264,16 @@ def test_grpo_trainer_run_logs_group_keys_and_analyze_log_reads_them(tok, tmp_pa
     s = json.loads(capsys.readouterr().out)
     assert rc == 0 and s["group_entangle"]["n_measurements"] == 3 and s["group_entangle"]["n_compared"] == 2
     assert s["group_entangle"]["series"]["effective_rank"][0][1] == pytest.approx(ent[0]["entangle/group_effective_rank"])
+
+
+def test_without_torch_says_how_to_install():
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.modules['torch'] = None\nsys.modules['transformers'] = None\n"
+            "from entangle_sim.cli import main\n"
+            "sys.exit(main(['diagnose-rollouts', '--model', 'm', '--data', 'd.jsonl']))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip() == ('entangle-sim: error: diagnose-rollouts needs the PyTorch extra: '
+                                'pip install "entangle_sim[torch]"')
