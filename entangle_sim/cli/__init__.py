@@ -27,6 +27,7 @@ _COMMANDS = (
     "reproduce_cmd",  # reproduce
     "diagnose_model_cmd",  # diagnose-model (PyTorch extra)
     "predict_group_cmd",  # predict-group
+    "diagnose_rollouts_cmd",  # diagnose-rollouts (PyTorch extra)
 )
 
 

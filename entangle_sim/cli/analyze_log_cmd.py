@@ -37,14 +37,29 @@ def run(args) -> int:
         raise CLIError(f"--tol must be a finite number >= 0, got {args.tol}")
     if args.out is not None:
         check_out_dir(args.out)  # before reading the log
+    from ..group import trl_log   # GRPO runs: entangle/group_* keys (GroupEntanglementCallback)
+
+    group = trl_log.summary_of(args.path) if args.fmt in ("auto", "trl") else None
     try:
         series = logs.load_log(args.path, fmt=args.fmt, split=args.split)
     except RecursionError:
         raise CLIError(f"{args.path}: JSON nested too deeply to be a log") from None
+    except logs.LogFormatError:
+        if group is None:
+            raise
+        summary = {"source": str(args.path), "format": "trl", "group_entangle": group}   # a GRPO log
+        if args.out:
+            from ..results import atomic_write
+            atomic_write(os.path.join(args.out, "summary.json"), lambda f: f.write(dumps(summary, indent=2).encode()))
+        print(dumps(summary, indent=2) if args.json else trl_log.text(group))
+        return 0
     summary = logs.summarize(series, tol=args.tol)
+    if group is not None:
+        summary["group_entangle"] = group
     if args.out:
         _write_outputs(args.out, summary)
-    print(dumps(summary, indent=2) if args.json else _human(summary))
+    print(dumps(summary, indent=2) if args.json else _human(summary)
+          + ("\n" + trl_log.text(group) if group is not None else ""))
     return 0
 
 

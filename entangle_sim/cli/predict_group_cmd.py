@@ -78,6 +78,9 @@ def _params(items) -> dict:
     return out
 
 
+parse_params = _params   # public: diagnose-rollouts takes the same --param NAME=VALUE
+
+
 def run(args) -> int:
     import jax
 

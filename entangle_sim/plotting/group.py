@@ -1,6 +1,7 @@
 """Group-entanglement figures (derived in this project): `plot_*(data, *, ax=None) -> Figure`.
 
-Data come from `entangle_sim.group.toys.lld_data` and `eta_rate_data`.
+Data come from `entangle_sim.group.toys.lld_data` and `eta_rate_data`, and (`plot_rollout_*`) from
+`entangle_sim.torch.rollouts.diagnose_rollouts`.
 """
 from __future__ import annotations
 
@@ -40,4 +41,45 @@ def plot_group_eta_rate(data, *, ax=None):
     a.set_xlabel("η")
     a.set_ylabel("max |realised − ηKw|")
     a.legend(fontsize=7, ncols=2)
+    return fig
+
+
+def plot_rollout_deltas(rollouts, *, ax=None):
+    """Predicted change eta (K w)_i of each completion (from `entangle_sim.torch.rollouts.diagnose_rollouts`)
+    against its advantage: correct completions (A > 0) below zero are predicted to fall."""
+    fig, (a,) = panels(ax, 1, 1, size=(4.6, 3.4))
+    A = np.array([r["advantage"] for r in rollouts], float)
+    d = np.array([r["delta"] for r in rollouts], float)
+    g = np.array([r["group"] for r in rollouts])
+    for k, gi in enumerate(np.unique(g)):
+        m = g == gi
+        a.scatter(A[m], d[m], s=14, color=CYCLE[k % len(CYCLE)], label=f"group {gi}" if k < 8 else None)
+    a.axhline(0.0, color=COLORS["neutral"], lw=0.8)
+    a.axvline(0.0, color=COLORS["neutral"], lw=0.8)
+    a.set_xlabel("advantage A_i")
+    a.set_ylabel("predicted Δ log-prob  η(Kw)_i")
+    a.set_title("correct completions below 0 are predicted to fall", fontsize=9)
+    if len(np.unique(g)) > 1:
+        a.legend(fontsize=7, ncols=2)
+    return fig
+
+
+def plot_rollout_spectra(groups, *, ax=None):
+    """Eigenvalues of diag(|w|)^1/2 K diag(|w|)^1/2 per group (largest first, normalised by the largest),
+    with each group's effective rank (participation ratio) in the legend; zero-variance groups left out."""
+    fig, (a,) = panels(ax, 1, 1, size=(4.6, 3.4))
+    k = 0
+    for g in groups:
+        ev = np.asarray(g["eigenvalues"], float)
+        if g["zero_variance"] or ev.size == 0 or ev[0] <= 0:
+            continue
+        a.semilogy(np.arange(1, ev.size + 1), np.clip(ev / ev[0], 1e-12, None), "o-", ms=3,
+                   color=CYCLE[k % len(CYCLE)],
+                   label=f"group {g['group']}: rank {g['effective_rank']:.2f}" if k < 8 else None)
+        k += 1
+    a.set_xlabel("eigenvalue index")
+    a.set_ylabel("λ_k / λ_1")
+    a.set_title("spectrum of diag(|w|)^½ K diag(|w|)^½", fontsize=9)
+    if k:
+        a.legend(fontsize=7)
     return fig

@@ -165,3 +165,25 @@ def tiny_family(family: str, tokenizer=None, *, width: int = 16, layers: int = 1
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def toy_rollout_rows(n: int = 8, G: int = 8, *, seed: int = 0, shared_stem: bool = False) -> list[dict]:
+    """n GRPO rollout rows (`prompt`, `completions` (G strings), `rewards` (G numbers)) over the tiny vocabulary.
+
+    shared_stem=False: G independent random completions (2-6 words), rewards 1 with probability 0.4;
+    shared_stem=True: G completions sharing a random 4-word stem and differing in the last word, reward 1
+    for a positive last word (the "same reasoning, different answer" shape of math rollouts).
+    """
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        prompt = rng.choice(["the movie", "the film", "the story"]) + " was "
+        if shared_stem:
+            stem = " ".join(rng.choice(WORDS[10:]) for _ in range(4))
+            comps = [stem + " " + rng.choice(["good", "bad", "great", "awful", "fine", "sad"]) for _ in range(G)]
+            rewards = [float(c.split()[-1] in ("good", "great", "fine")) for c in comps]
+        else:
+            comps = [" ".join(rng.choice(WORDS[10:]) for _ in range(rng.randint(2, 6))) for _ in range(G)]
+            rewards = [float(rng.random() < 0.4) for _ in range(G)]
+        rows.append({"prompt": prompt, "completions": comps, "rewards": rewards})
+    return rows
