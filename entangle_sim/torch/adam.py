@@ -1,0 +1,322 @@
+"""Adam-preconditioned gradient geometry: per-pair Grams <g_w, P g_l> and one-step Adam predictions.
+
+With P = diag(1/(sqrt(v_hat) + eps)) from an Adam state (`optim_state.AdamState`), the per-pair
+preconditioned Gram is
+
+    G_ww_adam = <g_w, P g_w>,  G_wl_adam = <g_w, P g_l>,  G_ll_adam = <g_l, P g_l>
+
+and the per-pair first-order changes under the preconditioned step theta -= eta P dL/dtheta are the
+plain formulas with these entries (delta_chosen = eta (d_w G_ww_adam - d_l G_wl_adam), ...): pass
+them to `entangle_sim.torch.theory.evaluate` as G_ww/G_wl/G_ll. The ghost identity does not factor
+a diagonal P, so the per-response gradients are materialised, `chunk_size` pairs at a time
+(`torch.func.vmap(grad)` over responses; memory ~ 2 chunk_size |theta|), and reduced parameter by
+parameter; per-parameter-group splits come at no extra cost (`parameter_group`).
+
+One real Adam(W) step from a state (m, v, t) on a batch gradient grad = dL/dtheta is
+(torch.optim.AdamW, derived from its update rule):
+
+    m' = b1 m + (1-b1) grad,   v' = b2 v + (1-b2) grad^2,   t' = t + 1
+    dtheta = -lr [ m'/(1-b1^t') / (sqrt(v'/(1-b2^t')) + eps) + wd theta ]
+
+and each log-prob changes by <g_i, dtheta> to first order in lr (this project's prediction).
+`adam_step_prediction` evaluates that with v' either frozen at the checkpoint's v (P of the state:
+the per-pair Gram's linearisation) or updated with grad^2 (the step's exact direction). It also
+splits the change into the loss-driven part  lr (1-b1)/(1-b1^t') <g_i, P (-grad)>  and the
+loss-independent drift from momentum and weight decay.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+
+import numpy as np
+import torch
+
+from .geometry import named_parameter_aliases, response_logps, select_parameters
+
+
+# ----------------------------------------------------------------------------------------------
+# parameter groups
+# ----------------------------------------------------------------------------------------------
+_BLOCK = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block)\.(\d+)\.")
+
+
+def parameter_group(name: str) -> str:
+    """Coarse group of a parameter name: 'lora', 'embeddings', 'lm_head', 'norms', 'block{i}.attention',
+    'block{i}.mlp', 'block{i}.other' or 'other'.
+
+    >>> parameter_group("transformer.h.1.attn.c_attn.weight"), parameter_group("model.norm.weight")
+    ('block1.attention', 'norms')
+    """
+    low = name.lower()
+    if "lora_" in low:
+        return "lora"
+    if re.search(r"(^|\.)(lm_head|embed_out)(\.|$)", low):
+        return "lm_head"
+    if re.search(r"(^|\.)(wte|wpe|embed_tokens|embed_in|embed_positions|word_embeddings)(\.|$)", low):
+        return "embeddings"
+    if re.search(r"(^|[._])(ln|norm|layernorm|rmsnorm)[_.0-9]|norm(\.|$)", low):
+        return "norms"
+    m = _BLOCK.search(name)
+    if m:
+        i = m.group(1)
+        if re.search(r"attn|attention", low):
+            return f"block{i}.attention"
+        if re.search(r"mlp|ffn|feed_forward", low):
+            return f"block{i}.mlp"
+        return f"block{i}.other"
+    return "other"
+
+
+def parameter_groups(model, names) -> dict[str, str]:
+    """{name: group} with a weight tied across groups (GPT-2's wte = lm_head) labelled by all its
+    groups joined with '+' (e.g. 'embeddings+lm_head')."""
+    out = {}
+    aliases = named_parameter_aliases(model)
+    first = {al[0]: al for al in aliases.values()}
+    for n in names:
+        gs = sorted({parameter_group(a) for a in first.get(n, [n])})
+        out[n] = "+".join(gs)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# per-response gradients
+# ----------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode (no dropout) for the measurement, with HF's input-embedding hook for checkpointed
+    training (`enable_input_require_grads`, registered by TRL/PEFT) lifted meanwhile: it calls
+    requires_grad_ inside the forward, which functorch transforms reject, and changes no number here."""
+    was = model.training
+    lifted = []
+    for m in model.modules():
+        for key, h in list(m._forward_hooks.items()):
+            if getattr(h, "__name__", "") == "make_inputs_require_grads":
+                lifted.append((m, key, h))
+                del m._forward_hooks[key]
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+        for m, key, h in lifted:
+            m._forward_hooks[key] = h
+
+
+def _acc(model) -> torch.dtype:
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+def response_grads(model, params: dict, input_ids, completion_mask) -> dict[str, torch.Tensor]:
+    """{name: [N, *shape]} per-response gradients of the summed completion log-prob (accumulation
+    dtype: float64 for a float64 model, else float32). Rows are right-padded; each row is run alone."""
+    from torch.func import functional_call, grad, vmap
+
+    acc = _acc(model)
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
+    buffers = dict(model.named_buffers())
+
+    def logp_one(psel, ids, cm):
+        # Right padding is invisible to the real tokens under a causal mask, so each row takes an all-ones
+        # mask (an unbatched constant: no data-dependent control flow inside the model under vmap).
+        ones = torch.ones(1, ids.shape[-1], dtype=torch.long)
+        out = functional_call(model, (psel, frozen, buffers), args=(),
+                              kwargs={"input_ids": ids[None], "attention_mask": ones, "use_cache": False})
+        lp = torch.log_softmax(out.logits[0, :-1].to(acc), -1)
+        return (lp.gather(-1, ids[1:, None]).squeeze(-1) * cm[1:].to(acc)).sum()
+
+    psel = {n: p.detach() for n, p in params.items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+        g = vmap(grad(logp_one), in_dims=(None, 0, 0))(psel, input_ids, completion_mask)
+    return {n: v.to(acc) for n, v in g.items()}
+
+
+def _trim(batch):
+    S = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :S] for k, v in batch.items() if k in ("input_ids", "attention_mask", "completion_mask")}
+
+
+def _params(model, subset, P):
+    params = select_parameters(model, subset)
+    if P is not None:
+        missing = [n for n in params if n not in P]
+        if missing:
+            from .optim_state import OptimizerStateError
+            raise OptimizerStateError(f"the optimiser state has no entry for parameter {missing[0]!r} "
+                                      f"({len(missing)} of {len(params)} selected; measure the trainable "
+                                      "parameters, subset='trainable')")
+        for n, p in params.items():
+            if tuple(P[n].shape) != tuple(p.shape):
+                from .optim_state import OptimizerStateError
+                raise OptimizerStateError(f"preconditioner of {n!r} has shape {tuple(P[n].shape)}, "
+                                          f"the parameter {tuple(p.shape)}")
+    return params
+
+
+def preconditioned_pair_gram(model, batch, P: dict[str, torch.Tensor] | None = None, *, subset=None,
+                             chunk_size: int = 2, by_group: bool = False) -> dict:
+    """Per pair (numpy float64 [B]): G_ww, G_wl, G_ll (plain) and, when P is given, G_ww_adam,
+    G_wl_adam, G_ll_adam = <g_a, P g_b>; with by_group also {'by_group': {group: {key: [B]}}}.
+
+    batch: TRL-collated ([2B, S], chosen rows first); P: {name: tensor shaped like the parameter}
+    covering every selected parameter (`AdamState.preconditioners()`).
+    """
+    batch = _trim(batch)
+    ids, cm = batch["input_ids"], batch["completion_mask"]
+    N = ids.shape[0]
+    if N % 2:
+        raise ValueError("batch must hold 2B rows: B chosen then B rejected")
+    B = N // 2
+    params = _params(model, subset, P)
+    acc = _acc(model)
+    Pa = None if P is None else {n: P[n].to(acc) for n in params}
+    keys = ["G_ww", "G_wl", "G_ll"] + (["G_ww_adam", "G_wl_adam", "G_ll_adam"] if P is not None else [])
+    groups = parameter_groups(model, params)
+    tot = {k: [] for k in keys}
+    grp: dict[str, dict[str, list]] = {}
+    with _eval_mode(model):
+        for s in range(0, B, chunk_size):
+            e = min(B, s + chunk_size)
+            rows = torch.cat([torch.arange(s, e), B + torch.arange(s, e)])
+            g = response_grads(model, params, ids[rows], cm[rows])
+            b = e - s
+            part = {k: torch.zeros(b, dtype=acc) for k in keys}
+            gpart: dict[str, dict[str, torch.Tensor]] = {}
+            for n, gn in g.items():
+                gw, gl = gn[:b].reshape(b, -1), gn[b:].reshape(b, -1)
+                vals = {"G_ww": (gw * gw).sum(1), "G_wl": (gw * gl).sum(1), "G_ll": (gl * gl).sum(1)}
+                if Pa is not None:
+                    pw = gw * Pa[n].reshape(1, -1)
+                    vals.update(G_ww_adam=(pw * gw).sum(1), G_wl_adam=(pw * gl).sum(1),
+                                G_ll_adam=((gl * Pa[n].reshape(1, -1)) * gl).sum(1))
+                for k, v in vals.items():
+                    part[k] += v
+                    if by_group:
+                        gp = gpart.setdefault(groups[n], {})
+                        gp[k] = gp.get(k, 0) + v
+            del g
+            for k in keys:
+                tot[k].append(part[k])
+            for gname, d in gpart.items():
+                for k, v in d.items():
+                    grp.setdefault(gname, {}).setdefault(k, []).append(v)
+    out = {k: torch.cat(v).double().numpy() for k, v in tot.items()}
+    if by_group:
+        out["by_group"] = {gname: {k: torch.cat(v).double().numpy() for k, v in d.items()}
+                           for gname, d in sorted(grp.items())}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# one Adam step, to first order
+# ----------------------------------------------------------------------------------------------
+def adam_step_prediction(model, batch, state, c_w, c_l, *, lr: float | None = None, v_update: bool = False,
+                         subset="trainable", chunk_size: int = 4) -> dict[str, np.ndarray]:
+    """First-order change of every chosen/rejected log-prob under ONE more Adam(W) step from `state`.
+
+    The batch loss gradient is  grad = -sum_j (c_w[j] g_w,j - c_l[j] g_l,j)  (c = incentives / B for
+    a mean loss, as `measure.batch_prediction`). Returns numpy [B] arrays:
+    delta_chosen / delta_rejected (total), *_loss (the part driven by this batch's gradient) and
+    *_drift (momentum + weight decay, independent of the loss). v_update=False freezes v at the
+    state's (the preconditioner of the per-pair Gram); True updates it with grad^2 as the step does.
+    lr: default the state's (last scheduled) learning rate.
+    """
+    batch = _trim(batch)
+    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    B = ids.shape[0] // 2
+    params = select_parameters(model, subset)
+    missing = [n for n in params if n not in state.exp_avg_sq]
+    if missing:
+        from .optim_state import OptimizerStateError
+        raise OptimizerStateError(f"the optimiser state has no entry for parameter {missing[0]!r}")
+    if lr is None and not any(state.lr[n] > 0 for n in params):
+        raise ValueError(f"the optimiser state's learning rate is {state.lr[next(iter(params))]:g} (end of the "
+                         f"schedule?); pass lr (the schedule's initial lr was {state.initial_lr.get(next(iter(params)))})")
+    acc = _acc(model)
+    w = torch.cat([torch.as_tensor(np.asarray(c_w, dtype=float)), -torch.as_tensor(np.asarray(c_l, dtype=float))])
+    with _eval_mode(model):
+        # u = -grad = sum_j w_j g_j (one backward of the weighted log-probs)
+        with torch.enable_grad():
+            lp = response_logps(model, ids, am, cm)
+            gs = torch.autograd.grad((lp * w.to(lp.dtype)).sum(), list(params.values()), allow_unused=True)
+        u = {n: (torch.zeros(p.shape, dtype=acc) if g is None else g.to(acc)) for (n, p), g in zip(params.items(), gs)}
+        step_loss, step_drift = {}, {}
+        for n, p in params.items():
+            b1, b2 = state.betas[n]
+            t = state.step[n]
+            eps, wd = state.eps[n], state.weight_decay[n]
+            eta = state.lr[n] if lr is None else lr
+            v = state.exp_avg_sq[n].to(acc)
+            if v_update:
+                v = b2 * v + (1 - b2) * u[n] ** 2
+                vhat = v / (1 - b2 ** (t + 1))
+            else:
+                vhat = v / (1 - b2 ** t)
+            Pn = 1.0 / (vhat.sqrt() + eps)
+            bc1 = 1 - b1 ** (t + 1)
+            step_loss[n] = eta * (1 - b1) / bc1 * Pn * u[n]
+            step_drift[n] = -eta * b1 / bc1 * Pn * state.exp_avg[n].to(acc) - eta * wd * p.detach().to(acc)
+        loss_part, drift_part = [], []
+        for s in range(0, ids.shape[0], chunk_size):
+            sl = slice(s, min(ids.shape[0], s + chunk_size))
+            g = response_grads(model, params, ids[sl], cm[sl])
+            n_rows = sl.stop - sl.start
+            loss_part.append(sum((g[n].reshape(n_rows, -1) @ step_loss[n].reshape(-1)) for n in params))
+            drift_part.append(sum((g[n].reshape(n_rows, -1) @ step_drift[n].reshape(-1)) for n in params))
+    lo = torch.cat(loss_part).double().numpy()
+    dr = torch.cat(drift_part).double().numpy()
+    return {"delta_chosen": lo[:B] + dr[:B], "delta_rejected": lo[B:] + dr[B:],
+            "delta_chosen_loss": lo[:B], "delta_rejected_loss": lo[B:],
+            "delta_chosen_drift": dr[:B], "delta_rejected_drift": dr[B:]}
+
+
+def measure_adam(model, examples: list[dict], pad_token_id: int, state, *, subset="trainable", batch_size: int = 8,
+                 chunk_size: int = 2, max_length: int | None = 1024, by_group: bool = False, progress=None) -> dict:
+    """`preconditioned_pair_gram` over tokenised examples, `batch_size` pairs per collated batch, with
+    P from `state` (an `AdamState`; None: plain Gram only). Columns numpy [N]; by_group concatenated."""
+    from .data import collate
+
+    P = None
+    if state is not None:
+        names = list(select_parameters(model, subset))
+        P = state.preconditioners(names, dtype=_acc(model))
+    cols: dict[str, list] = {}
+    groups: dict[str, dict[str, list]] = {}
+    for s in range(0, len(examples), batch_size):
+        exs = examples[s:s + batch_size]
+        r = preconditioned_pair_gram(model, collate(exs, pad_token_id, max_length=max_length), P, subset=subset,
+                                     chunk_size=chunk_size, by_group=by_group)
+        for gname, d in r.pop("by_group", {}).items():
+            for k, v in d.items():
+                groups.setdefault(gname, {}).setdefault(k, []).append(v)
+        for k, v in r.items():
+            cols.setdefault(k, []).append(v)
+        if progress is not None:
+            progress(len(exs))
+    out = {k: np.concatenate(v) for k, v in cols.items()}
+    if by_group:
+        out["by_group"] = {g: {k: np.concatenate(v) for k, v in d.items()} for g, d in groups.items()}
+    return out
+
+
+def callback_metrics(model, examples: list[dict], pad_token_id: int, optimizer, c_w, c_l, *, lr: float | None = None,
+                     subset="trainable", max_length: int | None = 1024) -> dict[str, float]:
+    """`EntanglementCallback` values from the live optimiser: the mean first-order change of the probe
+    pairs' chosen and rejected log-probs under one more AdamW step of `optimizer` on the probe batch
+    (`adam_step_prediction`, v frozen at the optimiser's, momentum and weight decay included):
+
+        {"entangle/pred_delta_chosen_adam": float, "entangle/pred_delta_rejected_adam": float}
+
+    c_w, c_l: incentives / B of the probe batch's mean loss (as for `measure.batch_prediction`);
+    lr: default the optimiser's current (scheduled) learning rate."""
+    from .data import collate
+    from .optim_state import from_optimizer
+
+    state = from_optimizer(optimizer, model, copy=False)  # used at once, before the optimiser steps again
+    batch = collate(examples, pad_token_id, max_length=max_length)
+    p = adam_step_prediction(model, batch, state, c_w, c_l, lr=lr, subset=subset)
+    return {"entangle/pred_delta_chosen_adam": float(np.mean(p["delta_chosen"])),
+            "entangle/pred_delta_rejected_adam": float(np.mean(p["delta_rejected"]))}
