@@ -98,7 +98,7 @@ def run(args) -> int:
                         top_k=args.top, progress=True,
                         config={"model": str(Path(args.model).resolve()), "ref_model": args.ref_model},
                         extra={"model": str(args.model), "ref_model": args.ref_model},
-                        dist_timeout_s=args.dist_timeout)
+                        dist_timeout_s=args.dist_timeout, make_figures=_figures)
     if res is None:  # a rank > 0 under torchrun: rank 0 writes and prints
         return 0
     summary = res["summary"]
@@ -127,3 +127,28 @@ def run(args) -> int:
     if args.out:
         print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _figures(m, per_loss, summary, examples, tok, token_maps) -> dict:
+    """{file stem: Figure} of diagnose-model: regime maps, histograms, the per-group split, the what-if
+    ranking and the token heat maps."""
+    import numpy as np
+
+    from ..plotting.diagnosis import plot_by_group, plot_what_if
+    from ..plotting.model_diagnose import plot_histograms, plot_pairs_regime_map, plot_token_map
+
+    ratio = np.sqrt(m["G_ll"] / np.maximum(m["G_ww"], np.finfo(float).tiny))
+    figs = {}
+    for name, th in per_loss.items():
+        figs[f"regime_map_{name}"] = plot_pairs_regime_map(m["cos"], ratio, th["regime"], th["d_w"], th["d_l"], loss=name)
+    figs["histograms"] = plot_histograms(m["cos"], m["rho"])
+    if summary["by_group"]:
+        figs["by_group"] = plot_by_group(summary["by_group"])
+    figs["what_if"] = plot_what_if(summary["what_if"])
+    for stem, j, tg in token_maps:
+        ex = examples[j]
+        cw = tok.convert_ids_to_tokens(ex["chosen_ids"][: tg.cos.shape[0]])
+        cl = tok.convert_ids_to_tokens(ex["rejected_ids"][: tg.cos.shape[1]])
+        figs[stem] = plot_token_map(tg.cos.numpy(), cw, cl, title=f"pair {int(m['index'][j])}: cos "
+                                    f"{m['cos'][j]:+.3f}, token inner products sum to G_wl")
+    return figs

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,6 @@ def _clean(x):
 
 def _select_rows(data, tokenizer, model, *, pairs, screen_k, batch_size, max_length, progress):
     """(rows kept, their row numbers, screen info or None). Streams the source; keeps only what is measured."""
-    import torch  # noqa: F401
-
     from . import screen as scr
     from .data import collate, pad_token_id, tokenize_rows
 
@@ -102,11 +101,14 @@ def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("
                   method: str = "auto", max_length: int | None = 1024, optimizer_state=None,
                   screen: int | None = None, check_step: bool = False, lr: float | None = None,
                   chunk_rows: int = 256, top_k: int = 10, progress: bool = True, config: dict | None = None,
-                  extra: dict | None = None, dist_timeout_s: float = 60.0):
+                  extra: dict | None = None, dist_timeout_s: float = 60.0, make_figures=None):
     """Run the whole diagnosis (module docstring). Returns {"summary", "table", "columns", "report"}
     on rank 0 (None on other ranks under torchrun). Bad input raises ValueError subclasses with a
     one-line message (OptimizerStateError, StreamError, DistributedError). `extra`: entries added
-    to the summary (e.g. the model's path); dist_timeout_s: how long a rank waits for its peers."""
+    to the summary (e.g. the model's path); dist_timeout_s: how long a rank waits for its peers;
+    make_figures(m, per_loss, summary, examples, tokenizer, token_maps) -> {file stem: Figure}: the
+    figures written next to report.md (token_maps: [(stem, position, TokenGram)]; the plotting layer
+    lives above this module, so the caller supplies it)."""
     from .. import regimes
     from . import parallel, theory
     from .data import pad_token_id, tokenize_rows
@@ -122,17 +124,20 @@ def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("
                                  batch_size=batch_size, max_length=max_length)  # bad prefix -> error now
     if state is not None:
         state.preconditioners([n for n, p in model.named_parameters() if p.requires_grad])  # mismatch -> error now
+    progress = progress and sys.stderr.isatty()  # bars for people, none in logs or on a one-line error
     rank, world = parallel.init(timeout_s=dist_timeout_s) if parallel.env_world()[1] > 1 else (0, 1)
     if world > 1 and out is None:
         raise ValueError("under torchrun, --out is needed (the ranks share the output folder)")
 
     rows, index, scr = _select_rows(data, tokenizer, model, pairs=pairs, screen_k=screen, batch_size=batch_size,
                                     max_length=max_length, progress=progress and rank == 0)
-    kw = dict(state=state, ref_model=ref_model, subset=subset, by_group=True, batch_size=batch_size,
+    kw = dict(state=state, ref_model=ref_model, subset=subset, by_group=state is not None, batch_size=batch_size,
               max_length=max_length, method=method)
 
     def compute(chunk, start):
         cols = diagnosis.measure_rows(model, tokenizer, chunk, start, **kw)
+        if state is None:  # the per-group split from the factored pair Gram (no per-response gradients)
+            cols.update(_group_columns(session, tokenizer, chunk))
         cols["index"] = index[start:start + len(chunk)]
         return cols
 
@@ -224,9 +229,26 @@ def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("
     token = _token_maps(session, examples, m, summary, token_maps)
     report = None
     if out is not None:
-        report = _write(out, summary, table, cols_out, m, per_loss, examples, tokenizer, token)
+        report = _write(out, summary, table, cols_out, m, per_loss, examples, tokenizer, token, make_figures)
     return {"summary": _clean(summary), "table": table, "columns": cols_out, "report": report,
             "per_loss": per_loss, "measure": m}
+
+
+def _group_columns(session, tokenizer, rows):
+    """'by_group::<group>::G_ww|G_wl|G_ll' columns of `rows` from `geometry.pair_gram(by_group=True)`."""
+    from .data import collate, tokenize_rows
+    from .geometry import pair_gram
+
+    ex = tokenize_rows(tokenizer, rows, max_length=session.max_length)
+    cols: dict[str, list] = {}
+    for s in range(0, len(ex), session.batch_size):
+        b = collate(ex[s:s + session.batch_size], session.pad, max_length=session.max_length)
+        for g, pg in pair_gram(session.model, b, subset=session.subset, method=session.method,
+                               chunk_size=session.batch_size, by_group=True).items():
+            for k in ("G_ww", "G_wl", "G_ll"):
+                cols.setdefault(diagnosis.GROUP_SEP.join(("by_group", g, k)), []).append(
+                    getattr(pg, k).detach().double().numpy())
+    return {k: np.concatenate(v) for k, v in cols.items()}
 
 
 def _check(model, examples, th, session, state, lr):
@@ -297,13 +319,9 @@ def _token_maps(session, examples, m, summary, token_maps):
     return [(stem, j, cache.setdefault(j, session.token_map(examples[j]))) for stem, j in maps]
 
 
-def _write(out, summary, table, cols, m, per_loss, examples, tok, token):
+def _write(out, summary, table, cols, m, per_loss, examples, tok, token, make_figures):
     import csv
 
-    import matplotlib.pyplot as plt
-
-    from ..plotting.diagnosis import plot_by_group, plot_what_if
-    from ..plotting.model_diagnose import plot_histograms, plot_pairs_regime_map, plot_token_map
     from ..results import atomic_write
 
     with open(out / "pairs.csv", "w", newline="") as f:
@@ -311,22 +329,11 @@ def _write(out, summary, table, cols, m, per_loss, examples, tok, token):
         w.writeheader()
         for r in table:
             w.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in r.items()})
-    ratio = np.sqrt(m["G_ll"] / np.maximum(m["G_ww"], np.finfo(float).tiny))
-    figs = {}
-    for name, th in per_loss.items():
-        figs[f"regime_map_{name}"] = plot_pairs_regime_map(m["cos"], ratio, th["regime"], th["d_w"], th["d_l"], loss=name)
-    figs["histograms"] = plot_histograms(m["cos"], m["rho"])
-    if summary["by_group"]:
-        figs["by_group"] = plot_by_group(summary["by_group"])
-    figs["what_if"] = plot_what_if(summary["what_if"])
-    for stem, j, tg in token:
-        ex = examples[j]
-        cw = tok.convert_ids_to_tokens(ex["chosen_ids"][: tg.cos.shape[0]])
-        cl = tok.convert_ids_to_tokens(ex["rejected_ids"][: tg.cos.shape[1]])
-        figs[stem] = plot_token_map(tg.cos.numpy(), cw, cl, title=f"pair {int(m['index'][j])}: cos "
-                                    f"{m['cos'][j]:+.3f}, token inner products sum to G_wl")
+    figs = make_figures(m, per_loss, summary, examples, tok, token) if make_figures is not None else {}
     for fname, fig in figs.items():  # atomically, like every other output file
         atomic_write(out / f"{fname}.png", lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110))
+        import matplotlib.pyplot as plt
+
         plt.close(fig)
     summary["figures"] = sorted(f"{k}.png" for k in figs)
     captions = {"where G_wl comes from, per parameter group": "by_group.png",
