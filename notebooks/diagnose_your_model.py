@@ -71,12 +71,13 @@ split = pair_gram(model, batch, by_group=True)
 {name: round(float(v.G_wl.mean()), 4) for name, v in split.items()}
 
 # %% [markdown]
-# ## The command line: table, regimes per loss, figures
+# ## The command line: verdict, table, regimes per loss, what-if, figures, report.md
 # Without `--ref-model` the reference is the model itself, as in TRL's `DPOTrainer(ref_model=None)`.
+# The first printed line is the verdict; `out/report.md` has the what-if table and the top pairs.
 
 # %%
 out = work / "out"
 main(["diagnose-model", "--model", str(MODEL_DIR), "--data", str(DATA), "--loss", "sigmoid", "ipo",
       "--token-maps", "1", "--out", str(out)])
 summary = json.loads((out / "summary.json").read_text())
-summary["regime_fractions"]["sigmoid"], summary["moved_by_batch"], summary["reference"]
+summary["verdict"], summary["regime_fractions"]["sigmoid"], summary["moved_by_batch"], summary["reference"]["kind"]

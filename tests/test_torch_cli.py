@@ -94,7 +94,7 @@ def test_default_reference_is_the_model_itself(saved, tmp_path, capsys):
                "--loss", "sigmoid", "simpo", "--out", str(out), "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["reference"] == "model" and summary["ref_model"] is None
+    assert summary["reference"]["kind"] == "model" and summary["ref_model"] is None
     assert summary["reference_used_by"] == {"sigmoid": True, "simpo": False}
     with open(out / "pairs.csv") as f:
         rows = list(csv.DictReader(f))

@@ -1,12 +1,11 @@
 """`entangle-sim diagnose-model`: per-pair gradient entanglement of a local Hugging Face model on TRL rows."""
 from __future__ import annotations
 
-import csv
 import json
-import sys
 from pathlib import Path
 
 from . import CLIError
+from ._user_losses import add_flag as add_losses_flag
 
 INSTALL = 'diagnose-model needs the PyTorch extra: pip install "entangle_sim[torch]"'
 
@@ -14,7 +13,8 @@ INSTALL = 'diagnose-model needs the PyTorch extra: pip install "entangle_sim[tor
 def register(sub) -> None:
     p = sub.add_parser("diagnose-model", help="gradient entanglement of your own causal LM on your preference pairs")
     p.add_argument("--model", required=True, help="local model directory (save_pretrained; nothing is downloaded)")
-    p.add_argument("--data", required=True, help="JSON/JSONL file of TRL preference rows (prompt, chosen, rejected)")
+    p.add_argument("--data", required=True, help="TRL preference rows (prompt, chosen, rejected): JSONL, JSON, "
+                   "Parquet or a datasets save_to_disk folder, streamed")
     p.add_argument("--ref-model", default=None,
                    help="local reference model directory (default: the model itself, as TRL's DPOTrainer "
                         "with ref_model=None: every log-ratio starts at 0)")
@@ -28,7 +28,21 @@ def register(sub) -> None:
     p.add_argument("--method", choices=["auto", "ghost", "exact"], default="auto")
     p.add_argument("--max-length", type=int, default=1024, help="TRL's max_length (keep_start truncation)")
     p.add_argument("--out", default=None, help="write pairs.csv, summary.json and figures here")
-    p.add_argument("--json", action="store_true", help="print the JSON summary")
+    p.add_argument("--json", action="store_true", help="print the JSON summary (strict JSON, for scripts)")
+    p.add_argument("--optimizer-state", default=None, metavar="DIR",
+                   help="a Trainer/TRL checkpoint folder (its optimizer.pt): Adam-preconditioned Gram and regimes")
+    p.add_argument("--screen", type=int, default=None, metavar="K",
+                   help="CHES-score every pair (forward only), measure the exact Gram on the top K")
+    p.add_argument("--check-step", action="store_true",
+                   help="take one real optimiser step on the measured pairs: predicted vs realised")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate of --check-step (default: the optimiser state's initial lr, else 1e-4)")
+    p.add_argument("--top", type=int, default=10, metavar="K", help="the K most entangled pairs in the report")
+    p.add_argument("--dist-timeout", type=float, default=60.0, metavar="S",
+                   help="under torchrun: seconds a rank waits for its peers before failing")
+    p.add_argument("--chunk-rows", type=int, default=256,
+                   help="rows per resumable output chunk (under --out/measure/chunks)")
+    add_losses_flag(p)  # user losses: usable in --loss and evaluated in the what-if table
     p.set_defaults(func=run)
 
 
@@ -54,20 +68,22 @@ def run(args) -> int:
         import transformers  # noqa: F401
     except ImportError:
         raise CLIError(INSTALL) from None
-    from .. import regimes
     from ..torch import theory
-    from ..torch.data import load_preference_rows, pad_token_id, tokenize_rows
-    from ..torch.session import MeasurementSession
+    from ..torch.diagnosis_run import run_diagnosis
+    from ..torch.stream import source_format
 
-    for flag, v in (("--pairs", args.pairs), ("--batch-size", args.batch_size)):
+    for flag, v in (("--pairs", args.pairs), ("--batch-size", args.batch_size), ("--screen", args.screen),
+                    ("--chunk-rows", args.chunk_rows), ("--top", args.top)):
         if v is not None and v <= 0:
             raise CLIError(f"{flag} must be a positive integer, got {v}")
     if args.token_maps < 0:
         raise CLIError(f"--token-maps must be >= 0, got {args.token_maps}")
+    if args.lr is not None and not args.lr > 0:
+        raise CLIError(f"--lr must be > 0, got {args.lr}")
     loss_names = [theory.loss_spec(n).name for n in (args.loss or ["sigmoid"])]  # unknown -> error
     if not Path(args.model).is_dir():
         raise CLIError(f"model directory not found: {args.model}")
-    rows = load_preference_rows(args.data, limit=args.pairs)   # bad data fails before any model loads
+    source_format(args.data)  # a missing or unknown data source fails before any model loads
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # keep stderr to our own progress bar and one-line errors
     tok, model = _load(args.model, "model")
@@ -75,76 +91,50 @@ def run(args) -> int:
     subset = None
     if args.subset:
         subset = "trainable" if args.subset == ["trainable"] else args.subset
-    examples = tokenize_rows(tok, rows, max_length=args.max_length)
-    session = MeasurementSession(model, pad_token_id=pad_token_id(tok), subset=subset, method=args.method,
-                                 batch_size=args.batch_size, max_length=args.max_length)  # bad prefix -> error
-    B = len(examples)
-
-    from tqdm.auto import tqdm
-    with tqdm(total=B, desc="diagnose-model", unit="pair", disable=None, file=sys.stderr) as bar:
-        d = session.diagnose(examples, loss_names, ref_model=ref, token_maps=args.token_maps, progress=bar.update)
-    m, (ref_w, ref_l), per_loss = d["measure"], d["ref"], d["per_loss"]
-
-    summary = {"n_pairs": B, "model": str(args.model), "data": str(args.data), "subset": args.subset,
-               "losses": loss_names, "cos_mean": float(m["cos"].mean()), "rho_mean": float(m["rho"].mean()),
-               "frac_rho_le_1": float((m["rho"] <= 1).mean()), "regime_fractions": {},
-               "batch_regime_fractions": {}, "moved_by_batch": {},
-               # TRL's default: without a reference model the reference is the model itself (log-ratios 0)
-               "reference": d["reference"], "ref_model": args.ref_model, "method": args.method,
-               "dtype": session.dtype,
-               "reference_used_by": {n: bool(theory.loss_spec(n).uses_reference) for n in loss_names}}
-    for name, th in per_loss.items():
-        summary["regime_fractions"][name] = regimes.fractions(regimes.classify(th["delta_chosen"], th["delta_rejected"]))
-        summary["batch_regime_fractions"][name] = regimes.fractions(
-            regimes.classify(th["batch_delta_chosen"], th["batch_delta_rejected"]))
-        summary["moved_by_batch"][name] = int(sum(a != b for a, b in zip(th["regime"], th["batch_regime"])))
-
-    cols = ["pair", "chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"]
-    cols += ["chosen_len", "rejected_len", "prompt_len", "G_ww", "G_wl", "G_ll", "cos", "rho_w", "rho_l", "rho"]
-    for name in loss_names:
-        cols += [f"{k}_{name}" for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "regime",
-                                         "batch_delta_chosen", "batch_delta_rejected", "batch_regime")]
-    table = []
-    for i in range(B):
-        r = {"pair": i, **{k: m[k][i] for k in ("chosen_logps", "rejected_logps", "G_ww", "G_wl", "G_ll", "cos",
-                                                "rho_w", "rho_l", "rho")},
-             "chosen_len": int(m["chosen_len"][i]), "rejected_len": int(m["rejected_len"][i]),
-             "prompt_len": int(m["prompt_len"][i])}
-        r["ref_chosen_logps"], r["ref_rejected_logps"] = float(ref_w[i]), float(ref_l[i])
-        for name, th in per_loss.items():
-            for k in ("d_w", "d_l", "delta_chosen", "delta_rejected", "batch_delta_chosen", "batch_delta_rejected"):
-                r[f"{k}_{name}"] = float(th[k][i])
-            r[f"regime_{name}"] = th["regime"][i]
-            r[f"batch_regime_{name}"] = th["batch_regime"][i]
-        table.append(r)
-
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "pairs.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols)
-            w.writeheader()
-            for r in table:
-                w.writerow({k: (f"{v:.9g}" if isinstance(v, float) else v) for k, v in r.items()})
-        _figures(out, m, per_loss, examples, tok, d["token_maps"])
-        summary["figures"] = sorted(p.name for p in out.glob("*.png"))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    res = run_diagnosis(model, tok, args.data, out=args.out, ref_model=ref, losses=loss_names, subset=subset,
+                        pairs=args.pairs, batch_size=args.batch_size, token_maps=args.token_maps,
+                        method=args.method, max_length=args.max_length, optimizer_state=args.optimizer_state,
+                        screen=args.screen, check_step=args.check_step, lr=args.lr, chunk_rows=args.chunk_rows,
+                        top_k=args.top, progress=True,
+                        config={"model": str(Path(args.model).resolve()), "ref_model": args.ref_model},
+                        extra={"model": str(args.model), "ref_model": args.ref_model},
+                        dist_timeout_s=args.dist_timeout, make_figures=_figures)
+    if res is None:  # a rank > 0 under torchrun: rank 0 writes and prints
+        return 0
+    summary = res["summary"]
     if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"diagnose-model {B} pairs: mean cos {summary['cos_mean']:+.3f}, rho <= 1 for "
-              f"{summary['frac_rho_le_1']:.0%} of pairs")
-        for name in loss_names:
-            fr = summary["regime_fractions"][name]
-            print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in fr.items() if v)
-                  + f"; batch step moves {summary['moved_by_batch'][name]} pair(s) to another regime")
+        print(json.dumps(summary, allow_nan=False))
+        return 0
+    print(summary["verdict"])
+    print(f"diagnose-model {summary['n_pairs']} pairs: mean cos {summary['cos_mean']:+.3f}, rho <= 1 for "
+          f"{summary['frac_rho_le_1']:.0%} of pairs")
+    for name in loss_names:
+        fr = summary["regime_fractions"][name]
+        print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in fr.items() if v)
+              + f"; batch step moves {summary['moved_by_batch'][name]} pair(s) to another regime")
+    adam = any("adam" in r for r in summary["what_if"])
+    print("what to change (first order; ranked by pairs with chosen up and margin up"
+          + (", under Adam" if adam else "") + "):")
+    for r in [r for r in summary["what_if"] if "skipped" not in r][:5]:
+        s = r["adam" if adam else "sgd"]
+        print(f"  {r['label']:<32} chosen up & margin up {s['chosen_up_margin_up']:.0%}, "
+              f"chosen falls {s['chosen_falls']:.0%}")
+    if "check_step" in summary:
+        c = summary["check_step"]
+        print(f"check-step ({c['optimizer']}, lr {c['lr']:g}, {c['pairs']} pairs): sign agreement "
+              f"{c['sign_agreement']}/{c['counted']}, regime agreement {c['regime_agreement']:.0%}, "
+              f"max relative error {c['max_rel_error']:.2g}")
+    if args.out:
+        print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 
-def _figures(out, m, per_loss, examples, tok, token_maps):
-    import matplotlib.pyplot as plt
+def _figures(m, per_loss, summary, examples, tok, token_maps) -> dict:
+    """{file stem: Figure} of diagnose-model: regime maps, histograms, the per-group split, the what-if
+    ranking and the token heat maps."""
     import numpy as np
 
+    from ..plotting.diagnosis import plot_by_group, plot_what_if
     from ..plotting.model_diagnose import plot_histograms, plot_pairs_regime_map, plot_token_map
 
     ratio = np.sqrt(m["G_ll"] / np.maximum(m["G_ww"], np.finfo(float).tiny))
@@ -152,14 +142,13 @@ def _figures(out, m, per_loss, examples, tok, token_maps):
     for name, th in per_loss.items():
         figs[f"regime_map_{name}"] = plot_pairs_regime_map(m["cos"], ratio, th["regime"], th["d_w"], th["d_l"], loss=name)
     figs["histograms"] = plot_histograms(m["cos"], m["rho"])
-    for rank, (i, tg) in enumerate(token_maps):
-        ex = examples[i]
+    if summary["by_group"]:
+        figs["by_group"] = plot_by_group(summary["by_group"])
+    figs["what_if"] = plot_what_if(summary["what_if"])
+    for stem, j, tg in token_maps:
+        ex = examples[j]
         cw = tok.convert_ids_to_tokens(ex["chosen_ids"][: tg.cos.shape[0]])
         cl = tok.convert_ids_to_tokens(ex["rejected_ids"][: tg.cos.shape[1]])
-        figs[f"token_map_{rank}_pair{i}"] = plot_token_map(
-            tg.cos.numpy(), cw, cl, title=f"pair {i}: cos {m['cos'][i]:+.3f}, token inner products sum to G_wl")
-    from ..results import atomic_write
-
-    for fname, fig in figs.items():  # atomically, like every other output file
-        atomic_write(out / f"{fname}.png", lambda fh, fig=fig: fig.savefig(fh, format="png", dpi=110))
-        plt.close(fig)
+        figs[stem] = plot_token_map(tg.cos.numpy(), cw, cl, title=f"pair {int(m['index'][j])}: cos "
+                                    f"{m['cos'][j]:+.3f}, token inner products sum to G_wl")
+    return figs

@@ -12,6 +12,11 @@ see `attach`):
         first-order change of the probe means over the next `every_n_steps` steps, predicted for
         plain SGD at the trainer's current learning rate on the mean loss over the probe pairs
         (the batch-level prediction, full probe Gram);
+    entangle/pred_delta_chosen_adam, entangle/pred_delta_rejected_adam
+        when the trainer's optimiser is a torch AdamW with a state (from the first step on): the same
+        prediction for `every_n_steps` AdamW steps of the live optimiser on the probe batch
+        (`adam.callback_metrics`: P = diag(1/(sqrt(v_hat) + eps)) of the current state, momentum and
+        weight decay included, v frozen; first order);
     entangle/real_delta_chosen, entangle/real_delta_rejected
         at the next measurement: the realised change since the previous one;
     entangle/pred_regime, entangle/real_regime   regime codes (`entangle_sim.regimes.REGIMES`).
@@ -95,7 +100,7 @@ class EntanglementCallback(TrainerCallback):
                 hp[h.name] = getattr(args, h.name)
         return hp
 
-    def _measure(self, model, tokenizer, args, state, lr):
+    def _measure(self, model, tokenizer, args, state, lr, optimizer=None):
         max_length = getattr(args, "max_length", 1024)
         if self.examples is None:
             self.examples = tokenize_rows(tokenizer, self.rows, max_length=max_length)
@@ -134,6 +139,7 @@ class EntanglementCallback(TrainerCallback):
             "entangle/pred_regime": int(regimes.classify(np.array(pc), np.array(pr))),
             "entangle/eta": float(eta),
         }
+        logs.update(self._adam(model, optimizer, th["d_w"] / B, th["d_l"] / B, lr, max_length))
         if self.last is not None:
             rc = float(m["chosen_logps"].mean() - self.last[0].mean())
             rr = float(m["rejected_logps"].mean() - self.last[1].mean())
@@ -142,6 +148,24 @@ class EntanglementCallback(TrainerCallback):
         self.last = (m["chosen_logps"], m["rejected_logps"])
         self.history.append({"step": state.global_step, "dtype": s.dtype, **logs})
         self.pending = logs
+
+    def _adam(self, model, optimizer, c_w, c_l, lr, max_length) -> dict:
+        """The _adam keys from the live optimiser (every_n_steps x one AdamW step), or {} when the
+        optimiser is not an AdamW or has no state yet (before the first step)."""
+        import torch
+
+        from .adam import callback_metrics
+        from .optim_state import OptimizerStateError
+
+        opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        if not isinstance(opt, torch.optim.AdamW):
+            return {}
+        try:
+            r = callback_metrics(model, self.examples, self.pad, opt, c_w, c_l, lr=lr,
+                                 subset=self.session.subset, max_length=max_length)
+        except OptimizerStateError:  # no Adam state yet: nothing to precondition with
+            return {}
+        return {k: self.every * v for k, v in r.items()}
 
     @staticmethod
     def _lr(args, lr_scheduler):
@@ -162,14 +186,16 @@ class EntanglementCallback(TrainerCallback):
 
     # -- events
     def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
-        self._measure(model, self._tokenizer(kwargs), args, state, self._lr(args, lr_scheduler))
+        self._measure(model, self._tokenizer(kwargs), args, state, self._lr(args, lr_scheduler),
+                      kwargs.get("optimizer"))
         # No trainer log call happens before the first step: record the baseline as its own entry.
         state.log_history.append({**self.pending, "step": state.global_step})
         self.pending = {}
 
     def on_step_end(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
         if state.global_step % self.every == 0:
-            self._measure(model, self._tokenizer(kwargs), args, state, self._lr(args, lr_scheduler))
+            self._measure(model, self._tokenizer(kwargs), args, state, self._lr(args, lr_scheduler),
+                          kwargs.get("optimizer"))
             control.should_log = True
         return control
 
