@@ -5,7 +5,9 @@ by `entangle-sim diagnose-model` and `EntanglementCallback`.
     m = s.measure(examples)                       # log-probs, lengths, G_ww, G_wl, G_ll, cos, rho per pair
     dw, dl = s.predict(examples, c_w, c_l)        # batch-level first-order changes (full response Gram)
     t = s.token_map(examples[0])                  # TokenGram of one pair
-    d = s.diagnose(examples, ["sigmoid"])         # all of it + incentives, regimes, reference
+
+`entangle_sim.torch.diagnosis_run.run_diagnosis` (the `diagnose-model` command) builds the whole diagnosis
+on one session: every chunk of rows, the reference, every loss's prediction and the token maps.
 
 Every call runs in eval mode, outside any autocast, in the parameters' dtype (`dtype`), and goes through
 the same capture, verification and fallback as `pair_gram` / `directional` / `token_gram`.
@@ -98,36 +100,3 @@ class MeasurementSession:
                 rw.append(lp[:len(exs)].double().numpy())
                 rl.append(lp[len(exs):].double().numpy())
         return np.concatenate(rw), np.concatenate(rl)
-
-    def diagnose(self, examples: list[dict], losses: list[str], *, ref_model=None, token_maps: int = 0,
-                 progress=None, loss_kwargs: dict | None = None) -> dict:
-        """The full diagnosis of `entangle-sim diagnose-model`.
-
-        Reference as TRL has it: `ref_model` if given, else the model itself (TRL's DPOTrainer with
-        ref_model=None uses the policy at the start of training, so every log-ratio is 0); losses
-        without a reference term ignore it. Returns {"measure": per-pair arrays, "ref": (ref_w, ref_l),
-        "reference": "ref_model" | "model", "per_loss": {loss: theory.evaluate(...) + batch_delta_*,
-        batch_regime}, "token_maps": [(pair index, TokenGram)] of the `token_maps` pairs with the largest cos}.
-        """
-        from .. import regimes
-        from . import theory
-
-        m = self.measure(examples, progress=progress)
-        if ref_model is not None:
-            ref = self.logps(examples, ref_model)
-        else:
-            ref = (m["chosen_logps"].copy(), m["rejected_logps"].copy())
-        B = len(examples)
-        per_loss = {}
-        for name in losses:
-            th = theory.evaluate(name, **{k: m[k] for k in ("chosen_logps", "rejected_logps", "chosen_len",
-                                                            "rejected_len", "G_ww", "G_wl", "G_ll", "prompt_len")},
-                                 ref_chosen_logps=ref[0], ref_rejected_logps=ref[1], **(loss_kwargs or {}))
-            bw, bl = self.predict(examples, th["d_w"] / B, th["d_l"] / B)
-            th.update(batch_delta_chosen=bw, batch_delta_rejected=bl,
-                      batch_regime=regimes.names(regimes.classify(bw, bl)))
-            per_loss[name] = th
-        order = np.argsort(-m["cos"])[:token_maps]
-        maps = [(int(i), self.token_map(examples[int(i)])) for i in order]
-        return {"measure": m, "ref": ref, "reference": "ref_model" if ref_model is not None else "model",
-                "per_loss": per_loss, "token_maps": maps}
