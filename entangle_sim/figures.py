@@ -68,6 +68,9 @@ FIGURES: dict[str, Figure] = {f.name: f for f in [
     Figure("transformer_claims", claims.plot_claim_table,
            "The paper's transformer claims as statistics over seeds and settings, with failures attributed",
            "§6.3, R15, R17"),
+    Figure("transformer_claims_scale", claims.plot_claim_scale,
+           "The paper's transformer claims as the model grows: fraction of seeds holding per size, where it turns",
+           "§6.3, R15, R17"),
     Figure("mitigations", simulation.plot_mitigation_comparison,
            "Mitigation comparison: normalized GD and token masks vs plain DPO", "R19, R20, §8"),
 ]}
