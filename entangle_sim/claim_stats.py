@@ -176,7 +176,7 @@ class SweepConfig:
     # resolves 1e-7 relative) and runs about twice as fast as float64 on CPU; the one-step
     # mathematics is checked in float64 by the tests and the report's R-entries.
     x64: bool = False
-    # memory for the recorded Jacobians of one PO call (`seeds_per_call`); None: every seed at once
+    # memory for the recorded Jacobians of one PO call (`runs_per_call`); None: every run at once
     budget_gb: float | None = None
 
     def __post_init__(self):
@@ -297,15 +297,15 @@ def n_params(cfg: DiagnoseConfig) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree.leaves(shapes)))
 
 
-def seeds_per_call(cfg: DiagnoseConfig, seeds: int, budget_gb: float | None) -> int:
-    """How many seeds (each: the three datasets) one call of the PO program holds: the recorded
-    per-response Jacobians [2 po_batch, P] of all its runs must fit in budget_gb (None: all seeds).
-    The largest divisor of seeds that fits (every call then has the same shape: one compilation)."""
+def runs_per_call(cfg: DiagnoseConfig, runs: int, budget_gb: float | None) -> int:
+    """How many runs (seed x dataset) one call of the PO program holds: the recorded per-response
+    Jacobians [2 po_batch, P] of its runs, with the copies the vmapped Jacobian makes (about 3), must
+    fit in budget_gb (None: all runs). The largest divisor of `runs` that fits (one compiled shape)."""
     if budget_gb is None:
-        return seeds
-    per_seed = len(MODES) * 2 * cfg.po_batch * n_params(cfg) * (8 if jax.config.jax_enable_x64 else 4)
-    fit = max(1, int(budget_gb * 2**30 // per_seed))
-    return max(d for d in range(1, seeds + 1) if seeds % d == 0 and d <= fit)
+        return runs
+    per_run = 3 * 2 * cfg.po_batch * n_params(cfg) * (8 if jax.config.jax_enable_x64 else 4)
+    fit = max(1, int(budget_gb * 2**30 // per_run))
+    return max(d for d in range(1, runs + 1) if runs % d == 0 and d <= fit)
 
 
 def run_setting(cfg: DiagnoseConfig, seeds: int, *, progress: Callable[[str], None] | None = None,
@@ -319,7 +319,7 @@ def run_setting(cfg: DiagnoseConfig, seeds: int, *, progress: Callable[[str], No
     pretraining), cos_reference, cos_final, and for 'long' tok_contrast_*, tok_shared_max_*}}.
     pretrained: a dict shared between calls; runs whose pretraining is the same reuse it. Settings
     that differ only in rates or numeric loss hyperparameters reuse the compiled programs.
-    budget_gb: memory for the recorded Jacobians of one PO call (`seeds_per_call`; None: all seeds)."""
+    budget_gb: memory for the recorded Jacobians of one PO call (`runs_per_call`; None: all runs)."""
     hp = losses.get(cfg.loss).resolve(**dict(cfg.loss_params))
     hp_static = tuple(sorted((k, v) for k, v in hp.items() if not isinstance(v, (int, float)) or isinstance(v, bool)))
     policy, scfg, stage_a, stage_b, measure, measure_tokens = _programs(_structure(cfg), hp_static)
@@ -339,20 +339,25 @@ def run_setting(cfg: DiagnoseConfig, seeds: int, *, progress: Callable[[str], No
         progress("pretrained")
     n_modes, long = len(MODES), MODES.index("long")
     rep = lambda t: jax.tree.map(lambda a: jnp.repeat(a, n_modes, axis=0), t)  # noqa: E731  [seeds*modes]
-    chunk = seeds_per_call(cfg, seeds, budget_gb)
-    parts = []
-    for c0 in range(0, seeds, chunk):
+    n_runs = seeds * n_modes
+    chunk = runs_per_call(cfg, n_runs, budget_gb)
+    modes_all = np.tile(np.arange(n_modes), seeds)
+    pre_r, kb_r, ke_r = rep(pre), rep(k_b), rep(k_e)
+    parts, toks = [], []
+    for c0 in range(0, n_runs, chunk):
         sl = lambda t: jax.tree.map(lambda a: a[c0:c0 + chunk], t)  # noqa: E731
-        modes = jnp.tile(jnp.arange(n_modes), chunk)
-        ref, final, sums = jax.block_until_ready(stage_b(rep(sl(pre)), rep(sl(k_b)), modes, nums))
-        meas = measure(ref, final, modes, rep(sl(k_e)))
-        pick = lambda t: jax.tree.map(lambda a: a[long::n_modes], t)  # noqa: E731  the long-suffix runs
-        toks = jax.block_until_ready(measure_tokens(pick(ref), pick(final), sl(k_e)))
-        parts.append(({k: np.asarray(v) for k, v in {**sums, **meas}.items()}, {k: np.asarray(v) for k, v in toks.items()}))
+        modes = jnp.asarray(modes_all[c0:c0 + chunk])
+        ref, final, sums = jax.block_until_ready(stage_b(sl(pre_r), sl(kb_r), modes, nums))
+        meas = measure(ref, final, modes, sl(ke_r))
+        parts.append({k: np.asarray(v) for k, v in {**sums, **meas}.items()})
+        idx = np.flatnonzero(modes_all[c0:c0 + chunk] == long)       # the long-suffix runs of this call
+        if len(idx):
+            pick = lambda t: jax.tree.map(lambda a: a[idx], t)  # noqa: E731
+            toks.append({k: np.asarray(v) for k, v in measure_tokens(pick(ref), pick(final), pick(sl(ke_r))).items()})
     if progress:
         progress("trained")
-    allv = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
-    tok = {k: np.concatenate([p[1][k] for p in parts]) for k in parts[0][1]}
+    allv = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    tok = {k: np.concatenate([p[k] for p in toks]) for k in toks[0]}
     pst = {k: np.asarray(v) for k, v in pre_stats.items()}
     runs = []
     for s in range(seeds):

@@ -46,15 +46,22 @@ SCALE_SIZES = (
 # The CPU preset stops at L4-d128-V128: L4-d256-V256 alone would take ~30 CPU-minutes (PO with the
 # recorded per-response Jacobians: ~2e13 FLOPs for 2 settings x 15 runs); it is part of the GPU run.
 CLAIMS_SCALE = dict(seeds=5, settings=("paper", "sgd_scaled"), base=dict(pretrain_steps=200, po_steps=60),
-                    sizes=SCALE_SIZES[:3], budget_gb=2.0)
-# The GPT-2-small-like size for one GPU (`entangle-sim claims --preset scale-gpu`): 12 layers x 768, 12
-# heads, vocabulary 1024 (about 86M parameters), the same recipe, settings and seeds; its
-# claims_scale.json joins the CPU sizes in one figure (`--with`). One seed (3 runs) per PO call: the
-# recorded Jacobians are 3 x 32 x 86M x 4 B = 33 GB.
+                    sizes=SCALE_SIZES[:3], budget_gb=6.0)
+# The GPT-2-small-like size for one GPU (`entangle-sim claims --preset scale-gpu`): L4-d256-V256 (3.3M
+# parameters) and 12 layers x 768, 12 heads, vocabulary 1024 (86.6M parameters; GPT-2 small: 124M, of
+# which 39M are its 50k-word embedding), the same recipe, settings and seeds; its claims_scale.json
+# joins the CPU sizes in one figure (`--with`). One run per PO call at 86.6M: its recorded Jacobian is
+# 32 x 86.6M x 4 B = 11 GB (about 3 copies while it is built). Work, 12 x 768 (6 N FLOPs per trained
+# token, 2 N per forward token, N parameters): pretraining 400 x 128 sentences x 21 tokens x 6N x 5
+# seeds = 2.8e15; SFT 2 x 30 x 64 x 21 x 6N x 15 runs = 6.3e14; PO 2 settings x 60 steps x 15 runs x
+# ~13000 N (32 per-response backward passes, the batch gradient, 2 forward passes, the 32 x 32 Gram)
+# = 2.0e15; about 5.5e15 FLOPs in all, 4 min at 25 TFLOP/s (fp32 at ~40% of an H200's 67 TFLOP/s),
+# plus compilation: an estimate of 6 to 9 minutes on one H200 (not measured: no GPU was available).
 CLAIMS_SCALE_GPU = dict(seeds=5, settings=("paper", "sgd_scaled"), base=dict(pretrain_steps=200, po_steps=60),
-                        sizes=(SCALE_SIZES[3], ("L12-d768-V1024", dict(d_model=768, n_layers=12, n_heads=12, n_neutral=504,
-                                                       n_suffix_vocab=508, pretrain_steps=600, pretrain_batch=128,
-                                                       pretrain_lr=3e-4)),),
+                        sizes=(SCALE_SIZES[3],
+                               ("L12-d768-V1024", dict(d_model=768, n_layers=12, n_heads=12, n_neutral=504,
+                                                       n_suffix_vocab=508, pretrain_steps=400, pretrain_batch=128,
+                                                       pretrain_lr=3e-4))),
                         budget_gb=40.0)
 # `--scale tiny` of either: two tiny sizes at the tiny preset's step counts (what the tests run).
 SCALE_TINY_SIZES = (("L1-d16-V32", dict()), ("L1-d24-V40", dict(d_model=24, n_neutral=12, n_suffix_vocab=16)))

@@ -55,7 +55,9 @@ def plot_claim_table(data, *, ax=None):
 CLAIM_COLORS = dict(zip(("1t-cos", "1t-chosen", "suffix-cos", "suffix-chosen", "heat-contrast", "heat-shared"),
                         (COLORS["rejected"], COLORS["chosen"], COLORS["orange"], COLORS["sky"], COLORS["accent"],
                          COLORS["margin"])))
-LEVEL_STYLE = {"one": ":", "batch": "-.", "lin": "--", "real": "-", "eval": "-", "reference": "--", "final": "-"}
+LEVEL_COLORS = {"one": COLORS["chosen"], "batch": COLORS["orange"], "lin": COLORS["rejected"], "real": COLORS["black"],
+                "eval": COLORS["accent"], "reference": "#56B4E9", "final": "#8C6D00"}
+SETTING_COLORS = (COLORS["rejected"], COLORS["chosen"], COLORS["margin"], COLORS["orange"])
 
 
 def plot_claim_scale(data, *, ax=None):
@@ -86,16 +88,18 @@ def plot_claim_scale(data, *, ax=None):
         a.set_title(f"setting '{setting}' ({data['seeds']} seeds per size)", fontsize=9)
     axs[0].legend(fontsize=6.5, loc="center left")
     a = axs[2]
-    for setting, mk in zip(settings, ("o", "s", "^", "v")):
+    for setting, mk, col in zip(settings, ("o", "s", "^", "v"), SETTING_COLORS):
         fo = [data["sizes"][n]["first_order"].get(setting) for n in sizes]
         keep = [i for i, f in enumerate(fo) if f is not None]
-        a.plot(npar[keep], [fo[i]["remainder_median"] for i in keep], mk + "-", ms=3.5, label=f"{setting} median")
-        a.plot(npar[keep], [fo[i]["remainder_max"] for i in keep], mk + ":", ms=3.5, label=f"{setting} max")
+        a.plot(npar[keep], [fo[i]["remainder_median"] for i in keep], marker=mk, ls="-", color=col, ms=3.5,
+               label=f"{setting}: median run")
+        a.plot(npar[keep], [fo[i]["remainder_max"] for i in keep], marker=mk, ls=":", color=col, ms=3.5,
+               mfc="none", label=f"{setting}: worst run")
     a.axhline(0.1, color=COLORS["neutral"], lw=0.8, ls="--", label="first-order limit (0.1)")
     a.set_xscale("log")
     a.set_yscale("log")
     a.set_xlabel("parameters")
-    a.set_ylabel("second-order remainder  Σ|real − lin| / Σ|lin|")
+    a.set_ylabel("remainder Σ|real − lin| / Σ|lin|")
     a.set_title("Is each size's PO step first order?", fontsize=9)
     a.legend(fontsize=6)
     turns = data.get("turns", {})
@@ -113,9 +117,9 @@ def plot_claim_scale(data, *, ax=None):
                 bottom += frac
         t = turns.get(cid)
         if t:
-            for lv in t["support"][0]:
-                a.plot(xi, [s[lv] for s in t["support"]], "k", ls=LEVEL_STYLE.get(lv, "-"), marker="o", ms=3,
-                       lw=1.0, alpha=0.45 + 0.1 * list(t["support"][0]).index(lv), label=f"supported at '{lv}'")
+            for j, lv in enumerate(t["support"][0]):   # offset slightly: equal supports stay visible
+                a.plot(xi + 0.04 * (j - 2), [s[lv] for s in t["support"]], color=LEVEL_COLORS.get(lv), marker="o",
+                       ms=3, lw=1.2, label=f"supported at '{lv}'")
         a.set_xticks(xi, [r["size"] for r in rows], rotation=30, ha="right", fontsize=6.5)
         a.set_ylim(0, 1.05)
         a.set_ylabel("fraction of seeds")
