@@ -30,6 +30,15 @@ under Adam only their signs are comparable with the realised change. For the geo
 the levels are the reference model (before PO) and the final model: a claim that holds at the
 reference and fails at the end was broken by training, otherwise by the geometry of the model itself.
 
+Scale (`run_scale`, `entangle-sim claims --preset scale`): the same sweep at growing model sizes,
+per claim and size the fraction holding with its interval and attribution; for the single-token
+claims the support of every account per size (`support`) and where the claim and its dominant
+failure term turn (`turns`); the SGD control 'sgd_scaled' at a rate in units of the reference Gram
+(SGD_KAPPA), with the second-order remainder of every run (`first_order`).
+
+Size: settings, claims, the vmapped programs and the scale sweep read the same run records; split,
+each part would re-export the others' names.
+
 >>> sw = run_sweep(SweepConfig(base=DiagnoseConfig(d_model=16, n_layers=1), settings=("paper",), seeds=5))  # doctest: +SKIP
 >>> sw["table"][0]["fraction"], sw["table"][0]["interval"]  # doctest: +SKIP
 """

@@ -130,7 +130,8 @@ PRESETS: dict[str, Preset] = {
                     diag=dict(sft_steps=100, po_steps=60, log_every=10, n_eval_pairs=16),
                     claims=dict(seeds=5, settings=("paper", "from_scratch", "sgd", "one_pair"),
                                 base=dict(pretrain_steps=200, po_steps=60)),
-                    # the two smallest sizes at half the PO steps (~3 min on 2 cores)
+                    # two small sizes at half the PO steps (about 4 CPU-minutes: estimated from the width-32
+                    # size of the scale sweep, 170 CPU-seconds at 60 PO steps)
                     claims_scale=dict(seeds=5, settings=("paper", "sgd_scaled"),
                                       sizes=(("L2-d16-V32", dict(d_model=16)), SCALE_SIZES[0]),
                                       base=dict(pretrain_steps=200, po_steps=30), budget_gb=2.0),
