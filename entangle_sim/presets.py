@@ -119,7 +119,7 @@ PRESETS: dict[str, Preset] = {
                                base=dict(d_model=16, n_layers=1, n_heads=2, pretrain_steps=4, pretrain_batch=8,
                                          sft_steps=2, sft_batch=8, po_steps=3, po_batch=4, n_eval_pairs=3,
                                          long_len=5, short_len=2)),
-                   claims_scale=dict(seeds=2, settings=("paper", "sgd_scaled"), sizes=SCALE_TINY_SIZES,
+                   claims_scale=dict(seeds=2, settings=("paper", "sgd_scaled"), sizes=SCALE_TINY_SIZES[:1],
                                      base=SCALE_TINY_BASE, budget_gb=None),
                    mitig=dict(settings=("tabular", "lastlayer-short"), methods=("baseline", "normalized", "oracle_mask"),
                               steps=3, pairs=2, sft_steps=0),

@@ -288,14 +288,19 @@ def test_scale_results_merge_into_one_figure(tiny_scale):
     plt.close(fig)
 
 
-def test_scale_report_entry(tiny_scale, tmp_path):
+def test_scale_report_entry(tiny_scale, monkeypatch):
+    """The report entry reads the scale data (here the smoke run's claims_scale.json, instead of
+    recomputing the tiny preset's sweep): every claim per setting and size, and pass = every
+    SGD-control run first order."""
     from entangle_sim.report import claims as rc
 
-    [e] = rc.transformer_claims_scale("tiny", tmp_path, 0)
-    data = reproduce.figure_data("transformer_claims_scale", "tiny", cache_dir=tmp_path)
+    data = json.loads((tiny_scale[1] / "claims_scale.json").read_text())
+    monkeypatch.setattr(reproduce, "figure_data", lambda name, *a, **k: data)
+    [e] = rc.transformer_claims_scale("tiny", None, 0)
     fo = [sz["first_order"]["sgd_scaled"]["first_order"] for sz in data["sizes"].values()]
     assert e["id"] == "Q-scale" and e["pass"] is all(fo)
     assert set(e["measured"]["paper"]) == set(cs.CLAIMS)
+    assert set(e["measured"]["paper"]["1t-cos"]) == set(data["sizes"])
 
 
 def _scale_stub(fracs, atts, sups):

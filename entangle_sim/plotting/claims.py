@@ -121,6 +121,7 @@ def plot_claim_scale(data, *, ax=None):
                 a.plot(xi + 0.04 * (j - 2), [s[lv] for s in t["support"]], color=LEVEL_COLORS.get(lv), marker="o",
                        ms=3, lw=1.2, label=f"supported at '{lv}'")
         a.set_xticks(xi, [r["size"] for r in rows], rotation=30, ha="right", fontsize=6.5)
+        a.set_xlabel("model size (layers, width, vocabulary)")
         a.set_ylim(0, 1.05)
         a.set_ylabel("fraction of seeds")
         a.set_title(f"{cid}: what breaks it, what supports it", fontsize=9)
