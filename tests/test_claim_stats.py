@@ -329,6 +329,7 @@ def test_turns_names_where_the_claim_and_the_accounts_turn():
     assert t2["holds_from"] is None
 
 
+@pytest.mark.slow
 def test_per_gram_rate_is_the_rate_of_the_sgd_step():
     """`diagnose.compose` with po_lr_unit='per_gram': the rate is po_lr / Gbar with Gbar recomputed here
     from explicit per-response gradients (jax.grad, no geometry module) at the reference on the
@@ -352,11 +353,10 @@ def test_per_gram_rate_is_the_rate_of_the_sgd_step():
         ref = res["ref"]
         flat = lambda t: jnp.concatenate([x.ravel() for x in jax.tree.leaves(t)])  # noqa: E731
         cal = sentiment.preference_pairs(scfg, k_gram, cfg.po_batch)
+        grads = jax.jit(lambda p, one: [flat(jax.grad(lambda q, s=s: policy.logps(q, one)[s][0])(p)) for s in (0, 1)])
         sq = []
         for i in range(cal.size):
-            one = jax.tree.map(lambda a: a[i:i + 1], cal)
-            for side in (0, 1):
-                g = flat(jax.grad(lambda p: policy.logps(p, one)[side][0])(ref))
+            for g in grads(ref, jax.tree.map(lambda a: a[i:i + 1], cal)):   # one compilation, B calls
                 sq.append(float(g @ g))
         gbar = float(np.mean(sq))
         assert float(res["gram_diag"]) == pytest.approx(gbar, rel=1e-10)
