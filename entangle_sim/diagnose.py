@@ -33,6 +33,7 @@ from . import corpus, geometry, losses, regimes, sentiment, train
 from .policies import transformer
 
 SUFFIXES = sentiment.MODES
+PO_LR_UNITS = ("absolute", "per_gram")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,8 @@ class DiagnoseConfig:
     sft_with_suffix: SFT also on the shared suffix; None (default) means "only when not pretrained"
     (the from-scratch recipe needs it, see below; the paper's SFT has no suffix).
     optimizer: the preference-optimisation optimizer ('adam' as in the paper's setting, or 'sgd').
+    po_lr_unit: 'absolute' (po_lr is the rate) or 'per_gram' (the rate is po_lr / mean Gram diagonal
+    of the reference model; see `reference_gram_diag`).
     """
 
     suffix: str = "long"
@@ -61,6 +64,10 @@ class DiagnoseConfig:
     n_eval_pairs: int = 64
     seed: int = 0
     optimizer: str = "adam"
+    # 'absolute': po_lr is the PO rate. 'per_gram': the rate is po_lr / Gbar, Gbar = the reference
+    # model's mean Gram diagonal (|grad l_w|^2 + |grad l_l|^2) / 2 on a batch of long-suffix pairs, so
+    # that lr x Gram, the size of the first-order step, is the same at every model size (SGD control).
+    po_lr_unit: str = "absolute"
     pretrain_steps: int = 300
     pretrain_lr: float = 3e-3
     pretrain_batch: int = 64
@@ -95,6 +102,8 @@ class DiagnoseConfig:
                 raise ValueError(f"DiagnoseConfig.{name} must be an int >= 0, got {v!r}")
         if not (self.sft_lr > 0 and self.po_lr > 0 and self.pretrain_lr > 0):
             raise ValueError("learning rates must be > 0")
+        if self.po_lr_unit not in PO_LR_UNITS:
+            raise ValueError(f"po_lr_unit must be one of {PO_LR_UNITS}, got {self.po_lr_unit!r}")
         if self.optimizer not in train.OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(train.OPTIMIZERS)}")
         if self.pretrain_batch < 1:
@@ -135,6 +144,87 @@ def _sft_batch_fn(cfg: DiagnoseConfig):
     return fn
 
 
+def reference_gram_diag(policy, params, cfg: DiagnoseConfig, key) -> jax.Array:
+    """Gbar = mean over cfg.po_batch long-suffix pairs of (|grad l_w|^2 + |grad l_l|^2) / 2 at params:
+    the scale of the Gram entries that multiply the rate in a first-order step (the 'per_gram' unit)."""
+    pairs = sentiment.preference_pairs(dataclasses.replace(cfg.sentiment, mode="long"), key, cfg.po_batch)
+    g = geometry.pair_gram(policy.logps, params, pairs)
+    return 0.5 * (g.G_ww + g.G_ll).mean()
+
+
+def compose(policy, cfg: DiagnoseConfig, hp: dict, params, *, rates: dict, sft_keys, po_keys,
+            sft_data: Callable, po_data: Callable, observe: Callable, record: bool = False, pretrain_key=None,
+            gram_key=None, log: Callable | None = None, on_step: Callable | None = None) -> dict[str, Any]:
+    """The pipeline pretrain -> SFT -> preference optimisation as one traceable function (jit- and
+    vmap-able): what `run_diagnose` and the claim sweep (`claim_stats`) both run.
+
+    params: initial parameters; pretraining (`corpus.pretrain`, cfg.pretrain_steps Adam steps) runs
+    when pretrain_key is given, else params are taken as pretrained. rates: {'pretrain_lr', 'sft_lr',
+    'po_lr'} (may be traced; the PO rate in cfg.po_lr_unit). sft_keys [S], po_keys [N]: one key per
+    step. sft_data(key) -> PairBatch for the `sft` loss; po_data(key) -> preference PairBatch.
+    observe(rec, batch, ref_logps, p_before, p_after) -> pytree: per PO step outputs, rec being the
+    record of `train.make_step` (a Trajectory row when record=True, else (l_w, l_l, per-pair loss)).
+    gram_key: where Gbar (`reference_gram_diag`) is measured at the reference (needed for 'per_gram').
+    log(params) -> pytree: evaluated at the reference and after every PO step i with (i + 1) %
+    cfg.log_every == 0 or i + 1 == N (a `lax.cond`: only those steps pay for it when not vmapped).
+    on_step(i): host callback after PO step i (progress bars), via `jax.debug.callback`.
+
+    Returns {'params', 'ref', 'pretrain_loss' [cfg.pretrain_steps or 0], 'sft_loss' [S], 'po' (stacked
+    observe outputs [N, ...]), 'po_lr' (the rate used), 'gram_diag' (Gbar or nan), 'log0', 'logs' [N, ...]}.
+    """
+    out: dict[str, Any] = {}
+    if pretrain_key is not None:
+        params, out["pretrain_loss"] = corpus.pretrain(policy, params, cfg.sentiment, cfg.corpus, pretrain_key,
+                                                       steps=cfg.pretrain_steps, lr=rates["pretrain_lr"],
+                                                       batch=cfg.pretrain_batch)
+    # SFT: the trainer's step with the `sft` loss; the rate is read from the optimizer state (may be traced)
+    sft = train.make_sft_step(policy, "adam", 1.0)
+
+    def sbody(c, k):
+        p, st = c
+        p, st, loss = sft(p, st, sft_data(k), k)
+        return (p, st), loss
+
+    state = train.make_optimizer("adam", rates["sft_lr"]).init(params)
+    if len(sft_keys):
+        (params, _), out["sft_loss"] = jax.lax.scan(sbody, (params, state), sft_keys)
+    else:
+        out["sft_loss"] = jnp.zeros((0,))
+    ref = params
+    out["ref"] = ref
+    gbar = reference_gram_diag(policy, ref, cfg, gram_key) if gram_key is not None else jnp.nan
+    if cfg.po_lr_unit == "per_gram" and gram_key is None:
+        raise ValueError("po_lr_unit='per_gram' needs gram_key (where the reference Gram is measured)")
+    lr = rates["po_lr"] / gbar if cfg.po_lr_unit == "per_gram" else rates["po_lr"]
+    out["po_lr"], out["gram_diag"] = lr, gbar
+    po = train.make_step(policy, train.TrainConfig(loss=cfg.loss, optimizer=cfg.optimizer, steps=1, record=record),
+                         hp)
+    n = len(po_keys)
+    if log is not None:
+        out["log0"] = log(ref)
+        blank = jax.tree.map(jnp.zeros_like, out["log0"])
+
+    def pbody(c, xs):
+        p, st = c
+        i, k = xs
+        batch = po_data(k)
+        ref_logps = jax.lax.stop_gradient(policy.logps(ref, batch))
+        p1, st, rec = po(p, st, batch, ref_logps, k)
+        y = {"obs": observe(rec, batch, ref_logps, p, p1)}
+        if log is not None:
+            y["log"] = jax.lax.cond(((i + 1) % cfg.log_every == 0) | (i + 1 == n), log, lambda _: blank, p1)
+        if on_step is not None:
+            jax.debug.callback(on_step, i)
+        return (p1, st), y
+
+    state = train.make_optimizer(cfg.optimizer, lr).init(params)
+    (params, _), ys = jax.lax.scan(pbody, (params, state), (jnp.arange(n), po_keys))
+    out["params"], out["po"] = params, ys["obs"]
+    if log is not None:
+        out["logs"] = ys["log"]
+    return out
+
+
 def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Run SFT + preference optimisation and the geometry diagnostics.
 
@@ -158,78 +248,57 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
     """
     spec = losses.get(cfg.loss)
     hp = spec.resolve(**dict(cfg.loss_params))
-    tcfg = cfg.transformer
     scfg = cfg.sentiment
-    policy = transformer.make(tcfg)
+    policy = transformer.make(cfg.transformer)
 
     k_init, k_sft, k_po, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
     k_pre = jax.random.fold_in(k_init, 1)   # a fifth stream, leaving the four above as they were
-    params = policy.init(k_init)
-
-    # ---------------------------------------------------------------- pretraining: LM of the corpus (`sft` loss)
-    params, pre_losses = jax.jit(lambda p, k: corpus.pretrain(
-        policy, p, scfg, cfg.corpus, k, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, batch=cfg.pretrain_batch))(
-        params, k_pre)
-    if progress is not None and cfg.pretrain_steps:
-        progress(cfg.pretrain_steps)
-
-    # ---------------------------------------------------------------- SFT: the trainer with the `sft` loss
+    k_gram = jax.random.fold_in(k_init, 2)  # a sixth: where the 'per_gram' rate unit measures the Gram
     sft_batch = _sft_batch_fn(cfg)
-    sft_train_step = train.make_sft_step(policy, "adam", cfg.sft_lr)
-
-    @jax.jit
-    def sft_step(carry, key):
-        p, st = carry
-        p, st, loss = sft_train_step(p, st, train.sft_pairs(*sft_batch(key)), key)
-        return (p, st), loss
-
-    sft_losses = []
-    state = train.make_optimizer("adam", cfg.sft_lr).init(params)
-    for i in range(cfg.sft_steps):
-        (params, state), loss = sft_step((params, state), jax.random.fold_in(k_sft, i))
-        sft_losses.append(loss)
-        if progress is not None:
-            progress(1)
-    ref_params = params
-
-    # ---------------------------------------------------------------- preference optimisation (the trainer)
-    po_cfg = train.TrainConfig(loss=cfg.loss, loss_params=cfg.loss_params, optimizer=cfg.optimizer, lr=cfg.po_lr,
-                               steps=1, record=False)
-    po_train_step = train.make_step(policy, po_cfg, hp)
-
-    @jax.jit
-    def po_step(p, st, key):
-        batch = sentiment.preference_pairs(scfg, key, cfg.po_batch)
-        ref_w, ref_l = policy.logps(ref_params, batch)
-        p, st, (lw, ll, _) = po_train_step(p, st, batch, (ref_w, ref_l), key)
-        loss = spec.batch(lw, ll, ref_w, ref_l, batch.chosen_len, batch.rejected_len, **hp)
-        lw2, ll2 = policy.logps(p, batch)
-        code = regimes.classify(lw2.mean() - lw.mean(), ll2.mean() - ll.mean())
-        return p, st, loss, code
-
     eval_batch = sentiment.preference_pairs(scfg, k_eval, cfg.n_eval_pairs)
-    eval_logps = jax.jit(policy.logps)
 
-    log_steps, mean_w, mean_l, geo = [], [], [], []
+    def observe(rec, batch, ref_logps, p0, p1):
+        lw, ll, _ = rec
+        loss = spec.batch(lw, ll, *ref_logps, batch.chosen_len, batch.rejected_len, **hp)
+        lw2, ll2 = policy.logps(p1, batch)
+        return loss, regimes.classify(lw2.mean() - lw.mean(), ll2.mean() - ll.mean())
 
-    def log(step, p):
-        lw, ll = eval_logps(p, eval_batch)
-        log_steps.append(step)
-        mean_w.append(float(lw.mean()))
-        mean_l.append(float(ll.mean()))
-        geo.append(geometry.aggregate(geometry.pair_gram(policy.logps, p, eval_batch)))
+    def log(p):
+        lw, ll = policy.logps(p, eval_batch)
+        return lw.mean(), ll.mean(), geometry.pair_gram(policy.logps, p, eval_batch)
 
-    po_losses, step_codes = [], []
-    state = train.make_optimizer(cfg.optimizer, cfg.po_lr).init(params)
-    log(0, params)
-    for i in range(cfg.po_steps):
-        params, state, loss, code = po_step(params, state, jax.random.fold_in(k_po, i))
-        po_losses.append(loss)
-        step_codes.append(code)
-        if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.po_steps:
-            log(i + 1, params)
-        if progress is not None:
-            progress(1)
+    total = cfg.pretrain_steps + cfg.sft_steps + cfg.po_steps
+    done = [0]
+
+    def on_step(i):   # progress: pretraining and SFT are reported with the first PO step
+        n = 1 + (cfg.pretrain_steps + cfg.sft_steps if int(i) == 0 else 0)
+        done[0] += n
+        progress(n)
+
+    @jax.jit
+    def pipeline(params):
+        return compose(policy, cfg, hp, params, rates={"pretrain_lr": cfg.pretrain_lr, "sft_lr": cfg.sft_lr,
+                                                       "po_lr": cfg.po_lr},
+                       pretrain_key=k_pre, gram_key=k_gram if cfg.po_lr_unit == "per_gram" else None,
+                       sft_keys=jax.vmap(lambda i: jax.random.fold_in(k_sft, i))(jnp.arange(cfg.sft_steps)),
+                       po_keys=jax.vmap(lambda i: jax.random.fold_in(k_po, i))(jnp.arange(cfg.po_steps)),
+                       sft_data=lambda k: train.sft_pairs(*sft_batch(k)),
+                       po_data=lambda k: sentiment.preference_pairs(scfg, k, cfg.po_batch),
+                       observe=observe, log=log, on_step=on_step if progress is not None else None)
+
+    r = jax.block_until_ready(pipeline(policy.init(k_init)))
+    if progress is not None and done[0] < total:   # (no PO step reported, e.g. on_step not reached)
+        progress(total - done[0])
+    params, ref_params = r["params"], r["ref"]
+    pre_losses, sft_losses = r["pretrain_loss"], r["sft_loss"]
+    po_losses, step_codes = r["po"]
+    logged = [i for i in range(cfg.po_steps) if (i + 1) % cfg.log_every == 0 or i + 1 == cfg.po_steps]
+    log_steps = [0] + [i + 1 for i in logged]
+    w0, l0, g0 = r["log0"]
+    ws, ls, gs = r["logs"]
+    mean_w = [float(w0)] + [float(ws[i]) for i in logged]
+    mean_l = [float(l0)] + [float(ls[i]) for i in logged]
+    geo = [geometry.aggregate(g0)] + [geometry.aggregate(jax.tree.map(lambda a, i=i: a[i], gs)) for i in logged]
 
     ex = jax.tree.map(lambda a: a[0], eval_batch)
     tg = geometry.token_gram(policy.token_logps, params, ex)
@@ -242,12 +311,12 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
         "rejected_logp": mean_l,
         "geometry": {k: np.asarray([g[k] for g in geo]) for k in geo[0]},
         "interval_regimes": np.asarray(regimes.classify(np.diff(mean_w), np.diff(mean_l))),
-        "step_regimes": np.asarray(jnp.stack(step_codes)) if step_codes else np.zeros(0, int),
+        "step_regimes": np.asarray(step_codes),
         "token_cos": np.asarray(tg.cos), "token_inner": np.asarray(tg.inner),
         "chosen_tokens": np.asarray(ex.chosen), "rejected_tokens": np.asarray(ex.rejected),
         "pretrain_loss": np.asarray(pre_losses),
-        "sft_loss": np.asarray(jnp.stack(sft_losses)) if sft_losses else np.zeros(0),
-        "po_loss": np.asarray(jnp.stack(po_losses)),
+        "sft_loss": np.asarray(sft_losses),
+        "po_loss": np.asarray(po_losses),
         "params": params, "ref_params": ref_params, "eval_batch": eval_batch, "policy": policy,
     }
     res["summary"] = summarize(res)

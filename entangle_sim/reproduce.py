@@ -288,6 +288,15 @@ def build_transformer_claims(p, seed, progress=None):
     return claim_stats.run_sweep(claims_sweep_config(p, seed), progress=progress)
 
 
+def build_transformer_claims_scale(p, seed, progress=None):
+    """The claims as the model grows: `claim_stats.run_scale` over the preset's sizes (claims_scale)."""
+    c = dict(p["claims_scale"])
+    base = dataclasses.replace(claim_stats.SweepConfig().base, seed=seed, **c.get("base", {}))
+    sc = claim_stats.ScaleConfig(base=base, sizes=tuple((n, tuple(sorted(o.items()))) for n, o in c["sizes"]),
+                                 settings=tuple(c["settings"]), seeds=int(c["seeds"]), budget_gb=c.get("budget_gb"))
+    return claim_stats.run_scale(sc, progress=progress)
+
+
 def build_mitigations(p, seed):
     """Mitigation comparison (theory §8, R19/R20): `mitigations.run_comparison` rows, SGD, DPO."""
     kw = dict(p["mitig"])
@@ -333,6 +342,8 @@ BUILDERS: dict[str, Builder] = {
                                                                  "policies/transformer.py")),
     "transformer_claims": Builder(build_transformer_claims, ("claims",), ("diagnose.py", "sentiment.py", "corpus.py",
                                                                           "claim_stats.py", "policies/transformer.py")),
+    "transformer_claims_scale": Builder(build_transformer_claims_scale, ("claims_scale",), (
+        "diagnose.py", "sentiment.py", "corpus.py", "claim_stats.py", "policies/transformer.py")),
     "mitigations": Builder(build_mitigations, ("mitig",), results.OPTIONAL_CODE),
     "group_lld": Builder(build_group_lld, ("-",)),
 }

@@ -14,7 +14,8 @@
 # predicts, as for the paper's pretrained GPT-2), then SFT and DPO on "prompt -> [pos | neg] +
 # shared suffix" for the 1t / short / long datasets (`entangle_sim.diagnose`). In tiny mode (tests)
 # the runs are a few steps only. The last cell shows the paper's claims as statistics over seeds
-# and settings (`entangle_sim.claim_stats`, also `entangle-sim claims`).
+# and settings, and as the model grows (`entangle_sim.claim_stats`, also `entangle-sim claims` and
+# `entangle-sim claims --preset scale`).
 
 # %%
 import os
@@ -34,6 +35,7 @@ if PRESET == "tiny":  # one dataset only, a few steps (tests)
         plot(res)
         plt.show()
 else:
-    for name in ("transformer_logps", "transformer_cos", "transformer_heatmap", "transformer_claims"):
+    for name in ("transformer_logps", "transformer_cos", "transformer_heatmap", "transformer_claims",
+                 "transformer_claims_scale"):
         fig, data = figures.render(name, PRESET, cache_dir=os.environ.get("ENTANGLE_SIM_CACHE"))
         plt.show()

@@ -1,8 +1,11 @@
 """The paper's transformer claims as statistics: corpus and pretraining, the padded mode batches, the
 Wilson interval, the attribution chain, the attribution identities on real runs, the CLI and the report."""
+import contextlib
 import dataclasses
+import io
 import json
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -139,13 +142,22 @@ def test_attribution_identities_on_real_runs():
     assert np.mean(rem["1"]) / np.mean(rem["4"]) > 8.0
 
 
-def test_reduced_sweep_reports_fractions_with_intervals(tmp_path, capsys):
-    """The tiny sweep of the CLI (the GPU preset's command at tiny scale): 5 seeds, a fraction and an
-    interval per claim and setting, an attribution for every failing run, the figure written."""
-    rc = main(["claims", "--preset", "gpu", "--scale", "tiny", "--settings", "paper,one_pair", "--seeds", "5",
-               "--out", str(tmp_path), "--json", "--x64"])
+@pytest.fixture(scope="module")
+def tiny_cli(tmp_path_factory):
+    """The tiny sweep of the CLI (the GPU preset's command at tiny scale), run once: (stdout JSON, out dir)."""
+    out = tmp_path_factory.mktemp("claims")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["claims", "--preset", "gpu", "--scale", "tiny", "--settings", "paper,one_pair", "--seeds", "5",
+                   "--out", str(out), "--json", "--x64"])
     assert rc == 0
-    out = json.loads(capsys.readouterr().out)
+    return json.loads(buf.getvalue()), out
+
+
+def test_reduced_sweep_reports_fractions_with_intervals(tiny_cli):
+    """5 seeds, a fraction and an interval per claim and setting, an attribution for every failing run,
+    the figure written."""
+    out, path = tiny_cli
     assert {r["claim"] for r in out["table"]} == set(cs.CLAIMS)
     for r in out["table"]:
         assert r["n"] == 5 and 0 <= r["k"] <= 5
@@ -158,9 +170,40 @@ def test_reduced_sweep_reports_fractions_with_intervals(tmp_path, capsys):
         assert 0 <= out["agreement"]["paper"][lv] <= 1
     # b = 1: the one-pair account is the batch account, so their sign agreements coincide
     assert out["agreement"]["one_pair"]["one"] == pytest.approx(out["agreement"]["one_pair"]["batch"], abs=1e-6)
-    full = json.loads((tmp_path / "claims.json").read_text())
+    full = json.loads((path / "claims.json").read_text())
     assert len(full["settings"]["paper"]["runs"]) == 5
-    assert (tmp_path / "transformer_claims.png").stat().st_size > 0 and (tmp_path / "claims.md").exists()
+    assert (path / "transformer_claims.png").stat().st_size > 0 and (path / "claims.md").exists()
+
+
+def test_composition_keeps_the_sweep_numbers(tiny_cli):
+    """The claim sweep through `diagnose.compose` (and the token Gram measured only on the long-suffix set)
+    gives the numbers of the sweep before that change: tests/data/claims_tiny_runs.json was written by
+    the previous implementation (its own SFT/PO scans, token Gram on all three sets) for this very
+    configuration (tiny preset, seed 0, 5 seeds, float64). Every claim verdict is the same and every
+    number agrees to 1e-12 absolute + 1e-9 relative: the programs are recompiled (the measurement
+    program lost its token-Gram branch, the PO scan gained outputs), which reorders float64
+    reductions (measured: at most 3e-16 relative on quantities at identical parameters, 3e-11 relative
+    on changes that are differences of two log-probs of size ~3, i.e. ~1e-15 absolute); a different
+    key, batch or step would change them by more than 1e-6."""
+    golden = json.loads((pathlib.Path(__file__).parent / "data" / "claims_tiny_runs.json").read_text())
+    full = json.loads((tiny_cli[1] / "claims.json").read_text())
+    n = 0
+    for setting, runs in golden.items():
+        new = full["settings"][setting]["runs"]
+        assert len(new) == len(runs)
+        for old_run, new_run in zip(runs, new):
+            old_ev, new_ev = cs.evaluate(old_run), cs.evaluate(new_run)
+            assert old_ev == new_ev
+            for mode, vals in old_run.items():
+                for k, v in vals.items():
+                    if k.startswith("tok_") and mode != "long":
+                        assert k not in new_run[mode]          # no longer measured: the claims never read it
+                        continue
+                    got = new_run[mode][k]
+                    got = math.nan if got is None else got      # claims.json writes non-finite values as null
+                    assert got == pytest.approx(v, rel=1e-9, abs=1e-12, nan_ok=True), (mode, k)
+                    n += 1
+    assert n > 100
 
 
 @pytest.mark.parametrize("argv,needle", [(["--settings", "nope"], "unknown setting"),
@@ -184,3 +227,146 @@ def test_report_entries_are_statistical(tmp_path):
         assert e["measured"]["paper"]["holds"] == f"{row['k']}/{row['n']}"
         assert e["pass"] is (row["interval"][0] > rc.ESTABLISHED)
         assert "Wilson" in e["threshold"] and "analogue" in e["statement"]
+
+
+# ---------------------------------------------------------------------------------------------- scale
+
+@pytest.fixture(scope="module")
+def tiny_scale(tmp_path_factory):
+    """The GPU scale command at tiny scale (`claims --preset scale-gpu --scale tiny`), run once, float64,
+    2 seeds: the tiny preset's scale sweep, so the report entry below reuses its compiled programs."""
+    out = tmp_path_factory.mktemp("scale")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["claims", "--preset", "scale-gpu", "--scale", "tiny", "--seeds", "2", "--out", str(out), "--json",
+                   "--x64"])
+    assert rc == 0
+    return json.loads(buf.getvalue()), out
+
+
+def test_scale_command_smoke(tiny_scale):
+    """The GPU command's smoke run: every claim x size x setting has k/n, its Wilson interval and an
+    attribution for every failure; the rate of every SGD-control run is SGD_KAPPA / its reference Gbar;
+    the Adam runs use the recipe's absolute rate; the figure and the table are written."""
+    out, path = tiny_scale
+    from entangle_sim import presets
+
+    sizes = [n for n, _ in presets.SCALE_TINY_SIZES]
+    assert list(out["sizes"]) == sizes
+    assert out["sizes"][sizes[0]]["n_params"] < out["sizes"][sizes[1]]["n_params"]
+    assert len(out["table"]) == len(cs.CLAIMS) * len(sizes) * 2
+    for r in out["table"]:
+        assert r["n"] == 2 and sum(r["attribution"].values()) == r["n"] - r["k"]
+        assert 0 <= r["interval"][0] <= r["fraction"] <= r["interval"][1] <= 1
+    full = json.loads((path / "claims_scale.json").read_text())
+    for n in sizes:
+        for run in full["sizes"][n]["settings"]["sgd_scaled"]["runs"]:
+            for m in cs.MODES:    # one rate per seed, measured on the long-suffix set, for all three sets
+                assert run[m]["po_lr"] * run[m]["gram_diag_ref"] == pytest.approx(cs.SGD_KAPPA, rel=1e-12)
+        for run in full["sizes"][n]["settings"]["paper"]["runs"]:
+            assert run["1t"]["po_lr"] == pytest.approx(full["sizes"][n]["config"]["po_lr"], rel=1e-12)
+    assert set(out["turns"]) == set(cs.SINGLE_TOKEN)
+    assert (path / "transformer_claims_scale.png").stat().st_size > 0
+    assert "Where it turns" in (path / "claims_scale.md").read_text()
+
+
+def test_scale_results_merge_into_one_figure(tiny_scale):
+    """A second run's sizes (the GPU run) join the table and the figure (`--with`): sizes ordered by
+    parameter count, the table recomputed over all of them."""
+    import matplotlib.pyplot as plt
+
+    from entangle_sim.plotting.claims import plot_claim_scale
+
+    one = json.loads((tiny_scale[1] / "claims_scale.json").read_text())
+    big = json.loads(json.dumps(one))
+    big["sizes"] = {f"{n}-big": {**sz, "n_params": sz["n_params"] * 1000} for n, sz in one["sizes"].items()}
+    merged = cs.merge_scale(big, one)
+    assert list(merged["sizes"]) == [*one["sizes"], *big["sizes"]]
+    assert len(merged["table"]) == 2 * len(one["table"])
+    fig = plot_claim_scale(merged)
+    assert len(fig.axes) >= 6 and fig.axes[0].get_xlabel() == "parameters"
+    plt.close(fig)
+
+
+def test_scale_report_entry(tiny_scale, monkeypatch):
+    """The report entry reads the scale data (here the smoke run's claims_scale.json, instead of
+    recomputing the tiny preset's sweep): every claim per setting and size, and pass = every
+    SGD-control run first order."""
+    from entangle_sim.report import claims as rc
+
+    data = json.loads((tiny_scale[1] / "claims_scale.json").read_text())
+    monkeypatch.setattr(reproduce, "figure_data", lambda name, *a, **k: data)
+    [e] = rc.transformer_claims_scale("tiny", None, 0)
+    fo = [sz["first_order"]["sgd_scaled"]["first_order"] for sz in data["sizes"].values()]
+    assert e["id"] == "Q-scale" and e["pass"] is all(fo)
+    assert set(e["measured"]["paper"]) == set(cs.CLAIMS)
+    assert set(e["measured"]["paper"]["1t-cos"]) == set(data["sizes"])
+
+
+def _scale_stub(fracs, atts, sups):
+    """A scale result with one single-token claim over three sizes (the other two absent)."""
+    sizes = {f"s{i}": {"n_params": 10 ** (i + 3), "support": {"paper": {"1t-chosen": s}}} for i, s in enumerate(sups)}
+    table = []
+    for i, (k, att) in enumerate(zip(fracs, atts)):
+        table.append({"claim": "1t-chosen", "setting": "paper", "size": f"s{i}", "n_params": 10 ** (i + 3), "k": k,
+                      "n": 5, "fraction": k / 5, "interval": list(cs.wilson(k, 5)), "attribution": att})
+    return {"sizes": sizes, "table": table}
+
+
+def test_turns_names_where_the_claim_and_the_accounts_turn():
+    """Hand-made: 0/5 (all by Adam preconditioning), 3/5 (second order), 5/5. The Wilson lower bound of
+    5/5 is 0.57 > 1/2, of 3/5 0.23: the claim holds from s2; the dominant term changes at s1 (Adam ->
+    second order) and s2 (-> none); 'lin' support goes 0 -> 1 (gains), 'one' 1 -> 0.4 (loses)."""
+    sup = [{"one": 1.0, "lin": 0.0}, {"one": 0.8, "lin": 0.6}, {"one": 0.4, "lin": 1.0}]
+    t = cs.turns(_scale_stub([0, 3, 5], [{"Adam preconditioning": 5}, {"second-order remainder": 2}, {}], sup))
+    t = t["1t-chosen"]
+    assert t["holds_from"] == "s2"
+    assert t["term_changes"] == [("s1", "Adam preconditioning", "second-order remainder"),
+                                 ("s2", "second-order remainder", None)]
+    assert t["gains"] == ["lin"] and t["losses"] == ["one"]
+    # not monotone: holds at s0 only -> nowhere "from" a size on
+    t2 = cs.turns(_scale_stub([5, 0, 0], [{}, {"held-out pairs": 5}, {"held-out pairs": 5}], sup))["1t-chosen"]
+    assert t2["holds_from"] is None
+
+
+@pytest.mark.slow
+def test_per_gram_rate_is_the_rate_of_the_sgd_step():
+    """`diagnose.compose` with po_lr_unit='per_gram': the rate is po_lr / Gbar with Gbar recomputed here
+    from explicit per-response gradients (jax.grad, no geometry module) at the reference on the
+    calibration pairs, and the first PO step is exactly params - rate x grad of the DPO batch loss
+    (float64; 1e-10 relative: the same contractions in a different order)."""
+    from entangle_sim import diagnose, losses
+
+    cfg = dataclasses.replace(DiagnoseConfig(**TINY), optimizer="sgd", po_lr_unit="per_gram", po_lr=4.0, po_steps=1)
+    with jax.enable_x64(True):
+        policy = transformer.make(cfg.transformer)
+        hp = losses.get("sigmoid").resolve()
+        scfg = dataclasses.replace(cfg.sentiment, mode="long")
+        k_gram, k_po = jax.random.key(5), jax.random.key(6)
+        res = diagnose.compose(policy, cfg, hp, policy.init(jax.random.key(0)),
+                               rates={"pretrain_lr": 3e-3, "sft_lr": 1e-3, "po_lr": 4.0},
+                               pretrain_key=jax.random.key(1), gram_key=k_gram,
+                               sft_keys=jax.random.split(jax.random.key(2), 2), po_keys=k_po[None],
+                               sft_data=lambda k: corpus.sentences(scfg, cfg.corpus, k, 4),
+                               po_data=lambda k: sentiment.preference_pairs(scfg, k, 4),
+                               observe=lambda rec, *a: rec.loss.mean(), record=True)
+        ref = res["ref"]
+        flat = lambda t: jnp.concatenate([x.ravel() for x in jax.tree.leaves(t)])  # noqa: E731
+        cal = sentiment.preference_pairs(scfg, k_gram, cfg.po_batch)
+        grads = jax.jit(lambda p, one: [flat(jax.grad(lambda q, s=s: policy.logps(q, one)[s][0])(p)) for s in (0, 1)])
+        sq = []
+        for i in range(cal.size):
+            for g in grads(ref, jax.tree.map(lambda a: a[i:i + 1], cal)):   # one compilation, B calls
+                sq.append(float(g @ g))
+        gbar = float(np.mean(sq))
+        assert float(res["gram_diag"]) == pytest.approx(gbar, rel=1e-10)
+        assert float(res["po_lr"]) == pytest.approx(4.0 / gbar, rel=1e-10)
+        batch = sentiment.preference_pairs(scfg, k_po, 4)
+        rw, rl = policy.logps(ref, batch)
+
+        def loss(p):
+            lw, ll = policy.logps(p, batch)
+            return losses.get("sigmoid").batch(lw, ll, rw, rl, batch.chosen_len, batch.rejected_len, **hp)
+
+        want = flat(ref) - (4.0 / gbar) * flat(jax.grad(loss)(ref))
+        np.testing.assert_allclose(flat(res["params"]), want, rtol=1e-10, atol=1e-13)
