@@ -286,6 +286,12 @@ def test_scale_results_merge_into_one_figure(tiny_scale):
     fig = plot_claim_scale(merged)
     assert len(fig.axes) >= 6 and fig.axes[0].get_xlabel() == "parameters"
     plt.close(fig)
+    # the table of sizes read back from strict JSON (the Adam runs' NaN Gram is null there)
+    from entangle_sim.cli.claims_cmd import scale_markdown
+
+    assert any(fo["gram_diag_ref"] is None for sz in merged["sizes"].values() for fo in sz["first_order"].values())
+    md = scale_markdown(merged)
+    assert all(n in md for n in merged["sizes"])
 
 
 def test_scale_report_entry(tiny_scale, monkeypatch):

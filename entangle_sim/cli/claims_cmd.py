@@ -81,6 +81,11 @@ def scale_config(args):
                                    budget_gb=c["budget_gb"])
 
 
+def _num(x, spec: str) -> str:
+    """A number for a table; None (a NaN read back from strict JSON, e.g. the Adam runs' SGD rate) is '-'."""
+    return "-" if x is None or x != x else format(x, spec)
+
+
 def scale_markdown(sc) -> str:
     """The claim x size table per setting (k/n, Wilson interval, attribution), the turns of the
     single-token claims and the first-order check per size and setting."""
@@ -108,10 +113,11 @@ def scale_markdown(sc) -> str:
     for n in sizes:
         sz = sc["sizes"][n]
         for s, fo in sz["first_order"].items():
-            fo_rows.append([n, s, f"{fo['po_lr']:.3g}", f"{fo['gram_diag_ref']:.3g}", f"{fo['remainder_median']:.3f}",
-                            f"{fo['remainder_max']:.3f}", "yes" if fo["first_order"] else "no",
-                            f"{fo['lin_1t_chosen']:.3g} / {fo['real_1t_chosen']:.3g}",
-                            f"{sz['pretrain']['loss']:.3f}", f"{sz['pretrain']['suffix_logp']:.3f}"])
+            fo_rows.append([n, s, _num(fo["po_lr"], ".3g"), _num(fo["gram_diag_ref"], ".3g"),
+                            _num(fo["remainder_median"], ".3f"), _num(fo["remainder_max"], ".3f"),
+                            "yes" if fo["first_order"] else "no",
+                            f"{_num(fo['lin_1t_chosen'], '.3g')} / {_num(fo['real_1t_chosen'], '.3g')}",
+                            _num(sz["pretrain"]["loss"], ".3f"), _num(sz["pretrain"]["suffix_logp"], ".3f")])
     out.append("First-order check (remainder = sum |real - lin| / sum |lin| over PO steps, pairs, sides; first "
                "order: every run below 0.1) and pretraining per size\n\n" + markdown_table(
                    ["size", "setting", "PO rate", "Gbar (ref)", "remainder median", "remainder max", "first order",
