@@ -73,6 +73,19 @@ def _csv(path):
 ADAM_ARGV = ["--check-step", "--batch-size", "3", "--chunk-rows", "2", "--losses-from", USER_FILE]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _forget_user_losses():
+    """`--losses-from` defines its losses in this process; the registry listings of other test modules
+    (same pytest worker) must not see them."""
+    from entangle_sim import losses
+
+    before = set(losses.user_names())
+    yield
+    for n in losses.user_names():
+        if n not in before:
+            losses.undefine(n)
+
+
 @pytest.fixture(scope="module")
 def adam_run(ckpt, tmp_path_factory):
     """One uninterrupted `--optimizer-state --check-step` run (3 chunks of 2 rows): (out, printed)."""

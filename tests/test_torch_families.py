@@ -22,7 +22,10 @@ RTOL = 1e-6
 # GPT-Neo casts query and key to float32 for its attention scores inside the float64 model, so the
 # batched (padded) forward and the brute force's unpadded one differ by float32 round-off (~1e-7 in the
 # activations); the small LoRA-only Gram entries show it at 1.5e-6 relative. 1e-5 for that family.
-RTOL_FLOAT32_INSIDE = {"gpt_neo": 1e-5}
+# The MoE families compute their router's softmax in float32 (`softmax(..., dtype=torch.float)`), so the
+# routing weights of the batched forward and of the unpadded brute force differ by float32 round-off too
+# (verification saw 1.4e-6 relative on Qwen3-MoE): 1e-5 for them as well.
+RTOL_FLOAT32_INSIDE = {"gpt_neo": 1e-5, "mixtral": 1e-5, "qwen2_moe": 1e-5, "qwen3_moe": 1e-5, "olmoe": 1e-5}
 
 
 @pytest.fixture(scope="module")
