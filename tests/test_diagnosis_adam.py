@@ -162,3 +162,23 @@ def test_parameter_groups_and_missing_state(setup):
     tok, model, opt, ex, batch = setup
     with pytest.raises(optim_state.OptimizerStateError, match="no entry"):
         adam.preconditioned_pair_gram(model, batch, {"transformer.wte.weight": torch.ones(1)})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_preconditioned_gram_on_a_model_torch_func_cannot_transform():
+    """BLOOM's GELU is a custom autograd.Function: the per-response gradients come from one ordinary
+    backward per response (the exact path's fallback). With P = 2 everywhere, G^P = 2 G exactly, and G
+    equals the bridge's exact pair Gram; both float64 sums of the same products, so 1e-12 relative."""
+    from entangle_sim.torch.geometry import pair_gram
+    from entangle_sim.torch.tiny import tiny_family
+
+    tok = tiny_tokenizer()
+    model = tiny_family("bloom", tok, dtype=torch.float64)
+    batch = collate(tokenize_rows(tok, toy_rows(2, seed=1)), tok.pad_token_id)
+    P = {n: torch.full_like(p, 2.0) for n, p in model.named_parameters()}
+    got = adam.preconditioned_pair_gram(model, batch, P)
+    ref = pair_gram(model, batch, method="exact")
+    for k in ("G_ww", "G_wl", "G_ll"):
+        want = getattr(ref, k).numpy()
+        np.testing.assert_allclose(got[k], want, rtol=1e-12, err_msg=k)
+        np.testing.assert_allclose(got[k + "_adam"], 2 * want, rtol=1e-12, err_msg=k + "_adam")

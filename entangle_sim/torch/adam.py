@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import contextlib
 import re
-import warnings
 
 import numpy as np
 import torch
 
+from .exact import exact_grads
 from .geometry import named_parameter_aliases, response_logps, select_parameters
 
 
@@ -109,29 +109,19 @@ def _acc(model) -> torch.dtype:
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
 
-def response_grads(model, params: dict, input_ids, completion_mask) -> dict[str, torch.Tensor]:
+def response_grads(model, params: dict, input_ids, completion_mask, attention_mask=None) -> dict[str, torch.Tensor]:
     """{name: [N, *shape]} per-response gradients of the summed completion log-prob (accumulation
-    dtype: float64 for a float64 model, else float32). Rows are right-padded; each row is run alone."""
-    from torch.func import functional_call, grad, vmap
-
-    acc = _acc(model)
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in params}
-    buffers = dict(model.named_buffers())
-
-    def logp_one(psel, ids, cm):
-        # Right padding is invisible to the real tokens under a causal mask, so each row takes an all-ones
-        # mask (an unbatched constant: no data-dependent control flow inside the model under vmap).
-        ones = torch.ones(1, ids.shape[-1], dtype=torch.long)
-        out = functional_call(model, (psel, frozen, buffers), args=(),
-                              kwargs={"input_ids": ids[None], "attention_mask": ones, "use_cache": False})
-        lp = torch.log_softmax(out.logits[0, :-1].to(acc), -1)
-        return (lp.gather(-1, ids[1:, None]).squeeze(-1) * cm[1:].to(acc)).sum()
-
-    psel = {n: p.detach() for n, p in params.items()}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
-        g = vmap(grad(logp_one), in_dims=(None, 0, 0))(psel, input_ids, completion_mask)
-    return {n: v.to(acc) for n, v in g.items()}
+    dtype: float64 for a float64 model, else float32), from `exact.exact_grads`: vmapped, or one ordinary
+    backward per response where torch.func cannot transform the model (BLOOM, eager MoE loops).
+    Rows are right-padded; attention_mask (default all ones: right padding is causally invisible to
+    the completion) only trims each row for the ordinary-backward path."""
+    am = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    flat = exact_grads(model, params, input_ids, am, completion_mask, _acc(model))
+    out, i = {}, 0
+    for n, p in params.items():
+        out[n] = flat[:, i:i + p.numel()].reshape(-1, *p.shape)
+        i += p.numel()
+    return out
 
 
 def _trim(batch):
@@ -165,7 +155,7 @@ def preconditioned_pair_gram(model, batch, P: dict[str, torch.Tensor] | None = N
     covering every selected parameter (`AdamState.preconditioners()`).
     """
     batch = _trim(batch)
-    ids, cm = batch["input_ids"], batch["completion_mask"]
+    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     N = ids.shape[0]
     if N % 2:
         raise ValueError("batch must hold 2B rows: B chosen then B rejected")
@@ -181,7 +171,7 @@ def preconditioned_pair_gram(model, batch, P: dict[str, torch.Tensor] | None = N
         for s in range(0, B, chunk_size):
             e = min(B, s + chunk_size)
             rows = torch.cat([torch.arange(s, e), B + torch.arange(s, e)])
-            g = response_grads(model, params, ids[rows], cm[rows])
+            g = response_grads(model, params, ids[rows], cm[rows], am[rows])
             b = e - s
             part = {k: torch.zeros(b, dtype=acc) for k in keys}
             gpart: dict[str, dict[str, torch.Tensor]] = {}
@@ -262,7 +252,7 @@ def adam_step_prediction(model, batch, state, c_w, c_l, *, lr: float | None = No
         loss_part, drift_part = [], []
         for s in range(0, ids.shape[0], chunk_size):
             sl = slice(s, min(ids.shape[0], s + chunk_size))
-            g = response_grads(model, params, ids[sl], cm[sl])
+            g = response_grads(model, params, ids[sl], cm[sl], am[sl])
             n_rows = sl.stop - sl.start
             loss_part.append(sum((g[n].reshape(n_rows, -1) @ step_loss[n].reshape(-1)) for n in params))
             drift_part.append(sum((g[n].reshape(n_rows, -1) @ step_drift[n].reshape(-1)) for n in params))
