@@ -1,6 +1,6 @@
 """Dataset-scale diagnosis: CHES screen vs exact Gram, 1 vs 2 processes, Adam-vs-SGD agreement.
 
-Three sections, each a ratio against a baseline measured in the same run:
+Sections, each a ratio against a baseline measured in the same run:
 
 * screen: pairs/s of `screen.ches_scores` (one forward per response, no gradient) against pairs/s of
   the exact per-pair Gram `measure.measure_pairs` (method auto) on the same pairs; and the Spearman
@@ -10,6 +10,12 @@ Three sections, each a ratio against a baseline measured in the same run:
   (`parallel.run_parallel`), the same torch threads per process (--proc-threads, default 1: on a
   loaded machine more threads per process than free cores makes OpenMP spin and distorts the ratio),
   wall time including process start; outputs checked equal.
+* diagnose: N pairs end to end through the command itself, `entangle-sim diagnose-model` (stream ->
+  measure -> every loss, what-if, streamed batch prediction -> pairs.csv, summary.json, report.md,
+  figures) on the same 0.43M GPT-2 saved with a 256-word word-level tokenizer, TRL text rows:
+  `python -m entangle_sim.cli` (1 process) against `torchrun --standalone --nproc-per-node 2` (2 gloo
+  ranks), the same torch threads per process (--proc-threads); wall time including process start and
+  imports; pairs.csv, report.md and summary.json checked byte-identical; peak RSS (VmHWM) of rank 0.
 * adam: a tiny float64 GPT-2 trained T AdamW steps on DPO; the next real AdamW step on a probe batch
   against three first-order predictions: SGD (the plain Gram account `diagnose-model` used), Adam with
   v frozen at the checkpoint (the per-pair Gram's linearisation), Adam with the step's v. Sign
@@ -20,6 +26,7 @@ prompts, 16-token responses (random ids). Machine and load (uptime) are printed 
 
     python benchmarks/bench_diagnosis.py --quick          # 0.43M screen, 200 pairs x 1/2 procs, adam
     python benchmarks/bench_diagnosis.py --size gpt2 --screen-pairs 16 --pairs 10000
+    python benchmarks/bench_diagnosis.py --sections diagnose --pairs 10000   # end to end, 1 vs 2 processes
 """
 from __future__ import annotations
 
@@ -133,6 +140,74 @@ def bench_parallel(n, threads):
     return res
 
 
+def _diagnose_inputs(tmp: Path, n: int):
+    """The 0.43M GPT-2 with a word-level tokenizer of its 256-token vocabulary (saved), and n TRL text
+    rows: 16-word prompts, 16-word responses sharing their first 4 words."""
+    import random
+
+    from entangle_sim.torch.tiny import tiny_tokenizer
+
+    words = [f"w{i}" for i in range(SIZES["tiny"]["vocab_size"] - 7)]  # + 7 special tokens = 256
+    tok = tiny_tokenizer(words)
+    assert len(tok) == SIZES["tiny"]["vocab_size"]
+    _model("tiny").save_pretrained(tmp / "model")
+    tok.save_pretrained(tmp / "model")
+    rng = random.Random(3)
+    src = tmp / "rows.jsonl"
+    with open(src, "w") as f:
+        for _ in range(n):
+            w = [rng.choice(words) for _ in range(P_LEN + 2 * R_LEN)]
+            c = w[P_LEN:P_LEN + R_LEN]
+            r = c[:4] + w[P_LEN + R_LEN + 4:]
+            f.write(json.dumps({"prompt": " ".join(w[:P_LEN]) + " ", "chosen": " ".join(c) + " ",
+                                "rejected": " ".join(r) + " "}) + "\n")
+    return tmp / "model", src
+
+
+def bench_diagnose(n, threads, batch_size=16, chunk_rows=256):
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_diagnose_"))
+    model, src = _diagnose_inputs(tmp, n)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    torchrun = str(torchrun) if torchrun.is_file() else shutil.which("torchrun")
+    if torchrun is None:
+        raise RuntimeError("torchrun not found")
+    # VmHWM of rank 0: a wrapper runs the CLI and prints its own peak RSS at exit
+    wrap = tmp / "cli_hwm.py"
+    wrap.write_text("import atexit, sys\n"
+                    "def hwm():\n"
+                    "    for ln in open('/proc/self/status'):\n"
+                    "        if ln.startswith('VmHWM') and __import__('os').environ.get('RANK', '0') == '0':\n"
+                    "            print('VMHWM_KB', ln.split()[1], file=sys.stderr)\n"
+                    "atexit.register(hwm)\n"
+                    "from entangle_sim.cli import main\n"
+                    "rc = main(sys.argv[1:])\n"
+                    "hwm(); atexit.unregister(hwm); sys.exit(rc)\n")
+    args = ["diagnose-model", "--model", str(model), "--data", str(src), "--batch-size", str(batch_size),
+            "--chunk-rows", str(chunk_rows)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS=str(threads), JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1")
+    res = {"section": "diagnose", "size": "tiny", "pairs": n, "threads_per_process": threads,
+           "batch_size": batch_size, "chunk_rows": chunk_rows}
+    for world, launch in ((1, [sys.executable, str(wrap)]),
+                          (2, [torchrun, "--standalone", "--nproc-per-node", "2", str(wrap)])):
+        t = time.perf_counter()
+        p = subprocess.run(launch + args + ["--out", str(tmp / f"out{world}")], env=env, capture_output=True,
+                           text=True)
+        res[f"wall_s_{world}proc"] = time.perf_counter() - t
+        if p.returncode:
+            raise RuntimeError(p.stderr[-3000:])
+        hwm = [ln.split()[1] for ln in p.stderr.splitlines() if ln.startswith("VMHWM_KB")]
+        res[f"vmhwm_mb_rank0_{world}proc"] = int(hwm[-1]) / 1024 if hwm else None
+    res["identical_outputs"] = all((tmp / "out1" / f).read_bytes() == (tmp / "out2" / f).read_bytes()
+                                   for f in ("pairs.csv", "report.md", "summary.json"))
+    res["speedup_2proc"] = res["wall_s_1proc"] / res["wall_s_2proc"]
+    shutil.rmtree(tmp, ignore_errors=True)
+    return res
+
+
 def bench_adam(steps=(3, 30, 200), lr=1e-4):
     import numpy as np
     import torch
@@ -214,7 +289,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--proc-threads", type=int, default=1,
                     help="torch threads of each process in the 1 vs 2 processes section (same for both)")
-    ap.add_argument("--sections", default="screen,parallel,adam")
+    ap.add_argument("--sections", default="screen,parallel,adam",
+                    help="comma-separated: screen, parallel, diagnose (end to end, 1 vs 2 processes), adam")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     if args.quick:
@@ -233,6 +309,10 @@ def main():
         out.append(r)
     if "parallel" in secs:
         r = bench_parallel(args.pairs, args.proc_threads)
+        print(json.dumps(r))
+        out.append(r)
+    if "diagnose" in secs:
+        r = bench_diagnose(args.pairs, args.proc_threads)
         print(json.dumps(r))
         out.append(r)
     if "adam" in secs:
