@@ -20,8 +20,9 @@ Sections, each a ratio against a baseline measured in the same run:
   P) per layer from the ghost factors (method auto: one parameter's per-response gradients at a time)
   against materialising whole per-response gradients (method exact, the baseline), at 0.43M and
   124M (--adam-sizes), --adam-pairs pairs, --adam-chunk pairs per capture; each in its own process
-  for its peak RSS: wall time of the call and VmHWM (after the call, and its growth over the
-  process's peak before the call); the two results' max relative difference.
+  for its peak RSS: wall time of the call (after a 1-pair warm-up), VmHWM at the end and the peak
+  the Gram added over the process's peak before any Gram call (extra_mb: model, P and batch
+  built); the two results' max relative difference.
 * adam: a tiny float64 GPT-2 trained T AdamW steps on DPO; the next real AdamW step on a probe batch
   against three first-order predictions: SGD (the plain Gram account `diagnose-model` used), Adam with
   v frozen at the checkpoint (the per-pair Gram's linearisation), Adam with the step's v. Sign
@@ -233,14 +234,14 @@ model = _model(size)
 batch = collate(_examples(pairs, SIZES[size]["vocab_size"], seed=5), 0)
 g = torch.Generator().manual_seed(0)
 P = {{n: torch.rand(p.shape, generator=g) + 0.5 for n, p in model.named_parameters()}}
+base = hwm_mb()  # model, P and batch built, no Gram computed yet
 adam.preconditioned_pair_gram(model, collate(_examples(1, SIZES[size]["vocab_size"], seed=9), 0), P,
                               chunk_size=1, method=method)  # warm-up (and the ghost layout's verification)
-before = hwm_mb()
 t = time.perf_counter()
 r = adam.preconditioned_pair_gram(model, batch, P, chunk_size=chunk, method=method)
 wall = time.perf_counter() - t
 np.savez(out, **r)
-print(json.dumps({{"wall_s": wall, "vmhwm_mb": hwm_mb(), "vmhwm_mb_before_call": before,
+print(json.dumps({{"wall_s": wall, "vmhwm_mb": hwm_mb(), "vmhwm_mb_before_gram": base,
                   "params": sum(p.numel() for p in model.parameters())}}))
 """
 
@@ -267,13 +268,15 @@ def bench_adam_gram(sizes, pairs, chunk, threads):
                 continue
             r = json.loads(p.stdout.strip().splitlines()[-1])
             res["params"] = r.pop("params")
-            r["vmhwm_growth_mb"] = r["vmhwm_mb"] - r["vmhwm_mb_before_call"]
+            r["extra_mb"] = r["vmhwm_mb"] - r["vmhwm_mb_before_gram"]  # peak the Gram added
             res[label] = r
         if "wall_s" in res.get("materialising", {}) and "wall_s" in res.get("per_layer", {}):
             a, b = np.load(tmp / f"{size}_materialising.npz"), np.load(tmp / f"{size}_per_layer.npz")
             res["max_rel_diff"] = max(float(np.abs(a[k] - b[k]).max() / np.abs(a[k]).max()) for k in a.files)
             res["time_ratio_materialising_over_per_layer"] = res["materialising"]["wall_s"] / res["per_layer"]["wall_s"]
             res["peak_ratio_materialising_over_per_layer"] = res["materialising"]["vmhwm_mb"] / res["per_layer"]["vmhwm_mb"]
+            res["extra_ratio_materialising_over_per_layer"] = (res["materialising"]["extra_mb"]
+                                                               / max(res["per_layer"]["extra_mb"], 1.0))
         rows.append(res)
     return rows
 
