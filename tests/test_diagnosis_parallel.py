@@ -95,3 +95,54 @@ def test_unreachable_peer_is_one_line_exit_2(tmp_path):
     assert rc == 2, err[-2000:]
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("entangle-sim: error:")]
     assert len(lines) == 1 and "rank 0 of 2 could not reach its peers at 127.0.0.1:" in lines[0], err[-2000:]
+
+
+def _torchrun():
+    """The torchrun launcher next to this Python (or on PATH), or None."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return None
+    exe = Path(sys.executable).with_name("torchrun")
+    return str(exe) if exe.is_file() else shutil.which("torchrun")
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --standalone --nproc-per-node 2 -m entangle_sim.cli diagnose-model ...` (gloo, CPU) writes
+    pairs.csv, report.md and summary.json byte for byte equal to the one-process command's."""
+    import json
+
+    from entangle_sim.torch.tiny import tiny_model, tiny_tokenizer, toy_rows
+
+    launcher = _torchrun()
+    if launcher is None:
+        pytest.skip("torchrun (torch.distributed) not available")
+    tok = tiny_tokenizer()
+    tiny_model("gpt2", tok, width=16).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    src = tmp_path / "rows.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in toy_rows(7, seed=6)))
+    args = ["diagnose-model", "--model", str(tmp_path / "model"), "--data", str(src), "--chunk-rows", "2",
+            "--batch-size", "2", "--top", "3", "--token-maps", "1", "--check-step", "--loss", "sigmoid",
+            "--loss", "ipo"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    runs = {"one": [sys.executable, "-m", "entangle_sim.cli"],
+            "two": [launcher, "--standalone", "--nproc-per-node", "2", "-m", "entangle_sim.cli"]}
+    procs = {k: subprocess.Popen(cmd + args + ["--out", str(tmp_path / k)], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for k, cmd in runs.items()}
+    res = {k: (p.wait(timeout=300), *p.communicate()) for k, p in procs.items()}
+    for k, (rc, out, err) in res.items():
+        assert rc == 0, (k, err[-3000:])
+    assert res["one"][1].splitlines()[0] == res["two"][1].splitlines()[0]  # the verdict, printed once
+    for name in ("pairs.csv", "report.md", "summary.json"):  # no timing fields in any of them
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    s = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s["n_pairs"] == 7 and "check_step" in s
+    # the two ranks shared the work: 4 chunks of 2 rows, all present and merged
+    assert len(list((tmp_path / "two" / "measure" / "chunks").glob("*.npz"))) == 4

@@ -8,9 +8,16 @@ preconditioned Gram is
 and the per-pair first-order changes under the preconditioned step theta -= eta P dL/dtheta are the
 plain formulas with these entries (delta_chosen = eta (d_w G_ww_adam - d_l G_wl_adam), ...): pass
 them to `entangle_sim.torch.theory.evaluate` as G_ww/G_wl/G_ll. The ghost identity does not factor
-a diagonal P, so the per-response gradients are materialised, `chunk_size` pairs at a time
-(`torch.func.vmap(grad)` over responses; memory ~ 2 chunk_size |theta|), and reduced parameter by
-parameter; per-parameter-group splits come at no extra cost (`parameter_group`).
+a diagonal P, so per-response gradients have to be formed, but only ONE parameter's at a time
+(method "auto"/"ghost"): one verified ghost capture of `chunk_size` pairs gives every module's
+factors (`capture.capture`: g_k(p) = sum_t L[k,t]^T R[k,t], or a flat vector), and each parameter's
+per-response gradients [2 chunk_size, *p.shape] are rebuilt from them (one weight-gradient-sized
+matmul per parameter: L^T R), reduced against P and freed before the next; a parameter larger than
+`GRAD_SLICE_ELEMS` elements across the responses (an embedding / LM head of 50257 x 768) is rebuilt
+in slices of its first dimension. Peak memory ~ one layer, not |theta|. Where the capture is
+unsupported ("auto"), or with method "exact", the whole per-response gradients are materialised
+instead (`torch.func.vmap(grad)` over responses; memory ~ 2 chunk_size |theta|). Per-parameter-group
+splits come at no extra cost (`parameter_group`).
 
 One real Adam(W) step from a state (m, v, t) on a batch gradient grad = dL/dtheta is
 (torch.optim.AdamW, derived from its update rule):
@@ -33,7 +40,13 @@ import numpy as np
 import torch
 
 from .exact import exact_grads
-from .geometry import named_parameter_aliases, response_logps, select_parameters
+from .geometry import (check_method, fallback, ghost_capture, measuring, named_parameter_aliases, response_logps,
+                       select_parameters)
+from .rules import Unsupported
+
+# elements of one rebuilt slice [K responses, rows, ...] of a parameter's per-response gradients
+# (2^24: 64 MB in float32): bounds the per-layer path's peak at about one GPT-2-small layer's worth
+GRAD_SLICE_ELEMS = 1 << 24
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,24 +160,71 @@ def _params(model, subset, P):
 
 
 def preconditioned_pair_gram(model, batch, P: dict[str, torch.Tensor] | None = None, *, subset=None,
-                             chunk_size: int = 2, by_group: bool = False) -> dict:
+                             chunk_size: int = 2, by_group: bool = False, method: str = "auto") -> dict:
     """Per pair (numpy float64 [B]): G_ww, G_wl, G_ll (plain) and, when P is given, G_ww_adam,
     G_wl_adam, G_ll_adam = <g_a, P g_b>; with by_group also {'by_group': {group: {key: [B]}}}.
 
     batch: TRL-collated ([2B, S], chosen rows first); P: {name: tensor shaped like the parameter}
-    covering every selected parameter (`AdamState.preconditioners()`).
+    covering every selected parameter (`AdamState.preconditioners()`). method: "auto" (per layer from
+    the ghost factors, the whole gradients where the capture is unsupported), "ghost" (per layer, or
+    ValueError) or "exact" (the whole per-response gradients, `chunk_size` pairs at a time).
     """
+    check_method(method)
     batch = _trim(batch)
-    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    N = ids.shape[0]
+    N = batch["input_ids"].shape[0]
     if N % 2:
         raise ValueError("batch must hold 2B rows: B chosen then B rejected")
-    B = N // 2
     params = _params(model, subset, P)
     acc = _acc(model)
     Pa = None if P is None else {n: P[n].to(acc) for n in params}
     keys = ["G_ww", "G_wl", "G_ll"] + (["G_ww_adam", "G_wl_adam", "G_ll_adam"] if P is not None else [])
     groups = parameter_groups(model, params)
+    if method != "exact":
+        try:
+            parts = _gram_per_layer(model, batch, params, Pa, keys, groups, chunk_size, acc)
+        except Unsupported as e:
+            fallback(method, e, "preconditioned_pair_gram")
+            parts = None
+    if method == "exact" or parts is None:
+        parts = _gram_materialised(model, batch, params, Pa, keys, groups, chunk_size, acc)
+    tot, grp = parts
+    out = {k: torch.cat(v).double().numpy() for k, v in tot.items()}
+    if by_group:
+        out["by_group"] = {gname: {k: torch.cat(v).double().numpy() for k, v in d.items()}
+                           for gname, d in sorted(grp.items())}
+    return out
+
+
+def _reduce(gw, gl, Pa, b):
+    """The Gram entries of one parameter (or slice) from its per-response gradients gw, gl [b, ...]."""
+    gw, gl = gw.reshape(b, -1), gl.reshape(b, -1)
+    vals = {"G_ww": (gw * gw).sum(1), "G_wl": (gw * gl).sum(1), "G_ll": (gl * gl).sum(1)}
+    if Pa is not None:
+        Pn = Pa.reshape(1, -1)
+        pw = gw * Pn
+        vals.update(G_ww_adam=(pw * gw).sum(1), G_wl_adam=(pw * gl).sum(1), G_ll_adam=((gl * Pn) * gl).sum(1))
+    return vals
+
+
+def _add(part, gpart, group, vals):
+    for k, v in vals.items():
+        part[k] += v
+        gp = gpart.setdefault(group, {})
+        gp[k] = gp.get(k, 0) + v
+
+
+def _collect(tot, grp, part, gpart):
+    for k, v in part.items():
+        tot[k].append(v)
+    for gname, d in gpart.items():
+        for k, v in d.items():
+            grp.setdefault(gname, {}).setdefault(k, []).append(v)
+
+
+def _gram_materialised(model, batch, params, Pa, keys, groups, chunk_size, acc):
+    """Whole per-response gradients (`response_grads`), `chunk_size` pairs at a time."""
+    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    B = ids.shape[0] // 2
     tot = {k: [] for k in keys}
     grp: dict[str, dict[str, list]] = {}
     with _eval_mode(model):
@@ -176,35 +236,75 @@ def preconditioned_pair_gram(model, batch, P: dict[str, torch.Tensor] | None = N
             part = {k: torch.zeros(b, dtype=acc) for k in keys}
             gpart: dict[str, dict[str, torch.Tensor]] = {}
             for n, gn in g.items():
-                gw, gl = gn[:b].reshape(b, -1), gn[b:].reshape(b, -1)
-                vals = {"G_ww": (gw * gw).sum(1), "G_wl": (gw * gl).sum(1), "G_ll": (gl * gl).sum(1)}
-                if Pa is not None:
-                    pw = gw * Pa[n].reshape(1, -1)
-                    vals.update(G_ww_adam=(pw * gw).sum(1), G_wl_adam=(pw * gl).sum(1),
-                                G_ll_adam=((gl * Pa[n].reshape(1, -1)) * gl).sum(1))
-                for k, v in vals.items():
-                    part[k] += v
-                    if by_group:
-                        gp = gpart.setdefault(groups[n], {})
-                        gp[k] = gp.get(k, 0) + v
+                _add(part, gpart, groups[n], _reduce(gn[:b], gn[b:], None if Pa is None else Pa[n], b))
             del g
-            for k in keys:
-                tot[k].append(part[k])
-            for gname, d in gpart.items():
-                for k, v in d.items():
-                    grp.setdefault(gname, {}).setdefault(k, []).append(v)
-    out = {k: torch.cat(v).double().numpy() for k, v in tot.items()}
-    if by_group:
-        out["by_group"] = {gname: {k: torch.cat(v).double().numpy() for k, v in d.items()}
-                           for gname, d in sorted(grp.items())}
-    return out
+            _collect(tot, grp, part, gpart)
+    return tot, grp
+
+
+def param_grad_slices(p, entries, K: int, acc, max_elems: int | None = None):
+    """(rows, g) pieces of parameter p's per-response gradients rebuilt from its factor entries
+    (`rules`: ("mat", L, R) with g_k = sum_t L[k,t]^T R[k,t], L dense [K,T,r] or token ids [K,T];
+    ("vec", V [K, numel])): g [K, *p.shape] restricted to p's first-dimension `rows` (a slice), in
+    slices of at most max_elems (default `GRAD_SLICE_ELEMS`) elements (at least one row). Raises Unsupported for a matrix entry
+    of a parameter that is not 2-D."""
+    max_elems = GRAD_SLICE_ELEMS if max_elems is None else max_elems
+    shape = tuple(p.shape) or (1,)
+    n_rows, per_row = shape[0], int(np.prod(shape[1:], dtype=np.int64))
+    step = max(1, max_elems // max(1, K * per_row))
+    for e in entries:
+        if e[0] == "mat" and len(shape) != 2:
+            raise Unsupported(f"a matrix factor for a parameter of shape {tuple(p.shape)}")
+    for i0 in range(0, n_rows, step):
+        i1 = min(n_rows, i0 + step)
+        g = torch.zeros(K, i1 - i0, *shape[1:], dtype=acc)
+        for e in entries:
+            if e[0] == "vec":
+                g += e[1].reshape(K, *shape)[:, i0:i1].to(acc)
+            elif e[1].dtype.is_floating_point:  # L [K,T,rows] -> sum_t L[k,t,i] R[k,t,j]
+                g += torch.bmm(e[1][:, :, i0:i1].transpose(1, 2).to(acc), e[2].to(acc))
+            else:  # token ids: row ids[k,t] of g_k gets R[k,t]
+                ids, R = e[1], e[2]
+                hit = (ids >= i0) & (ids < i1)
+                k_of = torch.arange(K).unsqueeze(1).expand_as(ids)[hit]
+                g.view(K * (i1 - i0), -1).index_add_(0, k_of * (i1 - i0) + (ids[hit] - i0), R[hit].to(acc))
+        yield slice(i0, i1), g
+
+
+def _gram_per_layer(model, batch, params, Pa, keys, groups, chunk_size, acc):
+    """One verified ghost capture per `chunk_size` pairs; each parameter's per-response gradients
+    rebuilt (`param_grad_slices`), reduced against P and freed before the next parameter."""
+    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    B = ids.shape[0] // 2
+    tot = {k: [] for k in keys}
+    grp: dict[str, dict[str, list]] = {}
+    with measuring(model):
+        for s in range(0, B, chunk_size):
+            e = min(B, s + chunk_size)
+            rows = torch.cat([torch.arange(s, e), B + torch.arange(s, e)])
+            b = e - s
+            _, F = ghost_capture(model, params, ids[rows], am[rows], cm[rows], "pair")
+            part = {k: torch.zeros(b, dtype=acc) for k in keys}
+            gpart: dict[str, dict[str, torch.Tensor]] = {}
+            for n, p in params.items():
+                entries = F.fac.get(p)
+                if not entries:  # not used by this forward: zero gradient (the group still listed)
+                    _add(part, gpart, groups[n], {k: torch.zeros(b, dtype=acc) for k in keys})
+                    continue
+                Pn = None if Pa is None else Pa[n].reshape(p.shape[0] if p.dim() else 1, -1)
+                for sl, g in param_grad_slices(p, entries, 2 * b, acc):
+                    _add(part, gpart, groups[n], _reduce(g[:b], g[b:], None if Pn is None else Pn[sl], b))
+                    del g
+            del F
+            _collect(tot, grp, part, gpart)
+    return tot, grp
 
 
 # ----------------------------------------------------------------------------------------------
 # one Adam step, to first order
 # ----------------------------------------------------------------------------------------------
 def adam_step_prediction(model, batch, state, c_w, c_l, *, lr: float | None = None, v_update: bool = False,
-                         subset="trainable", chunk_size: int = 4) -> dict[str, np.ndarray]:
+                         subset="trainable", chunk_size: int = 4, method: str = "auto") -> dict[str, np.ndarray]:
     """First-order change of every chosen/rejected log-prob under ONE more Adam(W) step from `state`.
 
     The batch loss gradient is  grad = -sum_j (c_w[j] g_w,j - c_l[j] g_l,j)  (c = incentives / B for
@@ -212,8 +312,12 @@ def adam_step_prediction(model, batch, state, c_w, c_l, *, lr: float | None = No
     delta_chosen / delta_rejected (total), *_loss (the part driven by this batch's gradient) and
     *_drift (momentum + weight decay, independent of the loss). v_update=False freezes v at the
     state's (the preconditioner of the per-pair Gram); True updates it with grad^2 as the step does.
-    lr: default the state's (last scheduled) learning rate.
+    lr: default the state's (last scheduled) learning rate. <g_i, step> per response comes from one
+    verified ghost capture per `chunk_size` responses (a directional product of the factors: no
+    per-response gradient is formed) with method "auto"/"ghost", else (unsupported, or "exact") from
+    the materialised per-response gradients.
     """
+    check_method(method)
     batch = _trim(batch)
     ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     B = ids.shape[0] // 2
@@ -249,24 +353,48 @@ def adam_step_prediction(model, batch, state, c_w, c_l, *, lr: float | None = No
             bc1 = 1 - b1 ** (t + 1)
             step_loss[n] = eta * (1 - b1) / bc1 * Pn * u[n]
             step_drift[n] = -eta * b1 / bc1 * Pn * state.exp_avg[n].to(acc) - eta * wd * p.detach().to(acc)
-        loss_part, drift_part = [], []
-        for s in range(0, ids.shape[0], chunk_size):
-            sl = slice(s, min(ids.shape[0], s + chunk_size))
-            g = response_grads(model, params, ids[sl], cm[sl], am[sl])
-            n_rows = sl.stop - sl.start
-            loss_part.append(sum((g[n].reshape(n_rows, -1) @ step_loss[n].reshape(-1)) for n in params))
-            drift_part.append(sum((g[n].reshape(n_rows, -1) @ step_drift[n].reshape(-1)) for n in params))
-    lo = torch.cat(loss_part).double().numpy()
-    dr = torch.cat(drift_part).double().numpy()
+        lo_dr = None
+        if method != "exact":
+            try:
+                lo_dr = _directional_ghost(model, params, ids, am, cm, [step_loss, step_drift], chunk_size)
+            except Unsupported as e:
+                fallback(method, e, "adam_step_prediction")
+        if lo_dr is None:
+            loss_part, drift_part = [], []
+            for s in range(0, ids.shape[0], chunk_size):
+                sl = slice(s, min(ids.shape[0], s + chunk_size))
+                g = response_grads(model, params, ids[sl], cm[sl], am[sl])
+                n_rows = sl.stop - sl.start
+                loss_part.append(sum((g[n].reshape(n_rows, -1) @ step_loss[n].reshape(-1)) for n in params))
+                drift_part.append(sum((g[n].reshape(n_rows, -1) @ step_drift[n].reshape(-1)) for n in params))
+            lo_dr = torch.cat(loss_part), torch.cat(drift_part)
+    lo, dr = (x.double().numpy() for x in lo_dr)
     return {"delta_chosen": lo[:B] + dr[:B], "delta_rejected": lo[B:] + dr[B:],
             "delta_chosen_loss": lo[:B], "delta_rejected_loss": lo[B:],
             "delta_chosen_drift": dr[:B], "delta_rejected_drift": dr[B:]}
 
 
+def _directional_ghost(model, params, ids, am, cm, vs: list[dict], chunk_size: int):
+    """[<g_i, v> for v in vs] ([N] each; v keyed by name) from one verified ghost capture per chunk."""
+    from .capture import directional as factor_directional
+
+    vps = [{params[n]: v[n] for n in params} for v in vs]
+    outs = [[] for _ in vs]
+    with measuring(model):
+        for s in range(0, ids.shape[0], chunk_size):
+            sl = slice(s, min(ids.shape[0], s + chunk_size))
+            _, F = ghost_capture(model, params, ids[sl], am[sl], cm[sl], "directional")
+            for o, v in zip(outs, vps):
+                o.append(factor_directional(F, v))
+    return [torch.cat(o) for o in outs]
+
+
 def measure_adam(model, examples: list[dict], pad_token_id: int, state, *, subset="trainable", batch_size: int = 8,
-                 chunk_size: int = 2, max_length: int | None = 1024, by_group: bool = False, progress=None) -> dict:
+                 chunk_size: int = 2, max_length: int | None = 1024, by_group: bool = False, progress=None,
+                 method: str = "auto") -> dict:
     """`preconditioned_pair_gram` over tokenised examples, `batch_size` pairs per collated batch, with
-    P from `state` (an `AdamState`; None: plain Gram only). Columns numpy [N]; by_group concatenated."""
+    P from `state` (an `AdamState`; None: plain Gram only). Columns numpy [N]; by_group concatenated.
+    method: "auto" (per layer from the ghost factors where supported), "ghost" or "exact"."""
     from .data import collate
 
     P = None
@@ -278,7 +406,7 @@ def measure_adam(model, examples: list[dict], pad_token_id: int, state, *, subse
     for s in range(0, len(examples), batch_size):
         exs = examples[s:s + batch_size]
         r = preconditioned_pair_gram(model, collate(exs, pad_token_id, max_length=max_length), P, subset=subset,
-                                     chunk_size=chunk_size, by_group=by_group)
+                                     chunk_size=chunk_size, by_group=by_group, method=method)
         for gname, d in r.pop("by_group", {}).items():
             for k, v in d.items():
                 groups.setdefault(gname, {}).setdefault(k, []).append(v)

@@ -239,7 +239,7 @@ def measure_rows(model, tokenizer, rows: list[dict], start: int = 0, *, state=No
         m["ref_chosen_logps"], m["ref_rejected_logps"] = np.concatenate(rw), np.concatenate(rl)
     if state is not None or by_group:
         a = measure_adam(model, ex, pad, state, subset=adam_subset if state is not None else subset,
-                         batch_size=batch_size, max_length=max_length, by_group=by_group)
+                         batch_size=batch_size, max_length=max_length, by_group=by_group, method=method)
         for g, d in a.pop("by_group", {}).items():
             for k, v in d.items():
                 m[f"by_group{GROUP_SEP}{g}{GROUP_SEP}{k}"] = v

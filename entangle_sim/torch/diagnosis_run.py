@@ -6,17 +6,23 @@
     res["table"]                   # pairs.csv rows (one dict per measured pair)
 
 Steps: (1) with `screen=K`, a forward-only CHES pass over every row (streamed, `screen.ches_batch`)
-keeps the K highest-scoring rows; `pairs=N` keeps the first N rows; (2) the kept rows are measured
-chunk by chunk (`diagnosis.measure_rows`: plain Gram, reference log-probs, the Adam-preconditioned
-Gram from the checkpoint's optimiser state, the per-parameter-group split) through
+keeps the row numbers of the K highest-scoring rows; `pairs=N` keeps the first N rows; (2) the kept
+rows are measured chunk by chunk (`diagnosis.measure_rows`: plain Gram, reference log-probs, the
+Adam-preconditioned Gram from the checkpoint's optimiser state, the per-parameter-group split) through
 `stream.run_chunked` (resumable: a killed run started again with the same configuration recomputes
 only the missing chunks and writes identical output) or `parallel.run_parallel` under torchrun;
 (3) every loss is evaluated on the merged columns (cheap: the Gram does not depend on the loss), the
-batch-level prediction runs over the measured pairs (`MeasurementSession.predict`), and
-`diagnosis.build_summary` gives verdict, top pairs, what-if table, per-group split, reference and
-optimiser; (4) with `check_step`, one real optimiser step on the first `CHECK_PAIRS` measured pairs
-reports predicted vs realised changes (`diagnosis.check_step`); (5) with `out`, pairs.csv,
-summary.json, figures and report.md are written.
+batch-level prediction runs over the measured pairs in two streamed passes
+(`MeasurementSession.predict_stream`), and `diagnosis.build_summary` gives verdict, top pairs, what-if
+table, per-group split, reference and optimiser; (4) with `check_step`, one real optimiser step on
+the first `CHECK_PAIRS` measured pairs reports predicted vs realised changes (`diagnosis.check_step`);
+(5) with `out`, pairs.csv, summary.json, figures and report.md are written.
+
+Memory: rows are never all held. What stays for the whole run is per-pair numbers (the measured
+columns, the row numbers, with a screen two scores per scored row) and the tokenised pairs that later
+steps need: the top pairs, the token-map pairs and the --check-step pairs. Those are re-read by
+position from the measured rows: `out/selected.jsonl` (written streaming) or, without `out`, the
+source filtered by row number. Every other step holds one chunk of `chunk_rows` rows at a time.
 
 Without `out` nothing is written and nothing resumes (rows still stream in chunks).
 """
@@ -29,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import diagnosis, stream
+from . import diagnosis, stream, whatif
 
 CHECK_PAIRS = 64          # pairs in the one real step of --check-step (one collated batch)
 REPORT_TOKEN_MAPS = 3     # token heat maps of the top pairs shown in report.md
@@ -54,22 +60,20 @@ def _clean(x):
     return x
 
 
-def _select_rows(data, tokenizer, model, *, pairs, screen_k, batch_size, max_length, progress):
-    """(rows kept, their row numbers, screen info or None). Streams the source; keeps only what is measured."""
+def _select(data, tokenizer, model, *, pairs, screen_k, batch_size, max_length, chunk_rows, progress):
+    """(row numbers of the rows to measure, sorted [n]; screen info or None). Streams the source once
+    (validating every row read); keeps only row numbers and, with a screen, two scores per row."""
     from . import screen as scr
     from .data import collate, pad_token_id, tokenize_rows
 
     if screen_k is None:
-        rows, idx = [], []
-        for start, chunk in stream.iter_chunks(data, 256):
-            for j, r in enumerate(chunk):
-                if pairs is not None and start + j >= pairs:
-                    break
-                rows.append(r)
-                idx.append(start + j)
-            if pairs is not None and len(rows) >= pairs:
+        n = 0
+        for start, chunk in stream.iter_chunks(data, chunk_rows):
+            n = start + len(chunk)
+            if pairs is not None and n >= pairs:
+                n = pairs
                 break
-        return rows, np.asarray(idx), None
+        return np.arange(n), None
     from tqdm.auto import tqdm
 
     pad = pad_token_id(tokenizer)
@@ -91,9 +95,54 @@ def _select_rows(data, tokenizer, model, *, pairs, screen_k, batch_size, max_len
             bar.update(len(chunk))
     scores = {k: np.concatenate(v) for k, v in scores.items()}
     keep = np.sort(scr.select_top(scores["ln_ches"], screen_k))  # data order: chunking independent of scores
-    want = set(keep.tolist())
-    rows = [r for i, r in enumerate(stream.iter_rows(data)) if i in want]
-    return rows, keep, {"k": int(screen_k), "n_scored": int(n), "score": "ln_ches", "scores": scores}
+    return keep, {"k": int(screen_k), "n_scored": int(n), "score": "ln_ches", "scores": scores}
+
+
+def _rows_at(data, index, chunk_rows):
+    """The rows of `data` at the sorted row numbers `index`, in order (validated), streamed."""
+    index = np.asarray(index)
+    j = 0
+    if len(index) == 0:
+        return
+    for start, chunk in stream.iter_chunks(data, chunk_rows):
+        for i, r in enumerate(chunk, start):
+            if j < len(index) and i == index[j]:
+                yield r
+                j += 1
+        if j == len(index):
+            return
+
+
+def _in_chunks(rows, n):
+    """Lists of n consecutive items of the iterator `rows` (the last one shorter)."""
+    buf = []
+    for r in rows:
+        buf.append(r)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _write_selected(path, rows_fn):
+    """selected.jsonl from the streamed rows; an identical existing file is left untouched (resume)."""
+    import filecmp
+    import os
+
+    from ..results import atomic_write
+
+    new = path.with_name(path.name + ".new")
+
+    def write(f):
+        for r in rows_fn():
+            f.write((json.dumps(r) + "\n").encode())
+
+    atomic_write(new, write)
+    if path.is_file() and filecmp.cmp(path, new, shallow=False):
+        new.unlink()
+    else:
+        os.replace(new, path)
 
 
 def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("sigmoid",), loss_kwargs=None,
@@ -129,8 +178,8 @@ def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("
     if world > 1 and out is None:
         raise ValueError("under torchrun, --out is needed (the ranks share the output folder)")
 
-    rows, index, scr = _select_rows(data, tokenizer, model, pairs=pairs, screen_k=screen, batch_size=batch_size,
-                                    max_length=max_length, progress=progress and rank == 0)
+    index, scr = _select(data, tokenizer, model, pairs=pairs, screen_k=screen, batch_size=batch_size,
+                         max_length=max_length, chunk_rows=chunk_rows, progress=progress and rank == 0)
     kw = dict(state=state, ref_model=ref_model, subset=subset, by_group=state is not None, batch_size=batch_size,
               max_length=max_length, method=method)
 
@@ -146,12 +195,12 @@ def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("
         out.mkdir(parents=True, exist_ok=True)
         src = out / "selected.jsonl"  # the rows measured (all, the first N, or the screened K)
         if rank == 0:
-            from ..results import atomic_write
-
-            text = "".join(json.dumps(r) + "\n" for r in rows)
-            if not src.is_file() or src.read_text() != text:
-                atomic_write(src, lambda f: f.write(text.encode()))
+            _write_selected(src, lambda: _rows_at(data, index, chunk_rows))
         parallel.barrier()
+
+        def selected():  # the measured rows again, in order, from the output folder
+            return (r for _, c in stream.iter_chunks(src, chunk_rows) for r in c)
+
         cfg = {"losses": losses, "subset": subset, "method": method, "max_length": max_length,
                "batch_size": batch_size, "optimizer_state": str(optimizer_state) if optimizer_state else None,
                "ref_model": ref_model is not None, "screen": screen, "pairs": pairs, **(config or {})}
@@ -162,18 +211,25 @@ def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("
     else:
         from tqdm.auto import tqdm
 
+        def selected():  # the measured rows again, in order, from the source
+            return _rows_at(data, index, chunk_rows)
+
         parts = []
-        with tqdm(total=len(rows), desc="diagnose-model", unit="pair", disable=not progress) as bar:
-            for s in range(0, len(rows), chunk_rows):
-                parts.append(compute(rows[s:s + chunk_rows], s))
-                bar.update(len(rows[s:s + chunk_rows]))
+        with tqdm(total=len(index), desc="diagnose-model", unit="pair", disable=not progress) as bar:
+            s = 0
+            for chunk in _in_chunks(selected(), chunk_rows):
+                parts.append(compute(chunk, s))
+                s += len(chunk)
+                bar.update(len(chunk))
         cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     m, groups = diagnosis.split_group_columns(cols)
     reference = "ref_model" if ref_model is not None else "model"
     if ref_model is None:  # TRL's default: the reference is the policy itself (every log-ratio 0)
         m["ref_chosen_logps"], m["ref_rejected_logps"] = m["chosen_logps"].copy(), m["rejected_logps"].copy()
-    examples = tokenize_rows(tokenizer, rows, max_length=max_length)
-    B = len(examples)
+    B = len(m["index"])
+
+    def example_chunks():  # tokenised measured pairs, chunk_rows at a time (read twice per loss)
+        return (tokenize_rows(tokenizer, c, max_length=max_length) for c in _in_chunks(selected(), chunk_rows))
 
     per_loss = {}
     for name in losses:
@@ -181,7 +237,7 @@ def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("
                                                         "rejected_len", "G_ww", "G_wl", "G_ll", "prompt_len")},
                              ref_chosen_logps=m["ref_chosen_logps"], ref_rejected_logps=m["ref_rejected_logps"],
                              **(loss_kwargs or {}))
-        bw, bl = session.predict(examples, th["d_w"] / B, th["d_l"] / B)
+        bw, bl = session.predict_stream(example_chunks, th["d_w"] / B, th["d_l"] / B)
         th.update(batch_delta_chosen=bw, batch_delta_rejected=bl,
                   batch_regime=regimes.names(regimes.classify(bw, bl)))
         if state is not None:
@@ -193,6 +249,17 @@ def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("
             th.update(delta_chosen_adam=ev["delta_chosen"], delta_rejected_adam=ev["delta_rejected"],
                       regime_adam=ev["regime"])
         per_loss[name] = th
+
+    # the only pairs whose tokens are needed again: the top pairs (and their token maps), the token maps
+    # by cos, the --check-step batch; re-read by position from the measured rows
+    k_top = min(top_k, B)
+    need = set(whatif.top_order(m, k_top).tolist()) | set(np.argsort(-m["cos"])[:token_maps].tolist())
+    if check_step:
+        need |= set(range(min(CHECK_PAIRS, B)))
+    examples = {}
+    for j, r in enumerate(selected()):
+        if j in need:
+            examples[j] = tokenize_rows(tokenizer, [r], max_length=max_length)[0]
 
     base = losses[0]
     summary = {"n_pairs": B, **(extra or {}), "data": str(data), "subset": subset, "losses": losses,
@@ -209,7 +276,7 @@ def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("
             summary.setdefault("regime_fractions_adam", {})[name] = regimes.fractions(
                 regimes.classify(th["delta_chosen_adam"], th["delta_rejected_adam"]))
     d = diagnosis.build_summary(m, examples, base=base, base_hp=loss_kwargs, state=state, by_group=groups,
-                                k=min(top_k, B), tokenizer=tokenizer, index=m["index"])
+                                k=k_top, tokenizer=tokenizer, index=m["index"])
     summary = {"verdict": d.pop("verdict"), **summary, **d}
     summary["reference"] = {"kind": reference, **d["reference"],
                             "note": ("reference log-probs from the reference model" if ref_model is not None else
@@ -222,7 +289,8 @@ def run_diagnosis(model, tokenizer, data, *, out=None, ref_model=None, losses=("
                              "spearman": {x: rank_correlation(scr["scores"][x][m["index"]], m["rho"])
                                           for x in ("ches", "ln_ches")}}
     if check_step:
-        summary["check_step"] = _check(model, examples[:CHECK_PAIRS], per_loss[base], session, state, lr)
+        summary["check_step"] = _check(model, [examples[j] for j in range(min(CHECK_PAIRS, B))], per_loss[base],
+                                       session, state, lr)
 
     table = _table(m, per_loss, losses, B)
     cols_out = _columns(losses, state is not None)

@@ -412,21 +412,48 @@ def directional(model, batch, weights, *, subset: Subset = None, method: str = "
 
     weights: [2B] (chosen then rejected; any N rows in fact). Returns [N]  sum_j w_j <g_i, g_j>  (the
     row sums of the N x N response Gram weighted by w), computed without the Gram: one autograd pass for
-    v = sum_j w_j g_j (parameter-sized), one verified ghost capture (or exact gradients) for <g_i, v>.
+    v = sum_j w_j g_j (parameter-sized, `directional_vector`), one verified ghost capture (or exact
+    gradients) for <g_i, v> (`directional_at`). For rows that do not fit in memory at once, call the two
+    halves chunk by chunk (`session.MeasurementSession.predict_stream`): the result is the same sum.
     """
+    batch = trim(batch)
+    chunk = chunk_size or 16
+    v = directional_vector(model, [(batch, weights)], subset=subset, chunk_size=chunk)
+    return directional_at(model, batch, v, subset=subset, method=method, chunk_size=chunk)
+
+
+def directional_vector(model, weighted_batches, *, subset: Subset = None, chunk_size: int | None = None) -> dict:
+    """v = sum_j w_j g_j over every (batch, weights [N]) of the iterable `weighted_batches` (pass 1 of a
+    streamed `directional`); {parameter: tensor shaped like it} in the accumulation dtype."""
+    params = select_parameters(model, subset)
+    acc = acc_dtype(model)
+    v = {p: torch.zeros(p.shape, dtype=acc) for p in params.values()}
+    with measuring(model):
+        for batch, weights in weighted_batches:
+            batch = trim(batch)
+            ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+            weights = torch.as_tensor(weights, dtype=acc)
+            if weights.shape != (ids.shape[0],):
+                raise ValueError(f"weights of shape {tuple(weights.shape)} for {ids.shape[0]} rows")
+            _v_autograd(model, params, ids, am, cm, weights, chunk_size or 16, acc, v)
+    return v
+
+
+def directional_at(model, batch, v: dict, *, subset: Subset = None, method: str = "auto",
+                   chunk_size: int | None = None) -> torch.Tensor:
+    """[N] of <g_i, v> for the rows of `batch` (pass 2 of a streamed `directional`); v from
+    `directional_vector` on the same model and subset."""
     batch = trim(batch)
     ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     N = ids.shape[0]
     params = select_parameters(model, subset)
     acc = acc_dtype(model)
-    weights = torch.as_tensor(weights, dtype=acc)
     plist = list(params.values())
     chunk = chunk_size or 16
     with measuring(model):
         meth = choose(model, params, method, N, ids.shape[1])
         if meth == "ghost":
             try:
-                v = _v_autograd(model, params, ids, am, cm, weights, chunk, acc)
                 out = []
                 for sl in chunks(N, chunk):
                     _, F = ghost_capture(model, params, ids[sl], am[sl], cm[sl], "directional")
@@ -434,18 +461,18 @@ def directional(model, batch, weights, *, subset: Subset = None, method: str = "
                 return torch.cat(out)
             except Unsupported as e:
                 fallback(method, e, "directional")
-        v = _v_autograd(model, params, ids, am, cm, weights, chunk, acc)
-        vflat = torch.cat([v[p].reshape(-1) for p in plist])
+        vflat = torch.cat([v[p].reshape(-1).to(acc) for p in plist])
         out = []
         for sl in chunks(N, min(chunk, 4)):
             out.append(exact_grads(model, params, ids[sl], am[sl], cm[sl], acc) @ vflat)
     return torch.cat(out)
 
 
-def _v_autograd(model, params, ids, am, cm, weights, chunk, acc):
-    """v = sum_j w_j g_j per parameter (one forward + backward per chunk, ordinary autograd)."""
+def _v_autograd(model, params, ids, am, cm, weights, chunk, acc, v=None):
+    """v (+)= sum_j w_j g_j per parameter (one forward + backward per chunk, ordinary autograd)."""
     plist = list(params.values())
-    v = {p: torch.zeros(p.shape, dtype=acc) for p in plist}
+    if v is None:
+        v = {p: torch.zeros(p.shape, dtype=acc) for p in plist}
     for sl in chunks(ids.shape[0], chunk):
         with torch.enable_grad():
             lp = response_logps(model, ids[sl], am[sl], cm[sl])

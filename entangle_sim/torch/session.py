@@ -4,6 +4,7 @@ by `entangle-sim diagnose-model` and `EntanglementCallback`.
     s = MeasurementSession(model, pad_token_id=pad, subset="trainable", method="auto")
     m = s.measure(examples)                       # log-probs, lengths, G_ww, G_wl, G_ll, cos, rho per pair
     dw, dl = s.predict(examples, c_w, c_l)        # batch-level first-order changes (full response Gram)
+    dw, dl = s.predict_stream(lambda: chunks_of_examples(), c_w, c_l)   # the same, rows streamed twice
     t = s.token_map(examples[0])                  # TokenGram of one pair
 
 `entangle_sim.torch.diagnosis_run.run_diagnosis` (the `diagnose-model` command) builds the whole diagnosis
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from .data import collate
-from .geometry import check_method, directional, measuring, pair_gram, response_logps, select_parameters, token_gram
+from .geometry import check_method, directional, directional_at, directional_vector, measuring, pair_gram, response_logps, select_parameters, token_gram
 
 
 class MeasurementSession:
@@ -83,6 +84,41 @@ class MeasurementSession:
                         chunk_size=2 * self.batch_size).double().numpy()
         B = len(examples)
         return d[:B], d[B:]
+
+    def predict_stream(self, chunks, c_w, c_l) -> tuple[np.ndarray, np.ndarray]:
+        """`predict` over pairs that arrive in chunks: chunks() returns a fresh iterator of lists of
+        tokenised pairs (in order, together the B pairs of c_w / c_l) and is called twice. Pass 1
+        accumulates v = sum_j (c_w[j] g_w,j - c_l[j] g_l,j) chunk by chunk (parameter-sized), pass 2
+        gives <g_i, v> chunk by chunk, so only one chunk of pairs is held at a time. Equals `predict`
+        up to the summation order (round-off)."""
+        acc = torch.float64
+        cw = torch.as_tensor(np.asarray(c_w), dtype=acc)
+        cl = torch.as_tensor(np.asarray(c_l), dtype=acc)
+        if cw.shape != cl.shape or cw.dim() != 1:
+            raise ValueError(f"c_w and c_l must be [B] arrays, got {tuple(cw.shape)} and {tuple(cl.shape)}")
+        B = cw.shape[0]
+
+        def weighted():
+            s = 0
+            for exs in chunks():
+                b = len(exs)
+                if s + b > B:
+                    raise ValueError(f"chunks() gave more than the {B} pairs of c_w / c_l")
+                yield self._batch(exs), torch.cat([cw[s:s + b], -cl[s:s + b]])
+                s += b
+            if s != B:
+                raise ValueError(f"chunks() gave {s} pairs, c_w / c_l have {B}")
+
+        step = 2 * self.batch_size
+        v = directional_vector(self.model, weighted(), subset=self.subset, chunk_size=step)
+        dw, dl = [], []
+        for exs in chunks():
+            b = len(exs)
+            d = directional_at(self.model, self._batch(exs), v, subset=self.subset, method=self.method,
+                               chunk_size=step).double().numpy()
+            dw.append(d[:b])
+            dl.append(d[b:])
+        return np.concatenate(dw), np.concatenate(dl)
 
     def token_map(self, example: dict):
         """`TokenGram` of one tokenised pair."""

@@ -247,13 +247,13 @@ def _why(r: dict) -> str:
     return "; ".join(parts)
 
 
-def top_pairs(m: dict, examples: list[dict] | None = None, *, k: int = 10, ev: dict | None = None,
-              by: str = "rho", by_group: dict | None = None, tokenizer=None, index=None) -> list[dict]:
-    """The k pairs with the largest `by` (default rho = max(G_wl/G_ww, G_wl/G_ll): Case 1 iff <= 1),
-    each with its reasons: Gram entries, cos, norm ratio |g_l|/|g_w|, the common/differential split,
-    shared prefix/suffix (tokens), token overlap, length ratio, predicted changes (from `ev`, default
-    DPO-type d_w = d_l = 1), and, given `by_group` ({group: {'G_wl': [N], ...}}), the groups with the
-    largest |G_wl| share. `index`: the pairs' row numbers in the data set (default 0..N-1)."""
+def top_order(m: dict, k: int = 10, by: str = "rho") -> np.ndarray:
+    """Positions (into the columns of m) of the k pairs `top_pairs` lists, in its order: the largest
+    `by` first (ties in data order). Lets a caller fetch only those pairs' tokens."""
+    return _ranked(m, k, by)[0]
+
+
+def _ranked(m, k, by):
     if k <= 0:
         raise ValueError(f"k must be >= 1, got {k}")
     G_ww, G_wl, G_ll = (np.asarray(m[x], dtype=float) for x in ("G_ww", "G_wl", "G_ll"))
@@ -263,10 +263,25 @@ def top_pairs(m: dict, examples: list[dict] | None = None, *, k: int = 10, ev: d
     key = {"rho": rho, "cos": cos}.get(by)
     if key is None:
         key = np.asarray(m[by], dtype=float)
+    return np.argsort(-key, kind="stable")[:k], key, cos, rho
+
+
+def top_pairs(m: dict, examples: list[dict] | None = None, *, k: int = 10, ev: dict | None = None,
+              by: str = "rho", by_group: dict | None = None, tokenizer=None, index=None) -> list[dict]:
+    """The k pairs with the largest `by` (default rho = max(G_wl/G_ww, G_wl/G_ll): Case 1 iff <= 1),
+    each with its reasons: Gram entries, cos, norm ratio |g_l|/|g_w|, the common/differential split,
+    shared prefix/suffix (tokens), token overlap, length ratio, predicted changes (from `ev`, default
+    DPO-type d_w = d_l = 1), and, given `by_group` ({group: {'G_wl': [N], ...}}), the groups with the
+    largest |G_wl| share. `index`: the pairs' row numbers in the data set (default 0..N-1). `examples`
+    may be a mapping {position: tokenised pair} holding only the positions of `top_order(m, k, by)`."""
+    if k <= 0:
+        raise ValueError(f"k must be >= 1, got {k}")
+    order, key, cos, rho = _ranked(m, k, by)
+    G_ww, G_wl, G_ll = (np.asarray(m[x], dtype=float) for x in ("G_ww", "G_wl", "G_ll"))
+    tiny = np.finfo(float).tiny
     md = modes(G_ww, G_wl, G_ll)
     dc = np.asarray(ev["delta_chosen"]) if ev is not None else G_ww - G_wl
     dr = np.asarray(ev["delta_rejected"]) if ev is not None else G_wl - G_ll
-    order = np.argsort(-key, kind="stable")[:k]
     index = np.arange(len(G_ww)) if index is None else np.asarray(index)
     out = []
     for i in order:
