@@ -107,11 +107,7 @@ def pretrain(policy: Policy, params: PyTree, scfg: sentiment.SentimentConfig, cc
         return params, jnp.zeros((0,))
     step = train.make_sft_step(policy, "adam", 1.0)   # the step applies the rate of its state (lr may be traced)
 
-    def body(carry, k):
-        p, s = carry
-        p, s, loss = step(p, s, sentences(scfg, ccfg, k, batch), k)
-        return (p, s), loss
-
     state = train.make_optimizer("adam", lr).init(params)
-    (params, _), losses = jax.lax.scan(body, (params, state), jax.random.split(key, steps))
+    params, _, losses = train.run(step, params, state, jax.random.split(key, steps),
+                                  lambda k: sentences(scfg, ccfg, k, batch))
     return params, losses

@@ -179,15 +179,9 @@ def compose(policy, cfg: DiagnoseConfig, hp: dict, params, *, rates: dict, sft_k
                                                        batch=cfg.pretrain_batch)
     # SFT: the trainer's step with the `sft` loss; the rate is read from the optimizer state (may be traced)
     sft = train.make_sft_step(policy, "adam", 1.0)
-
-    def sbody(c, k):
-        p, st = c
-        p, st, loss = sft(p, st, sft_data(k), k)
-        return (p, st), loss
-
     state = train.make_optimizer("adam", rates["sft_lr"]).init(params)
     if len(sft_keys):
-        (params, _), out["sft_loss"] = jax.lax.scan(sbody, (params, state), sft_keys)
+        params, _, out["sft_loss"] = train.run(sft, params, state, sft_keys, sft_data)
     else:
         out["sft_loss"] = jnp.zeros((0,))
     ref = params
@@ -204,21 +198,17 @@ def compose(policy, cfg: DiagnoseConfig, hp: dict, params, *, rates: dict, sft_k
         out["log0"] = log(ref)
         blank = jax.tree.map(jnp.zeros_like, out["log0"])
 
-    def pbody(c, xs):
-        p, st = c
-        i, k = xs
-        batch = po_data(k)
-        ref_logps = jax.lax.stop_gradient(policy.logps(ref, batch))
-        p1, st, rec = po(p, st, batch, ref_logps, k)
-        y = {"obs": observe(rec, batch, ref_logps, p, p1)}
+    def obs(c: train.RunStep):
+        y = {"obs": observe(c.record, c.batch, c.reference, c.params_before, c.params_after)}
         if log is not None:
-            y["log"] = jax.lax.cond(((i + 1) % cfg.log_every == 0) | (i + 1 == n), log, lambda _: blank, p1)
-        if on_step is not None:
-            jax.debug.callback(on_step, i)
-        return (p1, st), y
+            y["log"] = jax.lax.cond(((c.i + 1) % cfg.log_every == 0) | (c.i + 1 == n), log, lambda _: blank,
+                                    c.params_after)
+        return y
 
     state = train.make_optimizer(cfg.optimizer, lr).init(params)
-    (params, _), ys = jax.lax.scan(pbody, (params, state), (jnp.arange(n), po_keys))
+    params, _, ys = train.run(po, params, state, po_keys, po_data,
+                              reference=lambda b: jax.lax.stop_gradient(policy.logps(ref, b)), observe=obs,
+                              on_step=on_step)
     out["params"], out["po"] = params, ys["obs"]
     if log is not None:
         out["logs"] = ys["log"]
@@ -324,10 +314,17 @@ def run_diagnose(cfg: DiagnoseConfig, progress: Callable[[int], None] | None = N
 
 
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
-    """JSON-ready summary of a `run_diagnose` result."""
+    """JSON-ready summary of a `run_diagnose` result: the one run-summary schema (`regimes.RUN_SUMMARY`;
+    changes = the eval-set mean log-probs between consecutive logged steps, no first-order prediction,
+    final_loss = the last PO step's training-batch loss) plus the keys below (delta_chosen/_rejected
+    are the CLI's names of mean_delta_chosen/_rejected)."""
     g = res["geometry"]
     tc = res["token_cos"]
+    w, l, po_loss = np.asarray(res["chosen_logp"]), np.asarray(res["rejected_logp"]), np.asarray(res["po_loss"])
+    core = regimes.run_summary(w[:-1, None], l[:-1, None], np.diff(w)[:, None], np.diff(l)[:, None],
+                               final=(w[-1:], l[-1:]), loss=po_loss.reshape(len(po_loss), -1) if po_loss.size else None)
     return {
+        **core,
         "config": res["config"],
         "steps": [int(s) for s in res["steps"]],
         "final_cosine": float(g["cos_mean"][-1]),
@@ -339,9 +336,8 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "final_geometry": {k: float(v[-1]) for k, v in g.items()},
         "chosen_logp_trajectory": [float(v) for v in res["chosen_logp"]],
         "rejected_logp_trajectory": [float(v) for v in res["rejected_logp"]],
-        "delta_chosen": float(res["chosen_logp"][-1] - res["chosen_logp"][0]),
-        "delta_rejected": float(res["rejected_logp"][-1] - res["rejected_logp"][0]),
-        "regime_fractions": regimes.fractions(res["interval_regimes"]),
+        "delta_chosen": core["mean_delta_chosen"],
+        "delta_rejected": core["mean_delta_rejected"],
         "step_regime_fractions": regimes.fractions(res["step_regimes"]),
         "token_cos_contrastive": float(tc[0, 0]),
         "token_cos_shared_diag_mean": float(np.mean(np.diag(tc)[1:])) if min(tc.shape) > 1 else None,

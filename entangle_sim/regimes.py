@@ -81,3 +81,55 @@ def sign_agreement(pred_w, pred_l, real_w, real_l, level_w, level_l, noise=None)
     agree, counted = sign_agreement_counts(pred_w, pred_l, real_w, real_l, level_w, level_l, noise)
     counted = int(counted)
     return (int(agree) / counted if counted else float("nan")), counted
+
+
+#: The one run-summary schema. Every summary of a run — `train.summarize` (and `simulate`),
+#: `mitigations.summarize`, `diagnose.summarize`, `logs.summarize` — carries these keys with these
+#: meanings, filled by `run_summary`; a key the source cannot tell is None (e.g. no loss in a log).
+#: Each summary adds its own keys after these.
+RUN_SUMMARY = {
+    "regime_fractions": "fraction of realised changes (per step and pair, or per logged interval) in each regime",
+    "mean_delta_chosen": "mean over pairs of l_w(end) - l_w(start)",
+    "mean_delta_rejected": "mean over pairs of l_l(end) - l_l(start)",
+    "mean_delta_margin": "mean_delta_chosen - mean_delta_rejected",
+    "sign_agreement": "fraction of realised changes with the sign of the first-order prediction of the actual "
+                      "update (see sign_agreement); None without a prediction",
+    "sign_agreement_n": "how many changes that fraction counts",
+    "final_loss": "mean loss at the last step; None where no loss is recorded",
+}
+
+
+def run_summary(levels_w, levels_l, real_w, real_l, *, pred=None, loss=None, final=None, tol=0.0,
+                noise=None) -> dict:
+    """The `RUN_SUMMARY` keys of a run, as plain floats.
+
+    levels_w, levels_l: log-probs before each step [..., S, B] (steps on axis -2; leading axes = runs);
+    real_w, real_l: realised changes of each step [..., S, B]; pred: (pred_w, pred_l) first-order
+    predictions of the same changes, or None; loss: [..., S, B] per-pair loss before each step, or
+    None; final: (l_w, l_l) after the last step (default levels[-1] + real[-1]); tol: a change within
+    tol is none (`classify`); noise: see `sign_agreement`.
+
+        >>> import numpy as np
+        >>> s = run_summary(np.zeros((2, 1)), np.zeros((2, 1)), np.array([[.1], [.2]]), np.array([[-.1], [.1]]))
+        >>> s["regime_fractions"]["both_up"], round(s["mean_delta_margin"], 12)
+        (0.5, 0.3)
+    """
+    lw, ll = np.asarray(levels_w), np.asarray(levels_l)
+    rw, rl = np.asarray(real_w), np.asarray(real_l)
+    if final is None and lw.shape[-2]:
+        final = (lw[..., -1, :] + rw[..., -1, :], ll[..., -1, :] + rl[..., -1, :])
+    fw, fl = (None, None) if final is None else (np.asarray(final[0]), np.asarray(final[1]))
+    out = {"regime_fractions": fractions(classify(rw, rl, tol))}
+    if lw.shape[-2] == 0:   # no step: nothing moved
+        out["mean_delta_chosen"] = out["mean_delta_rejected"] = 0.0
+    else:
+        out["mean_delta_chosen"] = float(np.mean(fw - lw[..., 0, :]))
+        out["mean_delta_rejected"] = float(np.mean(fl - ll[..., 0, :]))
+    out["mean_delta_margin"] = out["mean_delta_chosen"] - out["mean_delta_rejected"]
+    if pred is None:
+        out["sign_agreement"], out["sign_agreement_n"] = None, None
+    else:
+        out["sign_agreement"], out["sign_agreement_n"] = sign_agreement(pred[0], pred[1], rw, rl, lw, ll, noise)
+    out["final_loss"] = None if loss is None or np.asarray(loss).shape[-2] == 0 else \
+        float(np.mean(np.asarray(loss)[..., -1, :]))
+    return out

@@ -293,8 +293,21 @@ def make_step(policy: Policy, cfg: TrainConfig, hp=None, plugin: StepPlugin | No
     return step
 
 
-def run(step, params: PyTree, opt_state, keys: Array, batches, *, reference=None, reduce=None):
-    """The one run loop: `step` applied once per key as one `lax.scan` (jit or vmap it outside).
+class RunStep(NamedTuple):
+    """What `run`'s `observe` sees after step i (inside the trace: every field may be a tracer)."""
+    i: Array               # step index (int32 scalar)
+    key: Array             # the step's PRNG key
+    batch: PairBatch       # the batch it trained on
+    reference: Any         # the reference log-probs it used (None: reference-free)
+    params_before: PyTree
+    params_after: PyTree
+    record: Any            # the step's own record (a Trajectory row, (l_w, l_l, loss), ...)
+
+
+def run(step, params: PyTree, opt_state, keys: Array, batches, *, reference=None, reduce=None, observe=None,
+        on_step=None):
+    """The one run loop: `step` applied once per key as one `lax.scan` (jit or vmap it outside). Every
+    training run goes through it: `train`, SFT, pretraining, mitigations, the pretrain -> SFT -> PO pipeline.
 
     step: a `make_step` step, step(params, opt_state, batch, ref_logps, key) -> (params, opt_state,
         record), or with reference=None a reference-free one, step(params, opt_state, batch, key)
@@ -304,7 +317,9 @@ def run(step, params: PyTree, opt_state, keys: Array, batches, *, reference=None
     reference: None (reference-free step); (ref_chosen [B], ref_rejected [B]) for a fixed batch; or a
         function batch -> (ref_chosen, ref_rejected), e.g. the reference policy's log-probs
         `lambda b: jax.lax.stop_gradient(policy.logps(ref_params, b))`.
-    reduce: (record, batch) -> what is stacked per step (default: the record itself).
+    reduce: (record, batch) -> what is stacked per step (default: the record itself); or instead
+    observe: RunStep -> what is stacked, when it needs more (parameters before and after, step index).
+    on_step: host callback on_step(i) after step i (progress bars), via `jax.debug.callback`.
     Returns (final params, final opt_state, stacked [S, ...] rows).
 
         >>> import jax
@@ -319,17 +334,29 @@ def run(step, params: PyTree, opt_state, keys: Array, batches, *, reference=None
         >>> lw.shape
         (3, 4)
     """
-    def body(carry, k):
+    if reduce is not None and observe is not None:
+        raise ValueError("run: give reduce or observe, not both")
+
+    def body(carry, xs):
         p, s = carry
+        i, k = xs
         batch = batches(k) if callable(batches) else batches
         if reference is None:
-            p, s, rec = step(p, s, batch, k)
+            ref = None
+            p1, s, rec = step(p, s, batch, k)
         else:
             ref = reference(batch) if callable(reference) else reference
-            p, s, rec = step(p, s, batch, ref, k)
-        return (p, s), (rec if reduce is None else reduce(rec, batch))
+            p1, s, rec = step(p, s, batch, ref, k)
+        if observe is not None:
+            y = observe(RunStep(i, k, batch, ref, p, p1, rec))
+        else:
+            y = rec if reduce is None else reduce(rec, batch)
+        if on_step is not None:
+            jax.debug.callback(on_step, i)
+        return (p1, s), y
 
-    (p, s), recs = jax.lax.scan(body, (params, opt_state), keys)
+    n = keys.shape[0]
+    (p, s), recs = jax.lax.scan(body, (params, opt_state), (jnp.arange(n), keys))
     return p, s, recs
 
 
@@ -450,7 +477,8 @@ def sweep_fn(policy: Policy, cfg: TrainConfig, own_init: bool):
 
 
 def summarize(traj: Trajectory, *, noise: float | None = None) -> dict[str, Any]:
-    """Agreement and regime statistics of a trajectory ([S, B] or [R, S, B]) as plain floats.
+    """Agreement and regime statistics of a trajectory ([S, B] or [R, S, B]) as plain floats: the one
+    run-summary schema (`regimes.RUN_SUMMARY`, with lin_* as the prediction) plus the keys below.
 
     sign_agreement: fraction of (pair, step) changes whose realised sign equals the sign of the
     first-order prediction of the actual update (lin_*), over changes with |prediction| > noise.
@@ -458,19 +486,11 @@ def summarize(traj: Trajectory, *, noise: float | None = None) -> dict[str, Any]
     noise default: 100 x machine epsilon x (1 + |l|), the rounding of a log-prob difference.
     """
     t = jax.tree.map(np.asarray, traj)
-    out: dict[str, Any] = {}
-    for name, pw, pl in (("sign_agreement", t.lin_chosen, t.lin_rejected),
-                         ("sign_agreement_one_pair", t.pred_chosen, t.pred_rejected)):
-        out[name], out[name + "_n"] = regimes.sign_agreement(pw, pl, t.real_chosen, t.real_rejected,
-                                                             t.chosen_logps, t.rejected_logps, noise)
-    out["regime_fractions"] = regimes.fractions(regimes.classify(t.real_chosen, t.real_rejected))
+    out = regimes.run_summary(t.chosen_logps, t.rejected_logps, t.real_chosen, t.real_rejected,
+                              pred=(t.lin_chosen, t.lin_rejected), loss=t.loss, noise=noise)
+    out["sign_agreement_one_pair"], out["sign_agreement_one_pair_n"] = regimes.sign_agreement(
+        t.pred_chosen, t.pred_rejected, t.real_chosen, t.real_rejected, t.chosen_logps, t.rejected_logps, noise)
     out["predicted_regime_fractions"] = regimes.fractions(t.regime_pred)
-    final_w = t.chosen_logps[..., -1, :] + t.real_chosen[..., -1, :]
-    final_l = t.rejected_logps[..., -1, :] + t.real_rejected[..., -1, :]
-    out["mean_delta_chosen"] = float(np.mean(final_w - t.chosen_logps[..., 0, :]))
-    out["mean_delta_rejected"] = float(np.mean(final_l - t.rejected_logps[..., 0, :]))
-    out["mean_delta_margin"] = out["mean_delta_chosen"] - out["mean_delta_rejected"]
-    out["final_loss"] = float(np.mean(t.loss[..., -1, :]))
     err = np.abs(np.concatenate([(t.real_chosen - t.lin_chosen).ravel(), (t.real_rejected - t.lin_rejected).ravel()]))
     out["first_order_max_abs_error"] = float(err.max()) if err.size else 0.0
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -40,6 +40,15 @@ def test_structure(res):
     assert np.all(np.abs(cos) <= 1 + 1e-5) and np.all(np.abs(res["token_cos"]) <= 1 + 1e-5)
 
 
+def test_summary_carries_the_run_summary_schema(res):
+    s = res["summary"]
+    assert set(regimes.RUN_SUMMARY) <= set(s)
+    w = res["chosen_logp"]
+    assert s["mean_delta_chosen"] == s["delta_chosen"] == float(w[-1] - w[0])
+    assert s["regime_fractions"] == regimes.fractions(res["interval_regimes"])
+    assert s["final_loss"] == float(res["po_loss"][-1])
+
+
 def test_independent_recomputation(res):
     pol, p, eb = res["policy"], res["params"], res["eval_batch"]
     lw, ll = pol.logps(p, eb)

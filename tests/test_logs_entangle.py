@@ -28,3 +28,13 @@ def test_entangle_block(tmp_path, capsys):
     assert (e["sign_agreement_chosen"], e["sign_agreement_rejected"], e["regime_agreement"]) == (1, 1, 1)
     assert main(["analyze-log", str(p)]) == 0
     assert "regime 1/2" in capsys.readouterr().out
+
+
+def test_group_keys_are_not_counted_as_pair_measurements(tmp_path):
+    """A log holding GRPO callback entries (entangle/group_*) too: the pair reader counts only its own."""
+    p = _state(tmp_path)
+    state = json.loads(p.read_text())
+    state["log_history"].append({"step": 3, "entangle/group_cos_mean": 0.1, "entangle/group_n_groups": 4})
+    p.write_text(json.dumps(state))
+    e = logs.summarize(logs.load_log(str(p)))["entangle"]
+    assert e["n_measurements"] == 3 and e["n_compared"] == 2

@@ -34,14 +34,12 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def sweep_config(args):
-    from .. import claim_stats, presets
+def _settings_and_seeds(args) -> dict:
+    """The --settings and --seeds overrides of a preset, checked (shared by both sweeps)."""
+    from .. import claim_stats
     from . import CLIError
 
-    c = dict(presets.CLAIMS_GPU if args.preset == "gpu" else presets.preset(args.preset)["claims"])
-    base = dict(c.get("base", {}))
-    if args.scale == "tiny":
-        base = dict(presets.preset("tiny")["claims"]["base"])
+    c = {}
     if args.settings is not None:
         names = tuple(s.strip() for s in args.settings.split(",") if s.strip())
         bad = [s for s in names if s not in claim_stats.SETTINGS]
@@ -52,29 +50,30 @@ def sweep_config(args):
         if args.seeds < 1 or args.seeds > 1000:
             raise CLIError(f"--seeds must be in [1, 1000], got {args.seeds}")
         c["seeds"] = args.seeds
+    return c
+
+
+def sweep_config(args):
+    from .. import claim_stats, presets
+
+    c = dict(presets.CLAIMS_GPU if args.preset == "gpu" else presets.preset(args.preset)["claims"])
+    base = dict(c.get("base", {}))
+    if args.scale == "tiny":
+        base = dict(presets.preset("tiny")["claims"]["base"])
+    c.update(_settings_and_seeds(args))
     b = dataclasses.replace(claim_stats.SweepConfig().base, seed=args.seed, **base)
     return claim_stats.SweepConfig(base=b, settings=tuple(c["settings"]), seeds=int(c["seeds"]), x64=args.x64)
 
 
 def scale_config(args):
     from .. import claim_stats, presets
-    from . import CLIError
 
     c = dict(presets.CLAIMS_SCALE_GPU if args.preset == "scale-gpu" else presets.CLAIMS_SCALE)
     base = dict(c["base"])
     sizes = c["sizes"]
     if args.scale == "tiny":
         base, sizes = dict(presets.SCALE_TINY_BASE), presets.SCALE_TINY_SIZES
-    if args.settings is not None:
-        names = tuple(s.strip() for s in args.settings.split(",") if s.strip())
-        bad = [s for s in names if s not in claim_stats.SETTINGS]
-        if bad or not names:
-            raise CLIError(f"unknown setting {bad[0] if bad else '(none)'!r}; valid: {', '.join(claim_stats.SETTINGS)}")
-        c["settings"] = names
-    if args.seeds is not None:
-        if args.seeds < 1 or args.seeds > 1000:
-            raise CLIError(f"--seeds must be in [1, 1000], got {args.seeds}")
-        c["seeds"] = args.seeds
+    c.update(_settings_and_seeds(args))
     b = dataclasses.replace(claim_stats.SweepConfig().base, seed=args.seed, **base)
     return claim_stats.ScaleConfig(base=b, sizes=tuple((n, tuple(sorted(o.items()))) for n, o in sizes),
                                    settings=tuple(c["settings"]), seeds=int(c["seeds"]), x64=args.x64,

@@ -290,7 +290,9 @@ def trl_entangle(history: list) -> tuple:
     for entry in history:
         if not isinstance(entry, dict) or finite_or_none(entry.get("step")) is None:
             continue
-        vals = {k[len(ENTANGLE_PREFIX):]: finite_or_none(v) for k, v in entry.items() if k.startswith(ENTANGLE_PREFIX)}
+        # entangle/group_* entries are the GRPO callback's (read by `group.trl_log`), not this one's
+        vals = {k[len(ENTANGLE_PREFIX):]: finite_or_none(v) for k, v in entry.items()
+                if k.startswith(ENTANGLE_PREFIX) and not k.startswith(ENTANGLE_PREFIX + "group_")}
         if vals:
             out.setdefault(float(entry["step"]), {}).update({k: v for k, v in vals.items() if v is not None})
     return tuple({"step": st, **v} for st, v in sorted(out.items()))

@@ -47,7 +47,12 @@ def summarize_logprob(s: LogProbSeries, tol: float) -> dict:
             if d < -tol]
     n = len(codes)
     net_c, net_r = float(s.delta_chosen.sum()), float(s.delta_rejected.sum())
+    # the one run-summary schema: changes = the logged intervals, from 0 to their net sum (no prediction, no loss)
+    z = np.zeros((n, 1))
+    core = regimes.run_summary(z, z, np.asarray(s.delta_chosen)[:, None], np.asarray(s.delta_rejected)[:, None],
+                               final=(np.array([net_c]), np.array([net_r])), tol=tol)
     out = {
+        **core,
         "format": s.format, "split": s.split, "source": s.source,
         "regime_basis": ("observed changes of the mean chosen/rejected log-prob between "
                          "consecutive log entries" if s.pairs is None else
@@ -144,6 +149,8 @@ def summarize_grad(g: GradSeries) -> dict:
         "n_steps": n,
         # No log-probs in this file, so there are no observed interval changes.
         "n_intervals": None, "net_change": None,
+        # the one run-summary schema: no log-probs, so no realised changes to summarise
+        **{k: None for k in regimes.RUN_SUMMARY if k != "regime_fractions"},
         "rejected_rose_intervals": None, "chosen_fell_intervals": None,
         **regime_block(pred),
         "condition": {

@@ -70,15 +70,14 @@ def _transformer_setting(key, pairs, sft_steps, mode="long"):
     params = pol.init(k_init)
     sft_step = train.make_sft_step(pol, "adam", 3e-3)   # the trainer with the `sft` loss
 
+    def sft_batch(k):
+        d = sentiment.sft_data(scfg, k, 32)
+        return train.sft_pairs(d.prompt, d.response, d.response_mask)
+
     @jax.jit
     def sft(p):
-        def body(carry, k):
-            p, s = carry
-            d = sentiment.sft_data(scfg, k, 32)
-            p, s, _ = sft_step(p, s, train.sft_pairs(d.prompt, d.response, d.response_mask), k)
-            return (p, s), None
-        return jax.lax.scan(body, (p, train.make_optimizer("adam", 3e-3).init(p)),
-                            jax.random.split(k_sft, sft_steps))[0][0]
+        return train.run(sft_step, p, train.make_optimizer("adam", 3e-3).init(p), jax.random.split(k_sft, sft_steps),
+                         sft_batch)[0]
 
     if sft_steps > 0:
         params = sft(params)
@@ -191,8 +190,8 @@ def run_with_mitigation(policy: Policy, params: PyTree, batch: PairBatch, cfg: T
     """Hook for `entangle-sim simulate --mitigation NAME`: run `cfg` (loss, optimizer, lr, steps,
     batch size) with a mitigation and return (records [S, B], summary dict). mitigation 'none' or
     'baseline' is the plain loss; kw go to MitigationConfig (weight, nll_alpha, mask_l1, ...).
-    The quantities `train.summarize` also reports appear under its names too (TRAIN_SUMMARY_NAMES),
-    so a simulation's summary has one name per quantity with or without a mitigation.
+    The summary carries the one run-summary schema (`regimes.RUN_SUMMARY`) as `train.summarize` does,
+    so a simulation's summary has the same names with or without a mitigation.
 
     >>> rec, summary = run_with_mitigation(pol, params, batch, TrainConfig(lr=0.05, steps=50), "normalized", key)  # doctest: +SKIP
     """
@@ -203,15 +202,9 @@ def run_with_mitigation(policy: Policy, params: PyTree, batch: PairBatch, cfg: T
 
 
 def simulation_summary(rec: MitigationRecord) -> dict[str, Any]:
-    """`summarize(rec)` plus the quantities `train.summarize` reports, under its names
-    (TRAIN_SUMMARY_NAMES; mean_delta_margin): the schema of `entangle-sim simulate` with or without
-    a mitigation."""
+    """The schema of `entangle-sim simulate` with or without a mitigation: `summarize(rec)` (which
+    carries the one run-summary schema, `regimes.RUN_SUMMARY`, as `train.summarize` does) plus the
+    one-pair agreement under `train.summarize`'s name."""
     s = summarize(rec)
-    s.update({train_name: s[name] for train_name, name in TRAIN_SUMMARY_NAMES.items()})
-    s["mean_delta_margin"] = s["mean_delta_chosen"] - s["mean_delta_rejected"]
+    s["sign_agreement_one_pair"] = s["sign_agreement_pair_pred"]
     return s
-
-
-#: `train.summarize` name -> `summarize` name of the same quantity.
-TRAIN_SUMMARY_NAMES = {"sign_agreement": "sign_agreement_lin", "sign_agreement_one_pair": "sign_agreement_pair_pred",
-                       "mean_delta_chosen": "delta_chosen", "mean_delta_rejected": "delta_rejected"}

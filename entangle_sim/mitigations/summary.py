@@ -17,10 +17,11 @@ def _flip(a_w, a_l, b_w, b_l) -> np.ndarray:
 
 
 def summarize(rec: MitigationRecord, batch: PairBatch | None = None) -> dict[str, Any]:
-    """Plain-float statistics of one run ([S, B] records).
+    """Plain-float statistics of one run ([S, B] records): the one run-summary schema
+    (`regimes.RUN_SUMMARY`; prediction = lin_*) plus:
 
     ideal_fraction            realised (step, pair) changes with chosen up and rejected down
-    delta_chosen/_rejected    mean over pairs of l(final) - l(initial)
+    delta_chosen/_rejected    the comparison table's names of mean_delta_chosen/_rejected
     preference_accuracy       fraction of pairs with r_w > r_l at the end (TRL rewards/accuracies;
                               r = l - l_init; reference = initial policy)
     rho_first / rho_last, rho_eff_first / rho_eff_last     mean over pairs of rho (full / effective
@@ -39,7 +40,9 @@ def summarize(rec: MitigationRecord, batch: PairBatch | None = None) -> dict[str
                               off -> 0 while on stays large
     """
     t = jax.tree.map(np.asarray, rec)
-    out: dict[str, Any] = {}
+    # the one run-summary schema first (prediction: lin_*, the first order of the actual update)
+    out: dict[str, Any] = regimes.run_summary(t.chosen_logps, t.rejected_logps, t.real_chosen, t.real_rejected,
+                                              pred=(t.lin_chosen, t.lin_rejected), loss=t.loss)
     steps_abs = np.abs(np.concatenate([t.real_chosen.ravel(), t.real_rejected.ravel()]))
     finite = bool(np.all(np.isfinite(steps_abs)) and np.all(np.isfinite(t.chosen_logps))
                   and np.all(np.isfinite(t.rejected_logps)))
@@ -48,11 +51,10 @@ def summarize(rec: MitigationRecord, batch: PairBatch | None = None) -> dict[str
     out["diverged"] = bool(not finite or out["max_step_change"] > 50.0)
     codes = regimes.classify(t.real_chosen, t.real_rejected)
     out["ideal_fraction"] = float(np.mean(codes == regimes.CHOSEN_UP_REJECTED_DOWN))
-    out["regime_fractions"] = regimes.fractions(codes)
     fw = t.chosen_logps[-1] + t.real_chosen[-1]
     fl = t.rejected_logps[-1] + t.real_rejected[-1]
-    out["delta_chosen"] = float(np.mean(fw - t.chosen_logps[0]))
-    out["delta_rejected"] = float(np.mean(fl - t.rejected_logps[0]))
+    # the comparison table's names of mean_delta_chosen / mean_delta_rejected (kept: tables and scripts use them)
+    out["delta_chosen"], out["delta_rejected"] = out["mean_delta_chosen"], out["mean_delta_rejected"]
     out["preference_accuracy"] = float(np.mean((fw - t.chosen_logps[0]) > (fl - t.rejected_logps[0])))
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = np.maximum(t.G_wl / t.G_ww, t.G_wl / t.G_ll)

@@ -1,5 +1,5 @@
 """Mitigation runs: each method is a `train.StepPlugin` of the one trainer step (`train.make_step`),
-one compiled `lax.scan` per run recording theory vs realised changes."""
+run by the one run loop (`train.run`: one compiled `lax.scan`), recording theory vs realised changes."""
 from __future__ import annotations
 
 import time
@@ -10,7 +10,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .. import geometry, losses
-from ..train import StepPlugin, make_optimizer, make_step
+from ..train import StepPlugin, make_optimizer, make_step, run
 from ..types import Array, PairBatch, PairState, Policy, PyTree
 from .config import JACOBIAN_METHODS, MASK_METHODS, MitigationConfig, MitigationRecord
 from .precondition import oracle_masks, adam_preconditioner
@@ -121,13 +121,11 @@ def mitigation_plugin(cfg: MitigationConfig, policy: Policy, features=None) -> S
         record=record)
 
 
-def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg: MitigationConfig,
-                         features=None):
-    """(init_state, step): step(state, key) -> (state, MitigationRecord row), the trainer's step
-    (`train.make_step`) with `mitigation_plugin(cfg)`. State = (theta_flat, mask parameters,
-    opt_state); mask parameters = logits (u_w [B,T_w], u_l [B,T_l]) for the free masks, (v [D], c)
-    for 'feature_mask' (needs `features(params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D])`, e.g.
-    `setting_features`), unused by the other methods. See the package docstring for the records."""
+def _mitigation_run(policy: Policy, params0: PyTree, batch: PairBatch, cfg: MitigationConfig, features=None):
+    """(step, theta0, state0, ref_tok, has_masks): the trainer's step (`train.make_step`) with
+    `mitigation_plugin(cfg)` on flat parameters, in the form `train.run` takes. A plug-in's extra
+    trained state (mask parameters) rides in the optimizer slot: state0 = opt_state, or
+    (opt_state, mask parameters) when the plug-in has one."""
     if cfg.method == "feature_mask" and features is None:
         raise ValueError("method 'feature_mask' needs features(params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D])")
     theta0, unravel = ravel_pytree(params0)
@@ -138,15 +136,28 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
     inner = make_step(flat, cfg.effective_train, plugin=plugin)
     ref_tok = jax.lax.stop_gradient(flat.token_logps(theta0, batch))   # reference = the initial policy
     opt = make_optimizer(cfg.optimizer, cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    masks0 = plugin.init or (lambda th, bt: (jnp.full(bt.chosen.shape, cfg.mask_init, theta0.dtype),
-                                             jnp.full(bt.rejected.shape, cfg.mask_init, theta0.dtype)))
+    state0 = opt.init(theta0) if plugin.init is None else (opt.init(theta0), plugin.init(theta0, batch))
+    return inner, theta0, state0, ref_tok, plugin.init is not None
+
+
+def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg: MitigationConfig,
+                         features=None):
+    """(init_state, step): one mitigation step as step(state, key) -> (state, MitigationRecord row), for
+    stepping by hand; runs use `train.run` (`train_mitigation`). State = (theta_flat, mask parameters,
+    opt_state); mask parameters = logits (u_w [B,T_w], u_l [B,T_l]) for the free masks, (v [D], c)
+    for 'feature_mask' (needs `features(params, batch) -> (h_w [B,T_w,D], h_l [B,T_l,D])`, e.g.
+    `setting_features`), constant `cfg.mask_init` masks for the other methods. See the package
+    docstring for the records."""
+    inner, theta0, state0, ref_tok, has_masks = _mitigation_run(policy, params0, batch, cfg, features)
+    blank = (jnp.full(batch.chosen.shape, cfg.mask_init, theta0.dtype),
+             jnp.full(batch.rejected.shape, cfg.mask_init, theta0.dtype))
 
     def init_state():
-        return theta0, masks0(theta0, batch), opt.init(theta0)
+        return (theta0, state0[1], state0[0]) if has_masks else (theta0, blank, state0)
 
     def step(state, key):
         th, mp, opt_state = state
-        if plugin.init is None:
+        if not has_masks:
             th1, opt1, rec = inner(th, opt_state, batch, ref_tok, key)
             return (th1, mp, opt1), rec
         th1, (opt1, mp1), rec = inner(th, (opt_state, mp), batch, ref_tok, key)
@@ -157,7 +168,7 @@ def make_mitigation_step(policy: Policy, params0: PyTree, batch: PairBatch, cfg:
 
 def train_mitigation(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array,
                      features=None) -> MitigationRecord:
-    """One run as a single `lax.scan` (jitted). Returns [S, B] records (masks [S, B, T]).
+    """One run of `train.run` (jitted). Returns [S, B] records (masks [S, B, T]).
 
     Reference = the initial policy (r = 0 at step 0), as in `train.train`. features: see
     `make_mitigation_step` (only 'feature_mask' uses it).
@@ -165,16 +176,13 @@ def train_mitigation(policy: Policy, params: PyTree, batch: PairBatch, cfg: Miti
     return _compiled_run(policy, params, batch, cfg, features)(key)
 
 
+def _records(policy, params, batch, cfg, features, key):
+    inner, theta0, state0, ref_tok, _ = _mitigation_run(policy, params, batch, cfg, features)
+    return run(inner, theta0, state0, jax.random.split(key, cfg.steps), batch, reference=ref_tok)[2]
+
+
 def _compiled_run(policy, params, batch, cfg, features=None):
-    init_state, step = make_mitigation_step(policy, params, batch, cfg, features)
-
-    @jax.jit
-    def run(key):
-        state = init_state()
-        _, rec = jax.lax.scan(step, state, jax.random.split(key, cfg.steps))
-        return rec
-
-    return run
+    return jax.jit(lambda key: _records(policy, params, batch, cfg, features, key))
 
 
 def train_per_pair(policy: Policy, params: PyTree, batch: PairBatch, cfg: MitigationConfig, key: Array,
@@ -182,9 +190,7 @@ def train_per_pair(policy: Policy, params: PyTree, batch: PairBatch, cfg: Mitiga
     """Each pair trained ALONE from the same initial params (vmapped over pairs, one compilation):
     the setting of the one-pair theory (no cross-pair terms). Returns records [B, S, 1]."""
     def one(ex):
-        sub = jax.tree.map(lambda x: x[None], ex)
-        init_state, step = make_mitigation_step(policy, params, sub, cfg, features)
-        return jax.lax.scan(step, init_state(), jax.random.split(key, cfg.steps))[1]
+        return _records(policy, params, jax.tree.map(lambda x: x[None], ex), cfg, features, key)
 
     return jax.jit(jax.vmap(one))(batch)
 
