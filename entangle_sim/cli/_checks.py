@@ -141,3 +141,23 @@ def dumps(obj, **kw) -> str:
     from ..results import strict_json_value
 
     return json.dumps(strict_json_value(obj), allow_nan=False, **kw)
+
+
+def load_model(path: str, what: str = "model"):
+    """(tokenizer, model in eval mode) from a local `save_pretrained` directory (nothing downloaded);
+    a one-line CLIError naming `what` otherwise."""
+    from . import CLIError
+
+    d = Path(path)
+    if not d.is_dir():
+        raise CLIError(f"{what} directory not found: {path}")
+    if not (d / "config.json").is_file():
+        raise CLIError(f"{what} directory {path} has no config.json (save it with save_pretrained)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any loading problem becomes one line
+        raise CLIError(f"cannot load {what} from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return tok, model.eval()

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from . import CLIError
+from ._checks import load_model
 from ._user_losses import add_flag as add_losses_flag
 
 INSTALL = 'diagnose-model needs the PyTorch extra: pip install "entangle_sim[torch]"'
@@ -46,22 +47,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _load(path: str, what: str):
-    d = Path(path)
-    if not d.is_dir():
-        raise CLIError(f"{what} directory not found: {path}")
-    if not (d / "config.json").is_file():
-        raise CLIError(f"{what} directory {path} has no config.json (save it with save_pretrained)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any loading problem becomes one line
-        raise CLIError(f"cannot load {what} from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    return tok, model.eval()
-
-
 def run(args) -> int:
     try:
         import torch  # noqa: F401
@@ -86,8 +71,8 @@ def run(args) -> int:
     source_format(args.data)  # a missing or unknown data source fails before any model loads
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # keep stderr to our own progress bar and one-line errors
-    tok, model = _load(args.model, "model")
-    ref = _load(args.ref_model, "reference model")[1] if args.ref_model else None
+    tok, model = load_model(args.model, "model")
+    ref = load_model(args.ref_model, "reference model")[1] if args.ref_model else None
     subset = None
     if args.subset:
         subset = "trainable" if args.subset == ["trainable"] else args.subset

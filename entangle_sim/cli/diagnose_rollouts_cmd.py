@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import CLIError
+from ._checks import load_model
 from .predict_group_cmd import parse_params
 
 INSTALL = 'diagnose-rollouts needs the PyTorch extra: pip install "entangle_sim[torch]"'
@@ -105,21 +106,6 @@ def run(args) -> int:
               f", {g['n_correct_fall']}/{g['n_correct']} correct fall, effective rank {g['effective_rank']:.3g}, "
               f"eigenvalues {ev}"))
     return 0
-
-
-def load_model(path: str):
-    """(tokenizer, model in eval mode) from a local save_pretrained directory; one-line CLIError otherwise."""
-    d = Path(path)
-    if not (d / "config.json").is_file():
-        raise CLIError(f"model directory {path} has no config.json (save it with save_pretrained)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - any loading problem becomes one line
-        raise CLIError(f"cannot load the model from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    return tok, model.eval()
 
 
 def _figures(out, d) -> list[str]:

@@ -46,7 +46,69 @@ from .session import MeasurementSession
 log = logging.getLogger("entangle_sim.torch")
 
 
-class EntanglementCallback(TrainerCallback):
+class ProbeCallback(TrainerCallback):
+    """What the probe-set callbacks share (`EntanglementCallback`, `GroupEntanglementCallback`): measure
+    every N steps through the subclass's `_measure(model, tokenizer, args, state, lr, optimizer)` (which
+    sets `self.pending`), a baseline entry before the first step, and the values logged with the
+    trainer's next log call (and in `state.log_history`, where `analyze-log` reads them)."""
+
+    def __init__(self, every_n_steps: int):
+        if every_n_steps < 1:
+            raise ValueError("every_n_steps must be >= 1")
+        self.every = every_n_steps
+        self.last = None
+        self.pending: dict = {}
+        self.history: list[dict] = []
+
+    def attach(self, trainer):
+        """Put this callback first, so reporting integrations (TensorBoard, W&B) see its values."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
+
+    @staticmethod
+    def _lr(args, lr_scheduler):
+        if lr_scheduler is not None:
+            try:
+                return float(lr_scheduler.get_last_lr()[0])
+            except Exception:  # schedulers without get_last_lr: fall back to the configured rate
+                pass
+        return float(args.learning_rate)
+
+    def _tokenizer(self, kwargs):
+        tok = kwargs.get("processing_class") or kwargs.get("tokenizer")
+        if tok is not None and not hasattr(tok, "eos_token") and hasattr(tok, "tokenizer"):
+            tok = tok.tokenizer  # a processor wrapping a tokenizer
+        if tok is None:
+            raise ValueError(f"{type(self).__name__} needs the trainer's tokenizer (processing_class)")
+        return tok
+
+    # -- events
+    def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+        self._measure(model, self._tokenizer(kwargs), args, state, self._lr(args, lr_scheduler),
+                      kwargs.get("optimizer"))
+        # No trainer log call happens before the first step: record the baseline as its own entry.
+        state.log_history.append({**self.pending, "step": state.global_step})
+        self.pending = {}
+
+    def on_step_end(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._measure(model, self._tokenizer(kwargs), args, state, self._lr(args, lr_scheduler),
+                          kwargs.get("optimizer"))
+            control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.pending:
+            return
+        if logs is not None:
+            logs.update(self.pending)
+        # The trainer appended its copy of `logs` to log_history before calling us: add ours there too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(self.pending)
+        self.pending = {}
+
+
+class EntanglementCallback(ProbeCallback):
     """Log probe-set entanglement every N steps (see module docstring).
 
     probe_rows: TRL-format rows (list of dicts, JSON/JSONL path or `datasets.Dataset`);
@@ -58,10 +120,8 @@ class EntanglementCallback(TrainerCallback):
 
     def __init__(self, probe_rows, every_n_steps: int = 10, subset=None, loss: str | None = None, *,
                  method: str = "auto", batch_size: int = 8, loss_kwargs: dict | None = None):
-        if every_n_steps < 1:
-            raise ValueError("every_n_steps must be >= 1")
+        super().__init__(every_n_steps)
         self.rows = load_preference_rows(probe_rows)
-        self.every = every_n_steps
         self.subset = subset
         self.loss = loss
         self.method = method
@@ -69,15 +129,7 @@ class EntanglementCallback(TrainerCallback):
         self.loss_kwargs = dict(loss_kwargs or {})
         self.examples = None
         self.session = None
-        self.ref = None
-        self.last = None       # (logps_chosen [B], logps_rejected [B]) at the previous measurement
-        self.pending: dict = {}
-        self.history: list[dict] = []
-
-    def attach(self, trainer):
-        """Put this callback first, so reporting integrations (TensorBoard, W&B) see its values."""
-        trainer.callback_handler.callbacks.insert(0, self)
-        return self
+        self.ref = None        # self.last: (logps_chosen [B], logps_rejected [B]) at the previous measurement
 
     # -- helpers
     def _loss_name(self, args):
@@ -166,45 +218,3 @@ class EntanglementCallback(TrainerCallback):
         except OptimizerStateError:  # no Adam state yet: nothing to precondition with
             return {}
         return {k: self.every * v for k, v in r.items()}
-
-    @staticmethod
-    def _lr(args, lr_scheduler):
-        if lr_scheduler is not None:
-            try:
-                return float(lr_scheduler.get_last_lr()[0])
-            except Exception:  # schedulers without get_last_lr: fall back to the configured rate
-                pass
-        return float(args.learning_rate)
-
-    def _tokenizer(self, kwargs):
-        tok = kwargs.get("processing_class") or kwargs.get("tokenizer")
-        if tok is not None and not hasattr(tok, "eos_token") and hasattr(tok, "tokenizer"):
-            tok = tok.tokenizer  # a processor wrapping a tokenizer
-        if tok is None:
-            raise ValueError("EntanglementCallback needs the trainer's tokenizer (processing_class)")
-        return tok
-
-    # -- events
-    def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
-        self._measure(model, self._tokenizer(kwargs), args, state, self._lr(args, lr_scheduler),
-                      kwargs.get("optimizer"))
-        # No trainer log call happens before the first step: record the baseline as its own entry.
-        state.log_history.append({**self.pending, "step": state.global_step})
-        self.pending = {}
-
-    def on_step_end(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
-        if state.global_step % self.every == 0:
-            self._measure(model, self._tokenizer(kwargs), args, state, self._lr(args, lr_scheduler),
-                          kwargs.get("optimizer"))
-            control.should_log = True
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.pending:
-            return
-        if logs is not None:
-            logs.update(self.pending)
-        # The trainer appended its copy of `logs` to log_history before calling us: add ours there too.
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(self.pending)
-        self.pending = {}

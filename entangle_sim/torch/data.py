@@ -43,29 +43,32 @@ def _extract_prompt(row: dict) -> dict:
     return {**row, "prompt": c[:i], "chosen": c[i:], "rejected": r[i:]}
 
 
+def read_rows(source) -> tuple[list, str]:
+    """(rows, where) from a JSON list / JSONL path (where = the path) or an iterable of dicts (where =
+    'data'), not yet validated. Raises ValueError (one line) for a missing file or unreadable JSON."""
+    if not isinstance(source, (str, Path)):
+        return [dict(r) for r in source], "data"
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"data file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text) if text.strip() else []
+            rows = [rows] if isinstance(rows, dict) else rows
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON/JSONL ({e.msg}, line {e.lineno})") from None
+    return rows, str(path)
+
+
 def load_preference_rows(source, *, limit: int | None = None) -> list[dict]:
     """Rows from a JSON/JSONL path, a list of dicts or a `datasets.Dataset`, validated.
 
     Raises ValueError (one line) for a missing file, unreadable JSON, no rows or missing columns.
     """
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"data file not found: {path}")
-        text = path.read_text()
-        try:
-            if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            else:
-                rows = json.loads(text) if text.strip() else []
-                if isinstance(rows, dict):
-                    rows = [rows]
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON/JSONL ({e.msg}, line {e.lineno})") from None
-        where = str(path)
-    else:
-        rows = [dict(r) for r in source]
-        where = "data"
+    rows, where = read_rows(source)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{where}: expected a list of objects with prompt/chosen/rejected")
     if not rows:

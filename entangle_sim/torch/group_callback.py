@@ -33,8 +33,8 @@ import logging
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
 
+from .callback import ProbeCallback
 from .geometry import directional, select_parameters
 from .rollouts import collate_group, group_logps, load_rollout_rows, predict_group, psd, tokenize_group
 
@@ -105,7 +105,7 @@ def measure_probe(model, examples: list[dict], rewards, *, pad: int, loss_type: 
             "logps": lp, "advantages": A, "weights": w, "delta": delta}
 
 
-class GroupEntanglementCallback(TrainerCallback):
+class GroupEntanglementCallback(ProbeCallback):
     """Log probe-set group entanglement every N steps inside `trl.GRPOTrainer` (see module docstring).
 
     probe_rows: rollout rows (list of dicts or JSON/JSONL path); loss_type: TRL's name (default: the
@@ -115,22 +115,13 @@ class GroupEntanglementCallback(TrainerCallback):
 
     def __init__(self, probe_rows, every_n_steps: int = 10, subset=None, loss_type: str | None = None, *,
                  method: str = "auto", params: dict | None = None):
-        if every_n_steps < 1:
-            raise ValueError("every_n_steps must be >= 1")
+        super().__init__(every_n_steps)
         self.rows = load_rollout_rows(probe_rows)
         if len({len(r["completions"]) for r in self.rows}) != 1:
             raise ValueError("every probe row must have the same number of completions G (TRL's num_generations)")
-        self.every, self.subset, self.loss_type, self.method = every_n_steps, subset, loss_type, method
+        self.subset, self.loss_type, self.method = subset, loss_type, method
         self.params = dict(params or {})
         self.examples = None
-        self.last = None
-        self.pending: dict = {}
-        self.history: list[dict] = []
-
-    def attach(self, trainer):
-        """Put this callback first, so reporting integrations (TensorBoard, W&B) see its values."""
-        trainer.callback_handler.callbacks.insert(0, self)
-        return self
 
     def _config(self, args):
         from ..group import losses as gl
@@ -145,7 +136,7 @@ class GroupEntanglementCallback(TrainerCallback):
         gl.resolve(gl.check_loss_type(lt), **p)
         return lt, p
 
-    def _measure(self, model, tokenizer, args, state, lr):
+    def _measure(self, model, tokenizer, args, state, lr, optimizer=None):
         from .data import pad_token_id
 
         lt, p = self._config(args)
@@ -173,41 +164,3 @@ class GroupEntanglementCallback(TrainerCallback):
         self.last = lp
         self.history.append({"step": state.global_step, **logs})
         self.pending = logs
-
-    @staticmethod
-    def _lr(args, lr_scheduler):
-        if lr_scheduler is not None:
-            try:
-                return float(lr_scheduler.get_last_lr()[0])
-            except Exception:  # schedulers without get_last_lr: fall back to the configured rate
-                pass
-        return float(args.learning_rate)
-
-    @staticmethod
-    def _tokenizer(kwargs):
-        tok = kwargs.get("processing_class") or kwargs.get("tokenizer")
-        if tok is not None and not hasattr(tok, "eos_token") and hasattr(tok, "tokenizer"):
-            tok = tok.tokenizer
-        if tok is None:
-            raise ValueError("GroupEntanglementCallback needs the trainer's tokenizer (processing_class)")
-        return tok
-
-    def on_train_begin(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
-        self._measure(model, self._tokenizer(kwargs), args, state, self._lr(args, lr_scheduler))
-        state.log_history.append({**self.pending, "step": state.global_step})
-        self.pending = {}
-
-    def on_step_end(self, args, state, control, model=None, lr_scheduler=None, **kwargs):
-        if state.global_step % self.every == 0:
-            self._measure(model, self._tokenizer(kwargs), args, state, self._lr(args, lr_scheduler))
-            control.should_log = True
-        return control
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self.pending:
-            return
-        if logs is not None:
-            logs.update(self.pending)
-        if state.log_history and state.log_history[-1].get("step") == state.global_step:
-            state.log_history[-1].update(self.pending)
-        self.pending = {}

@@ -24,14 +24,12 @@ The log-prob is at temperature 1 (TRL divides the logits by `temperature`; defau
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data import pad_token_id
+from .data import pad_token_id, read_rows
 from .geometry import measuring, response_gram, response_logps
 
 COLUMNS = ("prompt", "completions", "rewards")
@@ -45,22 +43,7 @@ def _is_messages(x) -> bool:
 def load_rollout_rows(source, *, limit: int | None = None) -> list[dict]:
     """Rows (JSON list / JSONL path, or a list of dicts) with `prompt`, `completions` (G >= 2 strings or
     message lists) and `rewards` (G finite numbers), validated. Raises ValueError (one line)."""
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ValueError(f"data file not found: {path}")
-        text = path.read_text()
-        try:
-            if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            else:
-                rows = json.loads(text) if text.strip() else []
-                rows = [rows] if isinstance(rows, dict) else rows
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON/JSONL ({e.msg}, line {e.lineno})") from None
-        where = str(path)
-    else:
-        rows, where = [dict(r) for r in source], "data"
+    rows, where = read_rows(source)
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"{where}: expected a list of objects with prompt, completions, rewards")
     if not rows:
