@@ -110,7 +110,8 @@ def run_summary(levels_w, levels_l, real_w, real_l, *, pred=None, loss=None, fin
     tol is none (`classify`); noise: see `sign_agreement`.
 
         >>> import numpy as np
-        >>> s = run_summary(np.zeros((2, 1)), np.zeros((2, 1)), np.array([[.1], [.2]]), np.array([[-.1], [.1]]))
+        >>> lw, ll = np.array([[0.], [.1]]), np.array([[0.], [-.1]])       # levels before each of 2 steps
+        >>> s = run_summary(lw, ll, np.array([[.1], [.2]]), np.array([[-.1], [.1]]))
         >>> s["regime_fractions"]["both_up"], round(s["mean_delta_margin"], 12)
         (0.5, 0.3)
     """
