@@ -41,6 +41,7 @@ from .capture import acc_dtype, capture, inner, is_verified, param_group, sel_ke
 from .capture import directional as factor_directional
 from .exact import exact_grads
 from .rules import Unsupported
+from .staged import Mismatch, staged_token_gram
 
 log = logging.getLogger("entangle_sim.torch")
 
@@ -477,10 +478,37 @@ def token_gram(model, pair, *, subset: Subset = None, method: str = "auto") -> T
     with measuring(model):
         if method != "exact":
             try:
-                return _token_gram_ghost(model, params, ids, am, cm, acc)
+                try:
+                    res = _token_result(*staged_token_gram(model, params, _row_forwards(model, ids, am, cm)))
+                    log.debug("entangle_sim token_gram: staged")
+                    return res
+                except Mismatch:
+                    if method == "ghost":
+                        raise
+                    log.info("entangle_sim token_gram: staged map failed verification; trying the one-shot map")
+                except Unsupported as e:  # no block list / head: the one-shot capture of both rows
+                    log.info("entangle_sim token_gram: staged map unsupported (%s); trying the one-shot map", e)
+                res = _token_gram_ghost(model, params, ids, am, cm, acc)
+                log.debug("entangle_sim token_gram: one-shot")
+                return res
             except Unsupported as e:
                 fallback(method, e, "token_gram")
         return _token_gram_exact(model, params, ids, am, cm, acc)
+
+
+def _row_forwards(model, ids, am, cm):
+    """(chosen, rejected) forwards of one unpadded row each -> (per-token log-probs [1, C], label
+    columns of the completion tokens)."""
+    def make(row):
+        n = int(am[row].sum())
+        r_ids, r_cm = ids[row:row + 1, :n], cm[row:row + 1, :n]
+
+        def fwd():
+            _, tok, first = response_logps(model, r_ids, torch.ones_like(r_ids), r_cm, per_token=True)
+            return tok, r_cm[0, first + 1:].bool().nonzero().squeeze(1)
+        return fwd
+
+    return make(0), make(1)
 
 
 def _token_gram_ghost(model, params, ids, am, cm, acc):
