@@ -334,7 +334,9 @@ def staged_token_gram(model, params: dict, forwards):
             out.setdefault(p, []).append(e)
         return out
 
-    for s in range(L, -2, -1):
+    # nothing selected below the lowest stage with a captured use: the backward stops there
+    lowest = min([L] + [s for r in (rw, rl) for s in r.stages])
+    for s in range(L, lowest - 1, -1):
         if s == L:
             ew, el = _head_entries(rw, head, sel, acc, retain), _head_entries(rl, head, sel, acc, retain)
         else:
