@@ -461,9 +461,19 @@ def token_gram(model, pair, *, subset: Subset = None, method: str = "auto") -> T
     """Per-token inner products <g_t(y_w), g_u(y_l)> of one pair (Figure 4b of the paper), [T_w, T_l].
 
     pair: a TRL-collated batch with B = 1 (2 rows) or a dict with `prompt_ids`, `chosen_ids`,
-    `rejected_ids` lists. ghost: one forward of both rows and one batched backward to the module outputs
-    over the T_w + T_l token log-probs (`is_grads_batched`), verified (all tokens) the first time;
+    `rejected_ids` lists. Returns `TokenGram` ([T_w, T_l] inner and cos, [T_w] / [T_l] norms).
+
+    ghost / auto: staged (`staged.staged_token_gram`): each response alone, the head's token gradients
+    from one ordinary backward, then one batched backward of the response's tokens per decoder block
+    (~2 S |theta_block| FLOPs per token), each block's factors contracted with shared activations
+    (<delta_i, M delta_j>, M = A_w A_l^T once) and dropped; verified token by token the first time.
+    Where the blocks cannot be found, or (auto only) the staged factors fail verification: one forward
+    of both rows and one batched backward to every module output (all signals at once), verified too.
     exact: one ordinary backward per completion token (T x |theta| memory, small models only).
+
+    >>> tg = token_gram(model, {"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]})  # doctest: +SKIP
+    >>> tg.inner.shape                                                                             # doctest: +SKIP
+    torch.Size([2, 1])
     """
     if "input_ids" not in pair:
         from .data import collate
