@@ -327,3 +327,40 @@ def test_broken_stage_structure_is_caught(tok, caplog):
     assert took(caplog, "one-shot") and not took(caplog, "staged")
     pw, pl = brute_tokens(model, pair, list(model.parameters()))
     close(tg.inner, pw @ pl.T)
+
+
+def _non_causal_model(tok):
+    """Block 0 adds the mean over all positions to its output: a later token changes earlier log-probs."""
+    model = tiny_model("gpt2", tok).double()
+    blk = model.transformer.h[0]
+    orig = blk.forward
+
+    def fwd(hidden_states, *a, **k):
+        out = orig(hidden_states, *a, **k)
+        h = out[0] if isinstance(out, tuple) else out
+        h = h + h.mean(1, keepdim=True)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    blk.forward = fwd
+    return model
+
+
+@pytest.mark.parametrize("case", ["gpt2_tied", "opt_flat", "non_causal"])
+def test_staged_token_map_causal_groups(tok, case, monkeypatch):
+    """Tokens in groups of 2, the first groups on the row cut after their last token (6 + 3 tokens:
+    3 + 2 groups): the same map as one backward per token. A model that is not causal (its cut rows'
+    log-probs differ) is not cut, and is right too."""
+    from entangle_sim.torch import staged
+
+    monkeypatch.setattr(staged, "TOKENS_PER_GROUP", 2)
+    groups = []
+    rows = staged._rows
+    monkeypatch.setattr(staged, "_rows", lambda *a: groups.append(len(rows(*a))) or rows(*a))
+    model = _non_causal_model(tok) if case == "non_causal" else STAGED_CASES[case][0](tok)
+    pair = _pair_dict(tok, seed=5)
+    pw, pl = brute_tokens(model, pair, list(model.parameters()))
+    tg = token_gram(model, pair, method="ghost")
+    assert groups == ([1, 1] if case == "non_causal" else [3, 2])
+    close(tg.inner, pw @ pl.T)
+    close(tg.norm_w, pw.norm(dim=1))
+    close(tg.norm_l, pl.norm(dim=1))

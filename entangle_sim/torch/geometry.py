@@ -507,15 +507,17 @@ def token_gram(model, pair, *, subset: Subset = None, method: str = "auto") -> T
 
 
 def _row_forwards(model, ids, am, cm):
-    """(chosen, rejected) forwards of one unpadded row each -> (per-token log-probs [1, C], label
-    columns of the completion tokens)."""
+    """(chosen, rejected) forwards of one unpadded row each, cut after `upto` tokens unless None ->
+    (per-token log-probs [1, C], label columns of the completion tokens, their positions in the row)."""
     def make(row):
         n = int(am[row].sum())
-        r_ids, r_cm = ids[row:row + 1, :n], cm[row:row + 1, :n]
 
-        def fwd():
+        def fwd(upto=None):
+            m = n if upto is None else upto
+            r_ids, r_cm = ids[row:row + 1, :m], cm[row:row + 1, :m]
             _, tok, first = response_logps(model, r_ids, torch.ones_like(r_ids), r_cm, per_token=True)
-            return tok, r_cm[0, first + 1:].bool().nonzero().squeeze(1)
+            cols = r_cm[0, first + 1:].bool().nonzero().squeeze(1)
+            return tok, cols, cols + first + 1
         return fwd
 
     return make(0), make(1)

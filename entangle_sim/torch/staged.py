@@ -176,7 +176,7 @@ class Row:
             handles.append(head.register_forward_hook(head_hook))
             try:
                 with torch.enable_grad():
-                    tok, cols = forward()
+                    tok, cols, lab = forward()
             except Unsupported:
                 raise
             except Exception as e:  # noqa: BLE001 - the hooked forward failing is "unsupported"
@@ -206,7 +206,7 @@ class Row:
         self.tok, self.h, self.out = tok, h, out
         self.pos = cols + (out.shape[1] - 1 - tok.shape[1])   # label column -> head position
         self.K = len(cols)
-        self.cols = cols
+        self.cols, self.lab = cols, lab
         self.xs = [m[1] for m in marks]
         starts = [m[2] for m in marks]
         self.stages: dict[int, list] = {}    # stage -> uses (-1: below block 0; L-1 includes the final norm)
@@ -221,6 +221,11 @@ class Row:
             self.stages.setdefault(s, []).append(u)
         self.signature = tuple((u["name"], u["cap"]["tag"], s) for s, us in sorted(self.stages.items()) for u in us)
         self.G = None   # batched signal [K, *boundary] at the current upper boundary
+
+    def keep(self, b: int, e: int):
+        """Only the tokens b..e-1 (of this row's completion tokens) are this row's pseudo-responses."""
+        self.cols, self.lab, self.pos = self.cols[b:e], self.lab[b:e], self.pos[b:e]
+        self.K = e - b
 
 
 def _head_entries(row: Row, head, sel, acc, retain: bool):
@@ -293,26 +298,66 @@ def _stage_entries(row: Row, s: int, sel, acc, retain: bool):
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
+# Causal savings: a token's log-prob needs only the positions up to its own. A response's tokens are
+# split into groups of this many (by position); each group but the last runs on the row cut after its
+# last token, so its batched backwards cover fewer positions (checked: the cut row's log-probs must equal
+# the full row's, else the row is not cut).
+TOKENS_PER_GROUP = 16
+
+
+def _rows(model, sel, fwd, blocks, head):
+    """The Rows of one response: [cut rows of the first groups..., the full row with the last group]."""
+    full = Row(model, sel, lambda: fwd(None), blocks, head)
+    n = full.K
+    if n <= TOKENS_PER_GROUP:
+        return [full]
+    bounds = list(range(0, n, TOKENS_PER_GROUP))
+    rows = []
+    for b in bounds[:-1]:
+        e = min(n, b + TOKENS_PER_GROUP)
+        upto = int(full.lab[e - 1]) + 1
+        r = Row(model, sel, lambda: fwd(upto), blocks, head)
+        if r.K != e:
+            raise Unsupported("the cut row has other completion tokens than the full one")
+        a = full.tok[0, full.cols[b:e]].detach()
+        c = r.tok[0, r.cols[b:e]].detach()
+        tol = TOL.get(a.dtype, 5e-2)
+        if float((a - c).abs().max()) > tol * max(1.0, float(a.abs().max())):
+            return [full]   # not causal (or not reproducible): no cut
+        r.keep(b, e)
+        rows.append(r)
+    full.keep(bounds[-1], n)
+    return rows + [full]
+
+
 def staged_token_gram(model, params: dict, forwards):
     """(inner [T_w, T_l], |g_t|^2 [T_w], |g_u|^2 [T_l]) of one pair.
 
-    forwards: two callables (chosen, rejected), each running the model on its one unpadded row and
-    returning (per-token log-probs [1, C], the label columns [T] of its completion tokens).
+    forwards: two callables (chosen, rejected); forward(upto) runs the model on its one unpadded row
+    (cut after `upto` tokens unless None) and returns (per-token log-probs [1, C], the label columns [T]
+    of its completion tokens, their positions in the row [T]).
     Raises Unsupported (no block list or head, ...) or Mismatch (failed verification)."""
     sel = set(params.values())
     acc = acc_dtype(model)
     blocks, head = block_list(model), output_head(model)
-    rw, rl = Row(model, sel, forwards[0], blocks, head), Row(model, sel, forwards[1], blocks, head)
-    if rw.K == 0 or rl.K == 0:
+    RW, RL = _rows(model, sel, forwards[0], blocks, head), _rows(model, sel, forwards[1], blocks, head)
+    rows = RW + RL
+    Tw, Tl = sum(r.K for r in RW), sum(r.K for r in RL)
+    if Tw == 0 or Tl == 0:
         raise ValueError("token_gram: a response has no completion tokens")
+    off, sl = 0, []
+    for r in rows:   # each row's slice of its response's tokens
+        o = 0 if r is RL[0] else off
+        sl.append(slice(o, o + r.K))
+        off = o + r.K
     key = ("token-staged", sel_key(params))
-    full = (key, rw.signature, rl.signature)
+    full = (key, tuple(r.signature for r in (RW[-1], RL[-1])))
     verifying = full not in VERIFIED.get(model, set())
     retain = verifying   # the verification's backward needs the whole graph
     L = len(blocks)
     # the lowest stage (L = the head) where each parameter is used: its entries are kept until then
     last: dict = {}
-    for r in (rw, rl):
+    for r in rows:
         for u in r.head_uses:
             for p in u["module"].parameters(recurse=False):
                 last.setdefault(p, L)
@@ -320,70 +365,68 @@ def staged_token_gram(model, params: dict, forwards):
             for u in us:
                 for p in u["module"].parameters(recurse=False):
                     last[p] = min(last.get(p, s), s)
-    ip = torch.zeros(rw.K, rl.K, dtype=acc)
-    nw, nl = torch.zeros(rw.K, dtype=acc), torch.zeros(rl.K, dtype=acc)
+    ip = torch.zeros(Tw, Tl, dtype=acc)
+    nw, nl = torch.zeros(Tw, dtype=acc), torch.zeros(Tl, dtype=acc)
+    norm = [nw if i < len(RW) else nl for i in range(len(rows))]
+    is_w = [i < len(RW) for i in range(len(rows))]
     if verifying:
         gen = torch.Generator().manual_seed(1234)
         v = {p: torch.randn(p.shape, generator=gen, dtype=acc) for p in params.values()}
-        dw, dl_ = torch.zeros(rw.K, dtype=acc), torch.zeros(rl.K, dtype=acc)
-    kept: dict = {}   # parameter -> ([entries of w], [entries of l]) from upper stages
-
-    def group(ents):
-        out: dict = {}
-        for p, e in ents:
-            out.setdefault(p, []).append(e)
-        return out
+        dirs = [torch.zeros(r.K, dtype=acc) for r in rows]
+    kept: dict = {}   # parameter -> per row, its entries from upper stages
 
     # nothing selected below the lowest stage with a captured use: the backward stops there
-    lowest = min([L] + [s for r in (rw, rl) for s in r.stages])
+    lowest = min([L] + [s for r in rows for s in r.stages])
     for s in range(L, lowest - 1, -1):
-        if s == L:
-            ew, el = _head_entries(rw, head, sel, acc, retain), _head_entries(rl, head, sel, acc, retain)
-        else:
-            ew, el = _stage_entries(rw, s, sel, acc, retain), _stage_entries(rl, s, sel, acc, retain)
-        gw, gl = group(ew), group(el)
-        for p in set(gw) | set(gl):
-            nw_, nl_ = gw.get(p, []), gl.get(p, [])
-            ow, ol = kept.get(p, ([], []))
-            for a in nw_:
-                for b in nl_ + ol:
-                    ip += cross(a, b, acc)
-                for b in nw_:
-                    nw += cross(a, b, acc, diag=True)
-                for b in ow:
-                    nw += 2 * cross(a, b, acc, diag=True)
-            for b in nl_:
-                for a in ow:
-                    ip += cross(a, b, acc)
-                for c in nl_:
-                    nl += cross(b, c, acc, diag=True)
-                for c in ol:
-                    nl += 2 * cross(b, c, acc, diag=True)
-            if verifying:
-                for a in nw_:
-                    dw += entry_directional(a, v[p].to(acc))
-                for b in nl_:
-                    dl_ += entry_directional(b, v[p].to(acc))
+        new = []
+        for r in rows:
+            ents = _head_entries(r, head, sel, acc, retain) if s == L else _stage_entries(r, s, sel, acc, retain)
+            g: dict = {}
+            for p, e in ents:
+                g.setdefault(p, []).append(e)
+            new.append(g)
+        for p in set().union(*new):
+            nn_ = [g.get(p, []) for g in new]
+            old = kept.get(p, [[] for _ in rows])
+            for i in range(len(rows)):
+                for a in nn_[i]:
+                    for b in nn_[i]:
+                        norm[i][sl[i]] += cross(a, b, acc, diag=True)
+                    for b in old[i]:
+                        norm[i][sl[i]] += 2 * cross(a, b, acc, diag=True)
+                    if verifying:
+                        dirs[i] += entry_directional(a, v[p].to(acc))
+                if not is_w[i]:
+                    continue
+                for j in range(len(rows)):
+                    if is_w[j]:
+                        continue
+                    for a in nn_[i]:
+                        for b in nn_[j] + old[j]:
+                            ip[sl[i], sl[j]] += cross(a, b, acc)
+                    for a in old[i]:
+                        for b in nn_[j]:
+                            ip[sl[i], sl[j]] += cross(a, b, acc)
             if last.get(p, s) < s:
-                kept[p] = (ow + nw_, ol + nl_)
+                kept[p] = [o + n_ for o, n_ in zip(old, nn_)]
             else:
                 kept.pop(p, None)
-        if rw.G is None and rl.G is None:
+        if all(r.G is None for r in rows):
             break
     if verifying:
-        _verify(model, full, params, rw, rl, v, dw, dl_, acc)
+        _verify(model, full, params, rows, v, dirs, acc)
     return ip, nw, nl
 
 
-def _verify(model, full, params, rw, rl, v, dw, dl_, acc):
+def _verify(model, full, params, rows, v, dirs, acc):
     gen = torch.Generator().manual_seed(4321)
-    r_w, r_l = torch.randn(rw.K, generator=gen, dtype=acc), torch.randn(rl.K, generator=gen, dtype=acc)
-    mine = float((r_w * dw).sum() + (r_l * dl_).sum())
-    target = (rw.tok[0, rw.cols] * r_w.to(rw.tok.dtype)).sum() + (rl.tok[0, rl.cols] * r_l.to(rl.tok.dtype)).sum()
+    rs = [torch.randn(r.K, generator=gen, dtype=acc) for r in rows]
+    mine = float(sum((r_ * d).sum() for r_, d in zip(rs, dirs)))
+    target = sum((row.tok[0, row.cols] * r_.to(row.tok.dtype)).sum() for row, r_ in zip(rows, rs))
     plist = list(params.values())
     gs = torch.autograd.grad(target, plist, allow_unused=True) if target.requires_grad else [None] * len(plist)
     ref = sum(float((g.to(acc) * v[p]).sum()) for p, g in zip(plist, gs) if g is not None)
-    scale = max(float((r_w * dw).abs().sum() + (r_l * dl_).abs().sum()), abs(ref), 1e-30)
+    scale = max(float(sum((r_ * d).abs().sum() for r_, d in zip(rs, dirs))), abs(ref), 1e-30)
     tol = TOL.get(plist[0].dtype, 5e-2) if plist else 1e-6
     err = abs(mine - ref) / scale
     if err > tol:
