@@ -32,6 +32,8 @@ module output or a hidden state used by a later block directly) fails it: `Misma
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -254,6 +256,36 @@ def _head_entries(row: Row, head, sel, acc, retain: bool):
     return ents
 
 
+# functorch has no batching rule for the CPU attention kernel's backward (torch 2.13): it loops over
+# the tokens for that one op, correctly; the notice it raises is about speed only
+_SLOW_NOTICE = "There is a performance drop because we have not yet implemented the batching rule"
+
+
+def batched_grad(upper, inputs: list, G: torch.Tensor, retain: bool) -> tuple:
+    """d<upper, G[k]>/d inputs for every k: one backward vectorised over G's first axis.
+
+    torch.func.vmap first (functorch's batching rules cover layer norms and pointwise backwards, which
+    `is_grads_batched`'s older vmap runs as per-token loops), else `is_grads_batched`."""
+    import warnings
+
+    def one(g):   # called once, with g batched: one backward
+        gs = torch.autograd.grad(upper, inputs, grad_outputs=g, retain_graph=retain, allow_unused=True)
+        return tuple(torch.zeros_like(i) if x is None else x for i, x in zip(inputs, gs))
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_SLOW_NOTICE)
+            return torch.func.vmap(one)(G)
+    except Exception as e:  # noqa: BLE001 - an op functorch cannot batch: the engine's own batched backward
+        logging.getLogger("entangle_sim.torch").debug("staged backward: torch.func.vmap failed (%s: %s); "
+                                                      "is_grads_batched instead", type(e).__name__, e)
+    try:
+        return torch.autograd.grad(upper, inputs, grad_outputs=G, is_grads_batched=True, retain_graph=retain,
+                                   allow_unused=True)
+    except RuntimeError as e:
+        raise Unsupported(f"staged backward failed: {e}") from None
+
+
 def _stage_entries(row: Row, s: int, sel, acc, retain: bool):
     """Back-propagate row.G from stage s's upper boundary to its lower one and its captured outputs;
     the stage's factor entries (row.G moves down; None once nothing below carries gradient)."""
@@ -270,11 +302,7 @@ def _stage_entries(row: Row, s: int, sel, acc, retain: bool):
     if not inputs:
         row.G = None
         return []
-    try:
-        grads = list(torch.autograd.grad(upper, inputs, grad_outputs=row.G, is_grads_batched=True,
-                                         retain_graph=retain, allow_unused=True))
-    except RuntimeError as e:
-        raise Unsupported(f"staged backward failed: {e}") from None
+    grads = list(batched_grad(upper, inputs, row.G, retain))
     G = grads.pop(0) if low else None
     row.G = G.to(row.G.dtype) if G is not None else None
     it = iter(grads)
