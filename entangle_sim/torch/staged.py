@@ -373,11 +373,8 @@ def staged_token_gram(model, params: dict, forwards):
     Tw, Tl = sum(r.K for r in RW), sum(r.K for r in RL)
     if Tw == 0 or Tl == 0:
         raise ValueError("token_gram: a response has no completion tokens")
-    off, sl = 0, []
-    for r in rows:   # each row's slice of its response's tokens
-        o = 0 if r is RL[0] else off
-        sl.append(slice(o, o + r.K))
-        off = o + r.K
+    # the groups of a response are merged into one set of entries per stage ("slot": chosen, rejected)
+    sl = [slice(0, Tw), slice(0, Tl)]
     key = ("token-staged", sel_key(params))
     full = (key, tuple(r.signature for r in (RW[-1], RL[-1])))
     verifying = full not in VERIFIED.get(model, set())
@@ -395,13 +392,12 @@ def staged_token_gram(model, params: dict, forwards):
                     last[p] = min(last.get(p, s), s)
     ip = torch.zeros(Tw, Tl, dtype=acc)
     nw, nl = torch.zeros(Tw, dtype=acc), torch.zeros(Tl, dtype=acc)
-    norm = [nw if i < len(RW) else nl for i in range(len(rows))]
-    is_w = [i < len(RW) for i in range(len(rows))]
+    norm, is_w = [nw, nl], [True, False]
     if verifying:
         gen = torch.Generator().manual_seed(1234)
         v = {p: torch.randn(p.shape, generator=gen, dtype=acc) for p in params.values()}
-        dirs = [torch.zeros(r.K, dtype=acc) for r in rows]
-    kept: dict = {}   # parameter -> per row, its entries from upper stages
+        dirs = [torch.zeros(Tw, dtype=acc), torch.zeros(Tl, dtype=acc)]
+    kept: dict = {}   # parameter -> per slot, its entries from upper stages
 
     # nothing selected below the lowest stage with a captured use: the backward stops there
     lowest = min([L] + [s for r in rows for s in r.stages])
@@ -413,10 +409,12 @@ def staged_token_gram(model, params: dict, forwards):
             for p, e in ents:
                 g.setdefault(p, []).append(e)
             new.append(g)
+        new = [merge_groups(new[:len(RW)], [r.K for r in RW], acc),
+               merge_groups(new[len(RW):], [r.K for r in RL], acc)]
         for p in set().union(*new):
             nn_ = [g.get(p, []) for g in new]
-            old = kept.get(p, [[] for _ in rows])
-            for i in range(len(rows)):
+            old = kept.get(p, [[], []])
+            for i in range(2):
                 for a in nn_[i]:
                     for b in nn_[i]:
                         norm[i][sl[i]] += cross(a, b, acc, diag=True)
@@ -426,9 +424,7 @@ def staged_token_gram(model, params: dict, forwards):
                         dirs[i] += entry_directional(a, v[p].to(acc))
                 if not is_w[i]:
                     continue
-                for j in range(len(rows)):
-                    if is_w[j]:
-                        continue
+                for j in (1,):
                     for a in nn_[i]:
                         for b in nn_[j] + old[j]:
                             ip[sl[i], sl[j]] += cross(a, b, acc)
@@ -442,8 +438,81 @@ def staged_token_gram(model, params: dict, forwards):
         if all(r.G is None for r in rows):
             break
     if verifying:
-        _verify(model, full, params, rows, v, dirs, acc)
+        _verify(model, full, params, rows, v, list(torch.cat(dirs).split([r.K for r in rows])), acc)
     return ip, nw, nl
+
+
+def _embed(e, o: int, K: int):
+    """A group's entry (its K_g tokens) as an entry of the response's K tokens (rows o.. o+K_g; zero
+    elsewhere)."""
+    def pad(x):
+        out = torch.zeros((K, *x.shape[1:]), dtype=x.dtype)
+        out[o:o + x.shape[0]] = x
+        return out
+
+    if e[0] == "vec":
+        return ("vec", pad(e[1]))
+    _, Lf, Rf = e
+    if is_shared(Rf) and not is_shared(Lf):
+        return ("mat", pad(Lf), Rf[0].expand(K, *Rf.shape[1:]))
+    if is_shared(Lf) and not is_shared(Rf):
+        return ("mat", Lf[0].expand(K, *Lf.shape[1:]), pad(Rf))
+    # both per token (the head's entries: zero rows contribute nothing), or both shared (K_g == 1)
+    return ("mat", pad(Lf.contiguous()), pad(Rf.contiguous()))
+
+
+def _prefix_close(a, b) -> bool:
+    n = min(a.shape[0], b.shape[0])
+    if not a.is_floating_point():
+        return torch.equal(a[:n], b[:n])
+    tol = 1e-10 if a.dtype == torch.float64 else 1e-5
+    return torch.allclose(a[:n], b[:n], rtol=tol, atol=tol * float(b[:n].abs().max()))
+
+
+def merge_groups(groups: list, Ks: list, acc) -> dict:
+    """One response's entries from its token groups ({param: [entries]} each, K_g tokens each) ->
+    {param: [entries]} over all K = sum K_g tokens.
+
+    A matrix entry with a shared factor X (a layer's input, token ids) and per-token factor O: the
+    groups' X are prefixes of one another (causal: the cut rows' activations are the full row's), so
+    their sum is one entry (X of the longest, O zero-padded to its positions, stacked over the tokens):
+    the contraction then forms M = X_w X_l^T once per pair of responses. Entries without that structure
+    (or whose X differ beyond round-off) are kept apart, zero outside their group's tokens."""
+    if len(groups) == 1:
+        return groups[0]
+    K = sum(Ks)
+    offs = [sum(Ks[:i]) for i in range(len(Ks))]
+    out: dict = {}
+    for p in set().union(*groups):
+        buckets, rest = [], []    # bucket: [side, X, [(o, O)]]
+        for g, o in zip(groups, offs):
+            for e in g.get(p, []):
+                side = None
+                if e[0] == "mat" and is_shared(e[2]) and not is_shared(e[1]) and e[1].is_floating_point():
+                    side, X, O = "R", e[2][0], e[1]
+                elif e[0] == "mat" and is_shared(e[1]) and not is_shared(e[2]) and e[2].is_floating_point():
+                    side, X, O = "L", e[1][0], e[2]
+                if side is None:
+                    rest.append(_embed(e, o, K))
+                    continue
+                for b in buckets:
+                    if b[0] == side and b[1].shape[1:] == X.shape[1:] and b[1].dtype == X.dtype \
+                            and b[2][0][1].shape[2:] == O.shape[2:] and _prefix_close(X, b[1]):
+                        if X.shape[0] > b[1].shape[0]:
+                            b[1] = X
+                        b[2].append((o, O))
+                        break
+                else:
+                    buckets.append([side, X, [(o, O)]])
+        ents = list(rest)
+        for side, X, parts in buckets:
+            buf = torch.zeros((K, X.shape[0], *parts[0][1].shape[2:]), dtype=parts[0][1].dtype)
+            for o, O in parts:
+                buf[o:o + O.shape[0], :O.shape[1]] += O
+            Xe = X.expand(K, *X.shape)
+            ents.append(("mat", buf, Xe) if side == "R" else ("mat", Xe, buf))
+        out[p] = ents
+    return out
 
 
 def _verify(model, full, params, rows, v, dirs, acc):
