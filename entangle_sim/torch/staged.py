@@ -485,8 +485,14 @@ def merge_groups(groups: list, Ks: list, acc) -> dict:
     out: dict = {}
     for p in set().union(*groups):
         buckets, rest = [], []    # bucket: [side, X, [(o, O)]]
+        vec = None                # "vec" entries add up (one per parameter)
         for g, o in zip(groups, offs):
             for e in g.get(p, []):
+                if e[0] == "vec":
+                    if vec is None:
+                        vec = torch.zeros((K, *e[1].shape[1:]), dtype=e[1].dtype)
+                    vec[o:o + e[1].shape[0]] += e[1]
+                    continue
                 side = None
                 if e[0] == "mat" and is_shared(e[2]) and not is_shared(e[1]) and e[1].is_floating_point():
                     side, X, O = "R", e[2][0], e[1]
@@ -504,7 +510,7 @@ def merge_groups(groups: list, Ks: list, acc) -> dict:
                         break
                 else:
                     buckets.append([side, X, [(o, O)]])
-        ents = list(rest)
+        ents = list(rest) + ([("vec", vec)] if vec is not None else [])
         for side, X, parts in buckets:
             buf = torch.zeros((K, X.shape[0], *parts[0][1].shape[2:]), dtype=parts[0][1].dtype)
             for o, O in parts:
