@@ -354,8 +354,8 @@ def test_staged_token_map_causal_groups(tok, case, monkeypatch):
 
     monkeypatch.setattr(staged, "TOKENS_PER_GROUP", 2)
     groups = []
-    rows = staged._rows
-    monkeypatch.setattr(staged, "_rows", lambda *a: groups.append(len(rows(*a))) or rows(*a))
+    rows = staged.token_groups
+    monkeypatch.setattr(staged, "token_groups", lambda *a: groups.append(len(rows(*a))) or rows(*a))
     model = _non_causal_model(tok) if case == "non_causal" else STAGED_CASES[case][0](tok)
     pair = _pair_dict(tok, seed=5)
     pw, pl = brute_tokens(model, pair, list(model.parameters()))

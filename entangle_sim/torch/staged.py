@@ -29,6 +29,13 @@ Verification as everywhere (`capture.verify`): for the first capture of a (model
 stage signature), sum_k r_k <g_k, v> from the factors (random v, random r over the tokens) must equal
 <grad of sum_k r_k logp_k, v> from one ordinary backward. A model that breaks the stage structure (a
 module output or a hidden state used by a later block directly) fails it: `Mismatch`.
+
+Causal savings: a response's tokens go in groups of `TOKENS_PER_GROUP` by position; every group but the
+last runs on the row cut after its last token (fewer positions in its backwards), and the groups'
+entries are merged back into one per shared factor (`merge_groups`) before the contraction.
+
+Size: the driver, its shared-factor contractions and the group merge are one algorithm (the contraction
+relies on the entry structure the merge produces).
 """
 from __future__ import annotations
 
@@ -333,7 +340,7 @@ def _stage_entries(row: Row, s: int, sel, acc, retain: bool):
 TOKENS_PER_GROUP = 16
 
 
-def _rows(model, sel, fwd, blocks, head):
+def token_groups(model, sel, fwd, blocks, head):
     """The Rows of one response: [cut rows of the first groups..., the full row with the last group]."""
     full = Row(model, sel, lambda: fwd(None), blocks, head)
     n = full.K
@@ -368,7 +375,7 @@ def staged_token_gram(model, params: dict, forwards):
     sel = set(params.values())
     acc = acc_dtype(model)
     blocks, head = block_list(model), output_head(model)
-    RW, RL = _rows(model, sel, forwards[0], blocks, head), _rows(model, sel, forwards[1], blocks, head)
+    RW, RL = token_groups(model, sel, forwards[0], blocks, head), token_groups(model, sel, forwards[1], blocks, head)
     rows = RW + RL
     Tw, Tl = sum(r.K for r in RW), sum(r.K for r in RL)
     if Tw == 0 or Tl == 0:
