@@ -466,7 +466,9 @@ def token_gram(model, pair, *, subset: Subset = None, method: str = "auto") -> T
     ghost / auto: staged (`staged.staged_token_gram`): each response alone, the head's token gradients
     from one ordinary backward, then one batched backward of the response's tokens per decoder block
     (~2 S |theta_block| FLOPs per token), each block's factors contracted with shared activations
-    (<delta_i, M delta_j>, M = A_w A_l^T once) and dropped; verified token by token the first time.
+    (<delta_i, M delta_j>, M = A_w A_l^T once) and dropped; tokens in groups of 16 by position, the first
+    groups on the response cut after their last token (causal savings); verified token by token the
+    first time.
     Where the blocks cannot be found, or (auto only) the staged factors fail verification: one forward
     of both rows and one batched backward to every module output (all signals at once), verified too.
     exact: one ordinary backward per completion token (T x |theta| memory, small models only).

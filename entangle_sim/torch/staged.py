@@ -11,7 +11,7 @@ vocabulary-wide head included, and sends each chosen token through the rejected 
 2. the head: token k's log-prob depends on h only at its own position, so ONE ordinary backward of
    sum_k logp_k gives every dlogp_k/dh and dlogp_k/dlogits (distinct positions). The head weight's
    per-token gradient is rank one, outer(dlogits_k, h_k): no [K, S, vocabulary] tensor is formed;
-3. stage by stage, top down, one batched backward (`is_grads_batched`) of the K tokens of a row from the
+3. stage by stage, top down, one batched backward (`batched_grad`) of the K tokens of a row from the
    stage's upper boundary (h, then x_{l+1}) to its lower one (x_l) and the outputs of the modules called
    in between (the last stage includes the final norm; the bottom one the embeddings). The stage's factor
    entries come from the registered rules and are contracted at once, then dropped; only one stage's
