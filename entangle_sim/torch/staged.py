@@ -221,8 +221,8 @@ class Row:
         self.stages: dict[int, list] = {}    # stage -> uses (-1: below block 0; L-1 includes the final norm)
         self.head_uses = []
         for i, u in enumerate(rec.uses):
-            if u["module"] is head:
-                self.head_uses.append(u)
+            if u["module"] is head:   # the head's own factors come from `_head_entries`: drop its logits
+                self.head_uses.append({"module": u["module"]})
                 continue
             if i >= n_head:
                 raise Unsupported(f"{u['name']} is called after the output head")
@@ -241,7 +241,8 @@ def _head_entries(row: Row, head, sel, acc, retain: bool):
     """One ordinary backward of sum_k logp_k to (h, logits): dlogp/dh per token (-> row.G) and the
     head's rank-one entries."""
     wants = [t for t in (row.h, row.out) if t.requires_grad]
-    gs = torch.autograd.grad(row.tok.sum(), wants, retain_graph=True, allow_unused=True) if wants else []
+    # without verification the head's part of the graph (its [S, vocabulary] log-softmax) is freed here
+    gs = torch.autograd.grad(row.tok.sum(), wants, retain_graph=retain, allow_unused=True) if wants else []
     got = dict(zip([id(t) for t in wants], gs))
     dh, dout = got.get(id(row.h)), got.get(id(row.out))
     k = torch.arange(row.K)
@@ -260,6 +261,7 @@ def _head_entries(row: Row, head, sel, acc, retain: bool):
             ents.append((head.weight, ("mat", dl[:, None], row.h[0, row.pos].detach().to(acc)[:, None])))
         if head.bias is not None and head.bias in sel:
             ents.append((head.bias, ("vec", dl)))
+    row.out = None   # the logits: no longer needed
     return ents
 
 
