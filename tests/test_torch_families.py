@@ -4,18 +4,21 @@ For each family (`entangle_sim.torch.tiny.FAMILIES`: 1 layer, width 16, float64,
 attention and eager expert loops) and 2 pairs of the toy data, the per-pair Gram (methods exact, ghost,
 auto), the batch-level prediction (exact, ghost) and, with LoRA adapters on every linear layer, the
 Gram of the trainable subset (ghost; auto on LoRA in test_torch_geometry), all equal the brute force: one ordinary autograd backward per response,
-unpadded, gradients flattened. Tolerance 1e-6 relative to the largest entry: the methods differ from
+unpadded, gradients flattened; and the token map (auto, which must take the staged path) equals one
+backward per completion token. Tolerance 1e-6 relative to the largest entry: the methods differ from
 the brute force only by summation order (observed <= 3e-11; GPT-J, CodeGen and GPT-Neo compute their
 rotary / attention scaling tables in float32 inside the float64 model, Cohere and the MoE routers
 compute in float32 too, and both sides go through the same float32 operations).
 """
+import logging
+
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from entangle_sim.torch import (collate, directional, pad_token_id, pair_gram, select_parameters,  # noqa: E402
-                                tokenize_rows)
+                                token_gram, tokenize_rows)
 from entangle_sim.torch.tiny import FAMILIES, tiny_family, tiny_tokenizer, toy_rows  # noqa: E402
 
 RTOL = 1e-6
@@ -51,6 +54,24 @@ def brute_grads(model, batch, params):
     return torch.stack(out)
 
 
+# one pair for the token maps: prompt 3 tokens, chosen 3, rejected 2 (the rejected row padded)
+PAIR = {"prompt_ids": [9, 12, 15], "chosen_ids": [20, 8, 11], "rejected_ids": [14, 30]}
+
+
+def brute_token_grads(model, pair, params):
+    """Per-token gradients ([T, |params|] per response): one backward per completion token, unpadded."""
+    per = []
+    for side in ("chosen_ids", "rejected_ids"):
+        ids = torch.tensor([pair["prompt_ids"] + pair[side]])
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        rows = []
+        for t in range(len(pair["prompt_ids"]) - 1, lp.shape[0]):
+            gs = torch.autograd.grad(lp[t], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for p, x in zip(params, gs)]))
+        per.append(torch.stack(rows))
+    return per
+
+
 def close(a, b, what):
     err = float((a - b).abs().max() / b.abs().max())
     tol = RTOL_FLOAT32_INSIDE.get(what.split()[0], RTOL)
@@ -74,12 +95,20 @@ def check_gram(model, batch, subset, methods, what):
 # `is_gradient_checkpointing` alias (third-party notices)
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_all_methods(tok, batch, family):
+def test_family_all_methods(tok, batch, family, caplog):
     model = tiny_family(family, tok, dtype=torch.float64)
     g = check_gram(model, batch, None, ("exact", "ghost", "auto"), family)
     w = torch.linspace(-1.0, 2.0, g.shape[0], dtype=torch.float64)
     for method in ("exact", "ghost"):  # the batch-level prediction honours the method
         close(directional(model, batch, w, method=method), (g @ g.T) @ w, f"{family} directional {method}")
+    # the token map (auto): the staged path (one row at a time, block by block) on every family
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="entangle_sim.torch"):
+        tg = token_gram(model, PAIR, method="auto")
+    assert any(r.getMessage() == "entangle_sim token_gram: staged" for r in caplog.records), family
+    pw, pl = brute_token_grads(model, PAIR, list(select_parameters(model).values()))
+    close(tg.inner, pw @ pl.T, f"{family} token map")
+    close(tg.norm_w, pw.norm(dim=1), f"{family} token norms")
     peft = pytest.importorskip("peft")
     torch.manual_seed(1)
     from transformers.pytorch_utils import Conv1D

@@ -230,3 +230,137 @@ def test_register_a_rule_for_a_new_module_type(tok, batch):
         assert ScaledRule.used > 0
     finally:
         RULES.pop(Scaled)
+
+
+# ----------------------------------------------------------------------------------------------
+# staged token maps (one row at a time, block by block)
+# ----------------------------------------------------------------------------------------------
+def _pair_dict(tok, seed, lens=(4, 6, 3)):
+    """A pair with its own lengths (prompt, chosen, rejected): T_w != T_l, the rejected row padded."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(7, len(tok), (n,), generator=g).tolist()  # noqa: E731
+    return {"prompt_ids": ids(lens[0]), "chosen_ids": ids(lens[1]), "rejected_ids": ids(lens[2])}
+
+
+def brute_tokens(model, pair, params):
+    """Per-token gradients of each response ([T, |params|]): one backward per completion token, unpadded."""
+    per = []
+    for side in ("chosen_ids", "rejected_ids"):
+        ids = torch.tensor([pair["prompt_ids"] + pair[side]])
+        lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+        rows = []
+        for t in range(len(pair["prompt_ids"]) - 1, lp.shape[0]):
+            gs = torch.autograd.grad(lp[t], params, retain_graph=True, allow_unused=True)
+            rows.append(torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1) for p, x in zip(params, gs)]))
+        per.append(torch.stack(rows))
+    return per
+
+
+def took(caplog, path):
+    return any(f"token_gram: {path}" == r.getMessage().removeprefix("entangle_sim ") for r in caplog.records)
+
+
+def _lora(model):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    return peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"],
+                                                      init_lora_weights=False))
+
+
+STAGED_CASES = {   # name: (model builder, subset)
+    "gpt2_tied": (lambda tok: tiny_model("gpt2", tok).double(), None),   # biases, LayerNorm params, tied head
+    "llama_untied": (lambda tok: tiny_family("llama", tok, layers=2, dtype=torch.float64), None),
+    "opt_flat": (lambda tok: tiny_family("opt", tok, layers=2, dtype=torch.float64), None),
+    "llama_lora": (lambda tok: _lora(tiny_family("llama", tok, layers=2, dtype=torch.float64)), "trainable"),
+    "gpt2_no_head": (lambda tok: tiny_model("gpt2", tok).double(), ["transformer.h.1", "transformer.wpe"]),
+    "llama_head_only": (lambda tok: tiny_family("llama", tok, layers=2, dtype=torch.float64), ["lm_head"]),
+}
+
+
+# peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` alias (a third-party notice)
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("case", list(STAGED_CASES))
+def test_staged_token_map_equals_per_token_backward(tok, case, caplog):
+    """The staged token map (ghost and auto) equals one backward per token, float64, at 1e-6 relative."""
+    build, subset = STAGED_CASES[case]
+    model = build(tok)
+    pair = _pair_dict(tok, seed=3)
+    pw, pl = brute_tokens(model, pair, list(select_parameters(model, subset).values()))
+    for method in ("ghost", "auto"):
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="entangle_sim.torch"):
+            tg = token_gram(model, pair, subset=subset, method=method)
+        assert took(caplog, "staged"), method
+        assert tg.inner.shape == (6, 3)
+        close(tg.inner, pw @ pl.T)
+        close(tg.norm_w, pw.norm(dim=1))
+        close(tg.norm_l, pl.norm(dim=1))
+
+
+def _broken_stage_model(tok):
+    """Block 1 adds the token embeddings (a module output of the bottom stage) to its output: a path
+    that skips block 0, which the block-by-block backward does not follow."""
+    model = tiny_model("gpt2", tok).double()
+    store = {}
+    model.transformer.wte.register_forward_hook(lambda m, a, o: store.__setitem__("e", o))
+    blk = model.transformer.h[1]
+    orig = blk.forward
+
+    def fwd(hidden_states, *a, **k):
+        out = orig(hidden_states, *a, **k)
+        h = out[0] if isinstance(out, tuple) else out
+        h = h + 0.5 * store["e"]
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    blk.forward = fwd
+    return model
+
+
+def test_broken_stage_structure_is_caught(tok, caplog):
+    """Verification catches the skipped path: ghost raises, auto takes the one-shot map (which is right)."""
+    model = _broken_stage_model(tok)
+    pair = _pair_dict(tok, seed=4)
+    with pytest.raises(ValueError, match="ghost method unsupported.*token by token"):
+        token_gram(model, pair, method="ghost")
+    with caplog.at_level(logging.DEBUG, logger="entangle_sim.torch"):
+        tg = token_gram(model, pair, method="auto")
+    assert took(caplog, "one-shot") and not took(caplog, "staged")
+    pw, pl = brute_tokens(model, pair, list(model.parameters()))
+    close(tg.inner, pw @ pl.T)
+
+
+def _non_causal_model(tok):
+    """Block 0 adds the mean over all positions to its output: a later token changes earlier log-probs."""
+    model = tiny_model("gpt2", tok).double()
+    blk = model.transformer.h[0]
+    orig = blk.forward
+
+    def fwd(hidden_states, *a, **k):
+        out = orig(hidden_states, *a, **k)
+        h = out[0] if isinstance(out, tuple) else out
+        h = h + h.mean(1, keepdim=True)
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    blk.forward = fwd
+    return model
+
+
+@pytest.mark.parametrize("case", ["gpt2_tied", "opt_flat", "non_causal"])
+def test_staged_token_map_causal_groups(tok, case, monkeypatch):
+    """Tokens in groups of 2, the first groups on the row cut after their last token (6 + 3 tokens:
+    3 + 2 groups): the same map as one backward per token. A model that is not causal (its cut rows'
+    log-probs differ) is not cut, and is right too."""
+    from entangle_sim.torch import staged
+
+    monkeypatch.setattr(staged, "TOKENS_PER_GROUP", 2)
+    groups = []
+    rows = staged.token_groups
+    monkeypatch.setattr(staged, "token_groups", lambda *a: groups.append(len(rows(*a))) or rows(*a))
+    model = _non_causal_model(tok) if case == "non_causal" else STAGED_CASES[case][0](tok)
+    pair = _pair_dict(tok, seed=5)
+    pw, pl = brute_tokens(model, pair, list(model.parameters()))
+    tg = token_gram(model, pair, method="ghost")
+    assert groups == ([1, 1] if case == "non_causal" else [3, 2])
+    close(tg.inner, pw @ pl.T)
+    close(tg.norm_w, pw.norm(dim=1))
+    close(tg.norm_l, pl.norm(dim=1))

@@ -41,6 +41,7 @@ from .capture import acc_dtype, capture, inner, is_verified, param_group, sel_ke
 from .capture import directional as factor_directional
 from .exact import exact_grads
 from .rules import Unsupported
+from .staged import Mismatch, staged_token_gram
 
 log = logging.getLogger("entangle_sim.torch")
 
@@ -487,9 +488,21 @@ def token_gram(model, pair, *, subset: Subset = None, method: str = "auto") -> T
     """Per-token inner products <g_t(y_w), g_u(y_l)> of one pair (Figure 4b of the paper), [T_w, T_l].
 
     pair: a TRL-collated batch with B = 1 (2 rows) or a dict with `prompt_ids`, `chosen_ids`,
-    `rejected_ids` lists. ghost: one forward of both rows and one batched backward to the module outputs
-    over the T_w + T_l token log-probs (`is_grads_batched`), verified (all tokens) the first time;
+    `rejected_ids` lists. Returns `TokenGram` ([T_w, T_l] inner and cos, [T_w] / [T_l] norms).
+
+    ghost / auto: staged (`staged.staged_token_gram`): each response alone, the head's token gradients
+    from one ordinary backward, then one batched backward of the response's tokens per decoder block
+    (~2 S |theta_block| FLOPs per token), each block's factors contracted with shared activations
+    (<delta_i, M delta_j>, M = A_w A_l^T once) and dropped; tokens in groups of 16 by position, the first
+    groups on the response cut after their last token (causal savings); verified token by token the
+    first time.
+    Where the blocks cannot be found, or (auto only) the staged factors fail verification: one forward
+    of both rows and one batched backward to every module output (all signals at once), verified too.
     exact: one ordinary backward per completion token (T x |theta| memory, small models only).
+
+    >>> tg = token_gram(model, {"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]})  # doctest: +SKIP
+    >>> tg.inner.shape                                                                             # doctest: +SKIP
+    torch.Size([2, 1])
     """
     if "input_ids" not in pair:
         from .data import collate
@@ -504,10 +517,39 @@ def token_gram(model, pair, *, subset: Subset = None, method: str = "auto") -> T
     with measuring(model):
         if method != "exact":
             try:
-                return _token_gram_ghost(model, params, ids, am, cm, acc)
+                try:
+                    res = _token_result(*staged_token_gram(model, params, _row_forwards(model, ids, am, cm)))
+                    log.debug("entangle_sim token_gram: staged")
+                    return res
+                except Mismatch:
+                    if method == "ghost":
+                        raise
+                    log.info("entangle_sim token_gram: staged map failed verification; trying the one-shot map")
+                except Unsupported as e:  # no block list / head: the one-shot capture of both rows
+                    log.info("entangle_sim token_gram: staged map unsupported (%s); trying the one-shot map", e)
+                res = _token_gram_ghost(model, params, ids, am, cm, acc)
+                log.debug("entangle_sim token_gram: one-shot")
+                return res
             except Unsupported as e:
                 fallback(method, e, "token_gram")
         return _token_gram_exact(model, params, ids, am, cm, acc)
+
+
+def _row_forwards(model, ids, am, cm):
+    """(chosen, rejected) forwards of one unpadded row each, cut after `upto` tokens unless None ->
+    (per-token log-probs [1, C], label columns of the completion tokens, their positions in the row)."""
+    def make(row):
+        n = int(am[row].sum())
+
+        def fwd(upto=None):
+            m = n if upto is None else upto
+            r_ids, r_cm = ids[row:row + 1, :m], cm[row:row + 1, :m]
+            _, tok, first = response_logps(model, r_ids, torch.ones_like(r_ids), r_cm, per_token=True)
+            cols = r_cm[0, first + 1:].bool().nonzero().squeeze(1)
+            return tok, cols, cols + first + 1
+        return fwd
+
+    return make(0), make(1)
 
 
 def _token_gram_ghost(model, params, ids, am, cm, acc):

@@ -41,8 +41,9 @@ def layout_of(x: torch.Tensor, N: int) -> tuple[str, bool]:
         return "bcast", False
     if x.dim() >= 3 and x.shape[1] == N:
         return "SN", False
-    if x.dim() == 2 and N > 1 and x.shape[0] % N == 0:
-        return "flat", True   # N-major vs position-major cannot be told from the shape
+    if x.dim() == 2 and x.shape[0] % N == 0:
+        # N-major vs position-major cannot be told from the shape (with one row they are the same)
+        return "flat", N > 1
     raise Unsupported(f"output of shape {tuple(x.shape)} has no known layout for {N} rows")
 
 
@@ -54,6 +55,14 @@ def normalise(x: torch.Tensor, tag: str, N: int, feature_dims: int = 1, batch_di
     if tag == "SN":
         x = x.transpose(batch_dims, batch_dims + 1)
     return x.reshape(*b, N, -1, *trail)
+
+
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows] ([N, ...] -> [K, ...]); with one row (N == 1) a stride-0 view instead of K copies, so the
+    contractions can see that every pseudo-response shares this factor (`staged.is_shared`)."""
+    if x.shape[0] == 1:
+        return x.expand(len(rows), *x.shape[1:])
+    return x[rows]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +127,7 @@ class LinearRule(Rule):
         return {"x": x.detach()}
 
     def entries(self, module, cap, delta, rows, sel, acc):
-        x = normalise(cap["x"], cap["tag"], cap["N"])[rows].to(acc)
+        x = take_rows(normalise(cap["x"], cap["tag"], cap["N"]).to(acc), rows)
         out = []
         if module.weight in sel:
             out.append((module.weight, ("mat", delta, x)))
@@ -133,7 +142,7 @@ class Conv1DRule(LinearRule):
     name = "conv1d"
 
     def entries(self, module, cap, delta, rows, sel, acc):
-        x = normalise(cap["x"], cap["tag"], cap["N"])[rows].to(acc)
+        x = take_rows(normalise(cap["x"], cap["tag"], cap["N"]).to(acc), rows)
         out = []
         if module.weight in sel:
             out.append((module.weight, ("mat", x, delta)))
@@ -175,7 +184,7 @@ class EmbeddingRule(Rule):
     def entries(self, module, cap, delta, rows, sel, acc):
         if module.weight not in sel:
             return []
-        ids = normalise(cap["ids"], cap["tag"], cap["N"], feature_dims=0)[rows]
+        ids = take_rows(normalise(cap["ids"], cap["tag"], cap["N"], feature_dims=0), rows)
         d = delta * cap["scale"]
         if module.padding_idx is not None:
             d = d * (ids != module.padding_idx).unsqueeze(-1).to(acc)
@@ -200,7 +209,7 @@ class LayerNormRule(Rule):
         return {"xhat": xhat}
 
     def entries(self, module, cap, delta, rows, sel, acc):
-        xh = normalise(cap["xhat"], cap["tag"], cap["N"])[rows].to(acc)
+        xh = take_rows(normalise(cap["xhat"], cap["tag"], cap["N"]).to(acc), rows)
         out = []
         if module.weight is not None and module.weight in sel:
             out.append((module.weight, ("vec", (delta * xh).sum(1))))
