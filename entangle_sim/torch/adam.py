@@ -33,12 +33,12 @@ loss-independent drift from momentum and weight decay.
 """
 from __future__ import annotations
 
-import contextlib
 import re
 
 import numpy as np
 import torch
 
+from .capture import acc_dtype
 from .exact import exact_grads
 from .geometry import (check_method, fallback, ghost_capture, measuring, named_parameter_aliases, response_logps,
                        select_parameters)
@@ -97,31 +97,6 @@ def parameter_groups(model, names) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------------
 # per-response gradients
 # ----------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _eval_mode(model):
-    """Eval mode (no dropout) for the measurement, with HF's input-embedding hook for checkpointed
-    training (`enable_input_require_grads`, registered by TRL/PEFT) lifted meanwhile: it calls
-    requires_grad_ inside the forward, which functorch transforms reject, and changes no number here."""
-    was = model.training
-    lifted = []
-    for m in model.modules():
-        for key, h in list(m._forward_hooks.items()):
-            if getattr(h, "__name__", "") == "make_inputs_require_grads":
-                lifted.append((m, key, h))
-                del m._forward_hooks[key]
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-        for m, key, h in lifted:
-            m._forward_hooks[key] = h
-
-
-def _acc(model) -> torch.dtype:
-    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-
-
 def response_grads(model, params: dict, input_ids, completion_mask, attention_mask=None) -> dict[str, torch.Tensor]:
     """{name: [N, *shape]} per-response gradients of the summed completion log-prob (accumulation
     dtype: float64 for a float64 model, else float32), from `exact.exact_grads`: vmapped, or one ordinary
@@ -129,7 +104,7 @@ def response_grads(model, params: dict, input_ids, completion_mask, attention_ma
     Rows are right-padded; attention_mask (default all ones: right padding is causally invisible to
     the completion) only trims each row for the ordinary-backward path."""
     am = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    flat = exact_grads(model, params, input_ids, am, completion_mask, _acc(model))
+    flat = exact_grads(model, params, input_ids, am, completion_mask, acc_dtype(model))
     out, i = {}, 0
     for n, p in params.items():
         out[n] = flat[:, i:i + p.numel()].reshape(-1, *p.shape)
@@ -175,7 +150,7 @@ def preconditioned_pair_gram(model, batch, P: dict[str, torch.Tensor] | None = N
     if N % 2:
         raise ValueError("batch must hold 2B rows: B chosen then B rejected")
     params = _params(model, subset, P)
-    acc = _acc(model)
+    acc = acc_dtype(model)
     Pa = None if P is None else {n: P[n].to(acc) for n in params}
     keys = ["G_ww", "G_wl", "G_ll"] + (["G_ww_adam", "G_wl_adam", "G_ll_adam"] if P is not None else [])
     groups = parameter_groups(model, params)
@@ -227,7 +202,7 @@ def _gram_materialised(model, batch, params, Pa, keys, groups, chunk_size, acc):
     B = ids.shape[0] // 2
     tot = {k: [] for k in keys}
     grp: dict[str, dict[str, list]] = {}
-    with _eval_mode(model):
+    with measuring(model):
         for s in range(0, B, chunk_size):
             e = min(B, s + chunk_size)
             rows = torch.cat([torch.arange(s, e), B + torch.arange(s, e)])
@@ -329,9 +304,9 @@ def adam_step_prediction(model, batch, state, c_w, c_l, *, lr: float | None = No
     if lr is None and not any(state.lr[n] > 0 for n in params):
         raise ValueError(f"the optimiser state's learning rate is {state.lr[next(iter(params))]:g} (end of the "
                          f"schedule?); pass lr (the schedule's initial lr was {state.initial_lr.get(next(iter(params)))})")
-    acc = _acc(model)
+    acc = acc_dtype(model)
     w = torch.cat([torch.as_tensor(np.asarray(c_w, dtype=float)), -torch.as_tensor(np.asarray(c_l, dtype=float))])
-    with _eval_mode(model):
+    with measuring(model):
         # u = -grad = sum_j w_j g_j (one backward of the weighted log-probs)
         with torch.enable_grad():
             lp = response_logps(model, ids, am, cm)
@@ -400,7 +375,7 @@ def measure_adam(model, examples: list[dict], pad_token_id: int, state, *, subse
     P = None
     if state is not None:
         names = list(select_parameters(model, subset))
-        P = state.preconditioners(names, dtype=_acc(model))
+        P = state.preconditioners(names, dtype=acc_dtype(model))
     cols: dict[str, list] = {}
     groups: dict[str, dict[str, list]] = {}
     for s in range(0, len(examples), batch_size):
