@@ -196,8 +196,10 @@ def _collect(tot, grp, part, gpart):
             grp.setdefault(gname, {}).setdefault(k, []).append(v)
 
 
-def _gram_materialised(model, batch, params, Pa, keys, groups, chunk_size, acc):
-    """Whole per-response gradients (`response_grads`), `chunk_size` pairs at a time."""
+def _chunked_gram(model, batch, keys, chunk_size, acc, fill):
+    """The loop both Gram paths share: pairs `chunk_size` at a time (chosen rows s..e, then their
+    rejected rows), `fill(ids, attention_mask, completion_mask, b, part, gpart)` adding every
+    parameter's reduction of the chunk; the chunks' parts collected."""
     ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
     B = ids.shape[0] // 2
     tot = {k: [] for k in keys}
@@ -206,15 +208,21 @@ def _gram_materialised(model, batch, params, Pa, keys, groups, chunk_size, acc):
         for s in range(0, B, chunk_size):
             e = min(B, s + chunk_size)
             rows = torch.cat([torch.arange(s, e), B + torch.arange(s, e)])
-            g = response_grads(model, params, ids[rows], cm[rows], am[rows])
-            b = e - s
-            part = {k: torch.zeros(b, dtype=acc) for k in keys}
+            part = {k: torch.zeros(e - s, dtype=acc) for k in keys}
             gpart: dict[str, dict[str, torch.Tensor]] = {}
-            for n, gn in g.items():
-                _add(part, gpart, groups[n], _reduce(gn[:b], gn[b:], None if Pa is None else Pa[n], b))
-            del g
+            fill(ids[rows], am[rows], cm[rows], e - s, part, gpart)
             _collect(tot, grp, part, gpart)
     return tot, grp
+
+
+def _gram_materialised(model, batch, params, Pa, keys, groups, chunk_size, acc):
+    """Whole per-response gradients (`response_grads`), `chunk_size` pairs at a time."""
+    def fill(ids, am, cm, b, part, gpart):
+        g = response_grads(model, params, ids, cm, am)
+        for n, gn in g.items():
+            _add(part, gpart, groups[n], _reduce(gn[:b], gn[b:], None if Pa is None else Pa[n], b))
+
+    return _chunked_gram(model, batch, keys, chunk_size, acc, fill)
 
 
 def param_grad_slices(p, entries, K: int, acc, max_elems: int | None = None):
@@ -249,30 +257,19 @@ def param_grad_slices(p, entries, K: int, acc, max_elems: int | None = None):
 def _gram_per_layer(model, batch, params, Pa, keys, groups, chunk_size, acc):
     """One verified ghost capture per `chunk_size` pairs; each parameter's per-response gradients
     rebuilt (`param_grad_slices`), reduced against P and freed before the next parameter."""
-    ids, am, cm = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
-    B = ids.shape[0] // 2
-    tot = {k: [] for k in keys}
-    grp: dict[str, dict[str, list]] = {}
-    with measuring(model):
-        for s in range(0, B, chunk_size):
-            e = min(B, s + chunk_size)
-            rows = torch.cat([torch.arange(s, e), B + torch.arange(s, e)])
-            b = e - s
-            _, F = ghost_capture(model, params, ids[rows], am[rows], cm[rows], "pair")
-            part = {k: torch.zeros(b, dtype=acc) for k in keys}
-            gpart: dict[str, dict[str, torch.Tensor]] = {}
-            for n, p in params.items():
-                entries = F.fac.get(p)
-                if not entries:  # not used by this forward: zero gradient (the group still listed)
-                    _add(part, gpart, groups[n], {k: torch.zeros(b, dtype=acc) for k in keys})
-                    continue
-                Pn = None if Pa is None else Pa[n].reshape(p.shape[0] if p.dim() else 1, -1)
-                for sl, g in param_grad_slices(p, entries, 2 * b, acc):
-                    _add(part, gpart, groups[n], _reduce(g[:b], g[b:], None if Pn is None else Pn[sl], b))
-                    del g
-            del F
-            _collect(tot, grp, part, gpart)
-    return tot, grp
+    def fill(ids, am, cm, b, part, gpart):
+        _, F = ghost_capture(model, params, ids, am, cm, "pair")
+        for n, p in params.items():
+            entries = F.fac.get(p)
+            if not entries:  # not used by this forward: zero gradient (the group still listed)
+                _add(part, gpart, groups[n], {k: torch.zeros(b, dtype=acc) for k in keys})
+                continue
+            Pn = None if Pa is None else Pa[n].reshape(p.shape[0] if p.dim() else 1, -1)
+            for sl, g in param_grad_slices(p, entries, 2 * b, acc):
+                _add(part, gpart, groups[n], _reduce(g[:b], g[b:], None if Pn is None else Pn[sl], b))
+                del g
+
+    return _chunked_gram(model, batch, keys, chunk_size, acc, fill)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -113,6 +113,27 @@ class Recorder:
         self.handles = []
 
 
+def run_hooked(rec: Recorder, forward, handles=()):
+    """forward() with gradients on, under the recorder's hooks (and any extra hook `handles`); every
+    failure, a rule's or the forward's, is Unsupported; all hooks are removed afterwards."""
+    try:
+        with torch.enable_grad():
+            out = forward()
+    except Unsupported:
+        raise
+    except Exception as e:  # noqa: BLE001 - the hooked forward failing is "unsupported"
+        if rec.error is not None:
+            raise rec.error from None
+        raise Unsupported(f"the model's forward failed under the capture hooks: {type(e).__name__}: {e}")
+    finally:
+        rec.close()
+        for h in handles:
+            h.remove()
+    if rec.error is not None:
+        raise rec.error
+    return out
+
+
 def capture(model, sel: set, forward, N: int, *, targets=None, retain_graph: bool = True):
     """Run `forward()` (returns the [N] (or [N, K']) log-probs) under hooks and back-propagate to the
     captured module outputs.
@@ -126,19 +147,7 @@ def capture(model, sel: set, forward, N: int, *, targets=None, retain_graph: boo
     protect = PROTECT.setdefault(model, set())
     for attempt in range(2):
         rec = Recorder(model, sel, N, protect)
-        try:
-            with torch.enable_grad():
-                logps = forward()
-        except Unsupported:
-            raise
-        except Exception as e:  # noqa: BLE001 - the hooked forward failing is "unsupported"
-            if rec.error is not None:
-                raise rec.error from None
-            raise Unsupported(f"the model's forward failed under the capture hooks: {type(e).__name__}: {e}")
-        finally:
-            rec.close()
-        if rec.error is not None:
-            raise rec.error
+        logps = run_hooked(rec, forward)
         changed = {u["name"] for u in rec.uses if any(t._version != v for t, v in u["ver"])}
         if not changed:
             break

@@ -85,7 +85,12 @@ def load_preference_rows(source, *, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def shared_prefix(a, b) -> int:
+    """Number of equal leading tokens.
+
+    >>> shared_prefix([5, 6, 7], [5, 6, 9, 7])
+    2
+    """
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -94,7 +99,8 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _ids(out) -> list[int]:
+def token_ids(out) -> list[int]:
+    """The token ids of a tokenizer's output (a dict with input_ids, or already a list)."""
     ids = out["input_ids"] if not isinstance(out, list) else out
     return list(ids)
 
@@ -111,7 +117,7 @@ def tokenize_row(tokenizer, row: dict) -> dict[str, list[int]]:
             raise ValueError("conversational rows need a tokenizer with a chat template")
 
         def tok(msgs, **extra):
-            return _ids(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, **extra, **kw))
+            return token_ids(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, **extra, **kw))
 
         prompt = tok(row["prompt"], add_generation_prompt=True)
         pc = tok(row["prompt"] + row["chosen"])
@@ -125,10 +131,10 @@ def tokenize_row(tokenizer, row: dict) -> dict[str, list[int]]:
             raise ValueError("prompt/chosen/rejected must all be strings or all message lists")
         chosen = chosen if chosen.endswith(eos) else chosen + eos
         rejected = rejected if rejected.endswith(eos) else rejected + eos
-        prompt = _ids(tokenizer(text=row["prompt"]))
-        pc = _ids(tokenizer(text=row["prompt"] + chosen))
-        pr = _ids(tokenizer(text=row["prompt"] + rejected))
-    n = min(_common_prefix(prompt, pc), _common_prefix(prompt, pr))
+        prompt = token_ids(tokenizer(text=row["prompt"]))
+        pc = token_ids(tokenizer(text=row["prompt"] + chosen))
+        pr = token_ids(tokenizer(text=row["prompt"] + rejected))
+    n = min(shared_prefix(prompt, pc), shared_prefix(prompt, pr))
     return {"prompt_ids": prompt[:n], "chosen_ids": pc[n:], "rejected_ids": pr[n:]}
 
 

@@ -29,7 +29,7 @@ import math
 import numpy as np
 import torch
 
-from .data import pad_token_id, read_rows
+from .data import pad_token_id, read_rows, shared_prefix, token_ids
 from .geometry import measuring, response_gram, response_logps
 
 COLUMNS = ("prompt", "completions", "rewards")
@@ -73,19 +73,6 @@ def load_rollout_rows(source, *, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def _prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-def _ids(out) -> list[int]:
-    return list(out["input_ids"] if not isinstance(out, list) else out)
-
-
 def tokenize_group(tokenizer, row: dict, *, max_completion_length: int | None = 512) -> dict:
     """{'prompt_ids': [P], 'completion_ids': [G lists]} as TRL 1.16's GRPOTrainer has them (module doc)."""
     if _is_messages(row["prompt"]):
@@ -94,16 +81,16 @@ def tokenize_group(tokenizer, row: dict, *, max_completion_length: int | None = 
         kw = dict(row.get("chat_template_kwargs", {}))
 
         def tok(msgs, **extra):
-            return _ids(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, **extra, **kw))
+            return token_ids(tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, **extra, **kw))
 
         prompt = tok(row["prompt"], add_generation_prompt=True)
         comps = []
         for c in row["completions"]:
             full = tok(row["prompt"] + c)
-            comps.append(full[_prefix(prompt, full):])
+            comps.append(full[shared_prefix(prompt, full):])
     else:
-        prompt = _ids(tokenizer(text=row["prompt"]))
-        comps = [_ids(tokenizer(text=c, add_special_tokens=False)) for c in row["completions"]]
+        prompt = token_ids(tokenizer(text=row["prompt"]))
+        comps = [token_ids(tokenizer(text=c, add_special_tokens=False)) for c in row["completions"]]
     if max_completion_length is not None:
         comps = [c[:max_completion_length] for c in comps]
     for j, c in enumerate(comps):

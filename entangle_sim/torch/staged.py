@@ -44,7 +44,7 @@ import logging
 import torch
 from torch import nn
 
-from .capture import PROTECT, TOL, VERIFIED, Recorder, acc_dtype, sel_key
+from .capture import PROTECT, TOL, VERIFIED, Recorder, acc_dtype, run_hooked, sel_key
 from .rules import Unsupported, normalise
 
 
@@ -183,21 +183,7 @@ class Row:
 
             handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
             handles.append(head.register_forward_hook(head_hook))
-            try:
-                with torch.enable_grad():
-                    tok, cols, lab = forward()
-            except Unsupported:
-                raise
-            except Exception as e:  # noqa: BLE001 - the hooked forward failing is "unsupported"
-                if rec.error is not None:
-                    raise rec.error from None
-                raise Unsupported(f"the model's forward failed under the capture hooks: {type(e).__name__}: {e}")
-            finally:
-                rec.close()
-                for h in handles:
-                    h.remove()
-            if rec.error is not None:
-                raise rec.error
+            tok, cols, lab = run_hooked(rec, forward, handles)
             changed = {u["name"] for u in rec.uses if any(t._version != v for t, v in u["ver"])}
             if not changed:
                 break

@@ -26,6 +26,7 @@ from collections import Counter
 
 import numpy as np
 
+from .data import shared_prefix  # noqa: F401 - public here too (top-pair reasons)
 from .theory import evaluate
 
 FIRST_ORDER = "first order: per-pair one-step predictions from the measured Gram (eta = 1 per pair)"
@@ -184,20 +185,6 @@ def verdict(summary: dict, sc: Scenario, *, optimizer: str | None = None) -> str
 # ----------------------------------------------------------------------------------------------
 # which pairs, and why
 # ----------------------------------------------------------------------------------------------
-def shared_prefix(a, b) -> int:
-    """Number of equal leading tokens.
-
-    >>> shared_prefix([5, 6, 7], [5, 6, 9, 7])
-    2
-    """
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def shared_suffix(a, b) -> int:
     """Number of equal trailing tokens (not overlapping the shared prefix).
 
