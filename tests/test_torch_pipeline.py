@@ -345,22 +345,92 @@ def _non_causal_model(tok):
     return model
 
 
-@pytest.mark.parametrize("case", ["gpt2_tied", "opt_flat", "non_causal"])
-def test_staged_token_map_causal_groups(tok, case, monkeypatch):
+def _length_dependent_model(tok):
+    """Block 0 calls one more Linear on rows longer than 8 positions, added from position 8 on: causal
+    (earlier log-probs do not change), but a cut row has another structure than the full row."""
+    model = tiny_model("gpt2", tok).double()
+    blk = model.transformer.h[0]
+    d = model.config.n_embd
+    torch.manual_seed(2)
+    blk.extra = torch.nn.Linear(d, d).double()
+    orig = blk.forward
+
+    def fwd(hidden_states, *a, **k):
+        out = orig(hidden_states, *a, **k)
+        h = out[0] if isinstance(out, tuple) else out
+        if h.shape[1] > 8:
+            mask = (torch.arange(h.shape[1]) >= 8).to(h.dtype)[None, :, None]
+            h = h + blk.extra(h) * mask
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    blk.forward = fwd
+    return model
+
+
+CUT_MODELS = {"non_causal": _non_causal_model, "length_dependent": _length_dependent_model}
+
+
+@pytest.mark.parametrize("case,expected", [("gpt2_tied", [3, 2]), ("opt_flat", [3, 2]),
+                                           ("non_causal", [1, 1]), ("length_dependent", [1, 2])])
+def test_staged_token_map_causal_groups(tok, case, expected, monkeypatch):
     """Tokens in groups of 2, the first groups on the row cut after their last token (6 + 3 tokens:
     3 + 2 groups): the same map as one backward per token. A model that is not causal (its cut rows'
-    log-probs differ) is not cut, and is right too."""
+    log-probs differ) is not cut, nor a response whose cut rows call other modules than its full row (the
+    verification runs on the full rows: a cut row must have their structure); both are right too."""
     from entangle_sim.torch import staged
 
     monkeypatch.setattr(staged, "TOKENS_PER_GROUP", 2)
     groups = []
     rows = staged.token_groups
     monkeypatch.setattr(staged, "token_groups", lambda *a: groups.append(len(rows(*a))) or rows(*a))
-    model = _non_causal_model(tok) if case == "non_causal" else STAGED_CASES[case][0](tok)
+    model = CUT_MODELS[case](tok) if case in CUT_MODELS else STAGED_CASES[case][0](tok)
     pair = _pair_dict(tok, seed=5)
     pw, pl = brute_tokens(model, pair, list(model.parameters()))
     tg = token_gram(model, pair, method="ghost")
-    assert groups == ([1, 1] if case == "non_causal" else [3, 2])
+    assert groups == expected
     close(tg.inner, pw @ pl.T)
     close(tg.norm_w, pw.norm(dim=1))
     close(tg.norm_l, pl.norm(dim=1))
+
+
+def _dense(e, K, shape):
+    """[K, *shape] per-token gradients of a "rows" or "mat" entry, built term by term."""
+    from entangle_sim.torch import staged
+
+    _, L, R = staged.as_mat(e)
+    if not L.is_floating_point():
+        L = torch.nn.functional.one_hot(L, shape[0]).to(R.dtype)
+    return torch.einsum("kta,ktb->kab", L, R)
+
+
+@pytest.mark.parametrize("side", ["R", "L", "ids"])
+def test_rows_entries_contract_like_dense_gradients(side):
+    """The "rows" contraction (`cross`) and the rank-one verification product (`entry_directional`) equal
+    the same sums over dense per-token gradients, float64 at 1e-6 relative (summation order only; observed ~1e-15):
+    groups of several sizes and lengths, with a gap (a token in no group, g = 0) and two overlapping
+    parts (their gradients add)."""
+    from entangle_sim.torch import staged
+
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    a, b = 5, 4                                    # parameter [a, b]
+    d_x, d_o = (b, a) if side == "R" else (a, b)   # shared factor X [T, d_x], per-token O [K_g, T_g, d_o]
+
+    def entry(T, parts, K):
+        X = torch.randint(0, a, (T,), generator=g) if side == "ids" else rnd(T, d_x)
+        return ("rows", "R" if side == "R" else "L", X, tuple((k, rnd(n, t, d_o)) for k, n, t in parts), K)
+
+    e1 = entry(7, [(0, 2, 4), (2, 3, 6), (5, 1, 7)], 7)    # token 6 in no part
+    e2 = entry(6, [(0, 3, 3), (3, 2, 6), (3, 2, 5)], 5)    # two parts on tokens 3-4
+    e1b = ("rows",) + e1[1:3] + (tuple((k, rnd(*O.shape)) for k, O in e1[3]), 7)
+    G1, G2, G1b = (_dense(e, e[4], (a, b)) for e in (e1, e2, e1b))
+    acc = torch.float64
+    close(staged.cross(e1, e2, acc), torch.einsum("kab,lab->kl", G1, G2))
+    close(staged.cross(e1, e1b, acc, diag=True), (G1 * G1b).sum((1, 2)))
+    close(staged.cross(e2, e2, acc, diag=True), (G2 * G2).sum((1, 2)))
+    # against a "mat" entry (a tied weight's head-like factors): the general path
+    m = ("mat", rnd(5, 1, a), rnd(5, 1, b))
+    close(staged.cross(e2, m, acc), torch.einsum("kab,lab->kl", G2, _dense(m, 5, (a, b))))
+    u, w = rnd(a), rnd(b)
+    close(staged.entry_directional(e1, (u, w)), torch.einsum("kab,a,b->k", G1, u, w))
+    close(staged.entry_directional(e2, u[:, None] * w[None]), torch.einsum("kab,a,b->k", G2, u, w))

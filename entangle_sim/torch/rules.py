@@ -58,10 +58,11 @@ def normalise(x: torch.Tensor, tag: str, N: int, feature_dims: int = 1, batch_di
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x[rows] ([N, ...] -> [K, ...]); with one row (N == 1) a stride-0 view instead of K copies, so the
-    contractions can see that every pseudo-response shares this factor (`staged.is_shared`)."""
+    """x[rows] ([N, ...] -> [K, ...]); with one row (N == 1) a stride-0 view instead of K copies (stride 0
+    even for K == 1), so the contractions can see that every pseudo-response shares this factor
+    (`staged.is_shared`, `staged.merge_groups`)."""
     if x.shape[0] == 1:
-        return x.expand(len(rows), *x.shape[1:])
+        return x.as_strided((len(rows), *x.shape[1:]), (0, *x.stride()[1:]), x.storage_offset())
     return x[rows]
 
 

@@ -16,7 +16,8 @@ vocabulary-wide head included, and sends each chosen token through the rejected 
    in between (the last stage includes the final norm; the bottom one the embeddings). The stage's factor
    entries come from the registered rules and are contracted at once, then dropped; only one stage's
    signals live at a time. A parameter used in several stages (a tied embedding) keeps its entries
-   until its last (lowest) use, and the cross terms new x old are added;
+   until its last (lowest) use, and the cross terms new x old are added. Attention runs in its composite
+   (math) form, whose backward is batched over the tokens (the fused CPU kernel's is not);
 4. contraction with shared factors: within one row a Linear's input (or an Embedding's token ids) is
    the same for every token (`rules.take_rows` returns a stride-0 view), so for entries
    g_k = sum_t L_k[t]^T R[t] the inner products are <L_a, M L_b> with M = R_w R_l^T [S_w, S_l] formed once:
@@ -28,11 +29,15 @@ FLOPs each (the weight gradients are never formed), plus the contractions above.
 Verification as everywhere (`capture.verify`): for the first capture of a (model, selection, layout and
 stage signature), sum_k r_k <g_k, v> from the factors (random v, random r over the tokens) must equal
 <grad of sum_k r_k logp_k, v> from one ordinary backward. A model that breaks the stage structure (a
-module output or a hidden state used by a later block directly) fails it: `Mismatch`.
+module output or a hidden state used by a later block directly) fails it: `Mismatch`. The check runs on
+each response's full row (its last token group); the cut rows of the other groups are the same forward
+on a prefix, accepted only with the full row's stage signature and log-probs, so their graphs are freed
+as the stages go down. A matrix's direction is a random rank-one u w^T (`_Direction`).
 
 Causal savings: a response's tokens go in groups of `TOKENS_PER_GROUP` by position; every group but the
 last runs on the row cut after its last token (fewer positions in its backwards), and the groups'
-entries are merged back into one per shared factor (`merge_groups`) before the contraction.
+entries become one "rows" entry per shared factor (`merge_groups`): the longest X, each group's own
+per-token factor over its own positions, so the contraction skips the positions a group does not have.
 
 Size: the driver, its shared-factor contractions and the group merge are one algorithm (the contraction
 relies on the entry structure the merge produces).
@@ -109,16 +114,25 @@ def _pair_dots(A, B, acc):
     return A[:, :, B.reshape(-1)].reshape(K1, T1, K2, T2).permute(0, 2, 1, 3)
 
 
+def _quad(A, M, B) -> torch.Tensor:
+    """[K] of <A_k, M B_k> (A [K, T1, r], M [T1, T2], B [K, T2, r]), token by token: each M B_k
+    ([T1, r], a few MB) is still in cache for its dot product, where a batched M B and a batched dot
+    would stream [K, T1, r] through memory twice."""
+    out = torch.empty(A.shape[0], dtype=A.dtype)
+    for k in range(A.shape[0]):
+        out[k] = torch.dot(A[k].reshape(-1), (M @ B[k]).reshape(-1))
+    return out
+
+
 def _mat_cross(e1, e2, acc, diag: bool):
     """[K1, K2] (or [K] with diag) of <g1_a, g2_b> for g_k = sum_t L[k,t]^T R[k,t]."""
-    _, L1, R1 = e1
-    _, L2, R2 = e2
+    L1, R1, L2, R2 = e1[1], e1[2], e2[1], e2[2]
     for S1, S2, O1, O2 in ((R1, R2, L1, L2), (L1, L2, R1, R2)):
         if is_shared(S1) and is_shared(S2) and O1.is_floating_point() and O2.is_floating_point():
             M = _dots(S1[0], S2[0], acc)                 # [T1, T2], once
-            Y = torch.matmul(M, O2)                       # [K2, T1, r]: (M O2[b])[t] = sum_s M[t,s] O2[b,s]
             if diag:
-                return (O1 * Y).sum((1, 2))
+                return _quad(O1, M, O2)
+            Y = torch.matmul(M, O2)                       # [K2, T1, r]: (M O2[b])[t] = sum_s M[t,s] O2[b,s]
             return O1.reshape(O1.shape[0], -1) @ Y.reshape(Y.shape[0], -1).T
     # general factors (the head's rank-one entries): chunks of a, [c, K2, T1, T2] at a time
     K1, K2 = L1.shape[0], L2.shape[0]
@@ -135,20 +149,79 @@ def _mat_cross(e1, e2, acc, diag: bool):
     return torch.cat(out)
 
 
+def _rows_cross(e1, e2, acc, diag: bool):
+    """`cross` of two "rows" entries on the same side: M = X1 X2^T once; per part of e2,
+    Y = M[:, :T_g] O2 (its positions only), then <O1_a, Y_b> over each part of e1's positions."""
+    X1, P1, K1 = e1[2:]
+    X2, P2, K2 = e2[2:]
+    M = _dots(X1, X2, acc)                               # [T1, T2]
+    if diag:
+        out = torch.zeros(K1, dtype=acc)
+        for k1, O1 in P1:
+            for k2, O2 in P2:
+                r0, r1 = max(k1, k2), min(k1 + O1.shape[0], k2 + O2.shape[0])
+                if r0 < r1:
+                    A, B = O1[r0 - k1:r1 - k1], O2[r0 - k2:r1 - k2]
+                    out[r0:r1] += _quad(A, M[:A.shape[1], :B.shape[1]], B)
+        return out
+    out = torch.zeros(K1, K2, dtype=acc)
+    for k2, O2 in P2:
+        Y = torch.matmul(M[:, :O2.shape[1]], O2)         # [K2_g, T1, r]
+        for k1, O1 in P1:
+            # Y[:, :T1_g] flattened is a strided view (row stride T1 r): no copy
+            out[k1:k1 + O1.shape[0], k2:k2 + O2.shape[0]] += \
+                O1.reshape(O1.shape[0], -1) @ Y[:, :O1.shape[1]].reshape(O2.shape[0], -1).T
+    return out
+
+
+def as_mat(e):
+    """A "rows" entry as a "mat" one: the per-token factor zero-padded to all K tokens and positions."""
+    if e[0] != "rows":
+        return e
+    _, side, X, parts, K = e
+    O = torch.zeros((K, X.shape[0], *parts[0][1].shape[2:]), dtype=parts[0][1].dtype)
+    for k, P in parts:
+        O[k:k + P.shape[0], :P.shape[1]] += P
+    Xe = X.expand(K, *X.shape)
+    return ("mat", O, Xe) if side == "R" else ("mat", Xe, O)
+
+
 def cross(e1, e2, acc, diag: bool = False) -> torch.Tensor:
     """<g1_a, g2_b> of two factor entries of one parameter: [K1, K2], or [K] (a == b) with diag."""
-    if e1[0] != e2[0]:
+    if (e1[0] == "vec") != (e2[0] == "vec"):
         raise Unsupported("a parameter used both as a matrix and elementwise")
     if e1[0] == "vec":
         return (e1[1] * e2[1]).sum(1) if diag else e1[1] @ e2[1].T
-    return _mat_cross(e1, e2, acc, diag)
+    if e1[0] == "rows" and e2[0] == "rows" and e1[1] == e2[1]:
+        return _rows_cross(e1, e2, acc, diag)
+    return _mat_cross(as_mat(e1), as_mat(e2), acc, diag)
 
 
 def entry_directional(e, vp) -> torch.Tensor:
-    """[K] of <g_k, V> (V parameter-shaped); a shared factor is multiplied by V once, not per token."""
+    """[K] of <g_k, V> for the verification's direction V of one parameter: V parameter-shaped, or for a
+    matrix the rank-one V = u w^T given as (u, w), where <sum_t L_t^T R_t, u w^T> = sum_t (L_t.u)(R_t.w)
+    costs one matrix-vector product per factor (a shared factor once, not per token)."""
     if e[0] == "vec":
-        return e[1] @ vp.reshape(-1)
-    _, L, R = e
+        return e[1] @ (vp[0][:, None] * vp[1][None, :] if isinstance(vp, tuple) else vp).reshape(-1)
+    if e[0] == "rows" and isinstance(vp, tuple):
+        _, side, X, parts, K = e
+        # side R: g_k = sum_t O_t^T X_t ([rows of O, rows of X]); side L: sum_t X_t^T O_t
+        xv, ov = (vp[1], vp[0]) if side == "R" else vp
+        xd = xv[X] if not X.is_floating_point() else X @ xv      # [T]
+        out = torch.zeros(K, dtype=xd.dtype)
+        for k, O in parts:
+            out[k:k + O.shape[0]] += ((O @ ov) * xd[:O.shape[1]]).sum(1)
+        return out
+    e = as_mat(e)
+    L, R = e[1], e[2]
+    if isinstance(vp, tuple):
+        u, w = vp
+
+        def side(F, x):   # [K, T] of F_t . x; token ids are one-hot rows
+            if not F.is_floating_point():
+                return x[F]
+            return (F[:1] @ x).expand(F.shape[:2]) if is_shared(F) else F @ x
+        return (side(L, u) * side(R, w)).sum(1)
     if not L.is_floating_point():                       # one-hot rows: <g_k, V> = sum_t <V[id_t], R_t>
         W = vp[L[0]] if is_shared(L) else vp[L]
         return (W * R).sum((-2, -1))
@@ -162,6 +235,17 @@ def entry_directional(e, vp) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 # one row: forward with stage marks
 # ----------------------------------------------------------------------------------------------
+def _batchable_attention():
+    """Scaled-dot-product attention by its composite (math) form, whose backward functorch batches over
+    the tokens; the fused CPU kernel's backward has no batching rule and runs once per token."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.MATH])
+    except ImportError:   # older torch: the default kernels
+        import contextlib
+        return contextlib.nullcontext()
+
+
 class Row:
     """One response forwarded alone: its tokens' log-probs, the captured uses by stage, the stage
     boundaries and the current batched signal at the upper boundary."""
@@ -183,7 +267,8 @@ class Row:
 
             handles = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
             handles.append(head.register_forward_hook(head_hook))
-            tok, cols, lab = run_hooked(rec, forward, handles)
+            with _batchable_attention():
+                tok, cols, lab = run_hooked(rec, forward, handles)
             changed = {u["name"] for u in rec.uses if any(t._version != v for t, v in u["ver"])}
             if not changed:
                 break
@@ -345,8 +430,8 @@ def token_groups(model, sel, fwd, blocks, head):
         a = full.tok[0, full.cols[b:e]].detach()
         c = r.tok[0, r.cols[b:e]].detach()
         tol = TOL.get(a.dtype, 5e-2)
-        if float((a - c).abs().max()) > tol * max(1.0, float(a.abs().max())):
-            return [full]   # not causal (or not reproducible): no cut
+        if float((a - c).abs().max()) > tol * max(1.0, float(a.abs().max())) or r.signature != full.signature:
+            return [full]   # not causal, not reproducible, or another structure: no cut
         r.keep(b, e)
         rows.append(r)
     full.keep(bounds[-1], n)
@@ -373,7 +458,10 @@ def staged_token_gram(model, params: dict, forwards):
     key = ("token-staged", sel_key(params))
     full = (key, tuple(r.signature for r in (RW[-1], RL[-1])))
     verifying = full not in VERIFIED.get(model, set())
-    retain = verifying   # the verification's backward needs the whole graph
+    # the verification runs on the full rows (every token of the last group of each response; the cut rows
+    # are the same forward on a prefix, with the same stage signature and log-probs, `token_groups`): their
+    # graphs are kept for its backward, the cut rows' are freed stage by stage
+    checked = [RW[-1], RL[-1]] if verifying else []
     L = len(blocks)
     # the lowest stage (L = the head) where each parameter is used: its entries are kept until then
     last: dict = {}
@@ -398,6 +486,7 @@ def staged_token_gram(model, params: dict, forwards):
     for s in range(L, lowest - 1, -1):
         new = []
         for r in rows:
+            retain = any(r is c for c in checked)
             ents = _head_entries(r, head, sel, acc, retain) if s == L else _stage_entries(r, s, sel, acc, retain)
             g: dict = {}
             for p, e in ents:
@@ -432,7 +521,8 @@ def staged_token_gram(model, params: dict, forwards):
         if all(r.G is None for r in rows):
             break
     if verifying:
-        _verify(model, full, params, rows, v, list(torch.cat(dirs).split([r.K for r in rows])), acc)
+        per_row = torch.cat(dirs).split([r.K for r in rows])
+        _verify(model, full, params, checked, v, [per_row[len(RW) - 1], per_row[-1]], acc)
     return ip, nw, nl
 
 
@@ -446,7 +536,7 @@ def _embed(e, o: int, K: int):
 
     if e[0] == "vec":
         return ("vec", pad(e[1]))
-    _, Lf, Rf = e
+    Lf, Rf = e[1], e[2]
     if is_shared(Rf) and not is_shared(Lf):
         return ("mat", pad(Lf), Rf[0].expand(K, *Rf.shape[1:]))
     if is_shared(Lf) and not is_shared(Rf):
@@ -467,13 +557,14 @@ def merge_groups(groups: list, Ks: list, acc) -> dict:
     """One response's entries from its token groups ({param: [entries]} each, K_g tokens each) ->
     {param: [entries]} over all K = sum K_g tokens.
 
-    A matrix entry with a shared factor X (a layer's input, token ids) and per-token factor O: the
-    groups' X are prefixes of one another (causal: the cut rows' activations are the full row's), so
-    their sum is one entry (X of the longest, O zero-padded to its positions, stacked over the tokens):
-    the contraction then forms M = X_w X_l^T once per pair of responses. Entries without that structure
-    (or whose X differ beyond round-off) are kept apart, zero outside their group's tokens."""
-    if len(groups) == 1:
-        return groups[0]
+    A matrix entry with a shared factor X (a layer's input, token ids: stride 0 over the tokens) and a
+    per-token factor O becomes one "rows" entry: the groups' X are prefixes of one another (causal: the
+    cut rows' activations are the full row's), so X is the longest one and each group keeps its own O
+    [K_g, T_g, r] (no padding): ("rows", side, X, ((k_0, O_0), ...), K), side "R" when X is the right
+    factor (g_k = sum_t O_kt^T X_t, e.g. a Linear) and "L" when it is the left one (X_t^T O_kt, e.g. an
+    Embedding's ids). The contraction then forms M = X_w X_l^T once per pair of responses and uses only
+    each group's positions. Entries without that structure (or whose X differ beyond round-off) are
+    kept apart, zero outside their group's tokens."""
     K = sum(Ks)
     offs = [sum(Ks[:i]) for i in range(len(Ks))]
     out: dict = {}
@@ -488,12 +579,12 @@ def merge_groups(groups: list, Ks: list, acc) -> dict:
                     vec[o:o + e[1].shape[0]] += e[1]
                     continue
                 side = None
-                if e[0] == "mat" and is_shared(e[2]) and not is_shared(e[1]) and e[1].is_floating_point():
+                if e[1].stride(0) != 0 and e[2].stride(0) == 0 and e[1].is_floating_point():
                     side, X, O = "R", e[2][0], e[1]
-                elif e[0] == "mat" and is_shared(e[1]) and not is_shared(e[2]) and e[2].is_floating_point():
+                elif e[1].stride(0) == 0 and e[2].stride(0) != 0 and e[2].is_floating_point():
                     side, X, O = "L", e[1][0], e[2]
                 if side is None:
-                    rest.append(_embed(e, o, K))
+                    rest.append(_embed(e, o, K) if len(groups) > 1 else e)
                     continue
                 for b in buckets:
                     if b[0] == side and b[1].shape[1:] == X.shape[1:] and b[1].dtype == X.dtype \
@@ -504,20 +595,19 @@ def merge_groups(groups: list, Ks: list, acc) -> dict:
                         break
                 else:
                     buckets.append([side, X, [(o, O)]])
-        ents = list(rest) + ([("vec", vec)] if vec is not None else [])
-        for side, X, parts in buckets:
-            buf = torch.zeros((K, X.shape[0], *parts[0][1].shape[2:]), dtype=parts[0][1].dtype)
-            for o, O in parts:
-                buf[o:o + O.shape[0], :O.shape[1]] += O
-            Xe = X.expand(K, *X.shape)
-            ents.append(("mat", buf, Xe) if side == "R" else ("mat", Xe, buf))
-        out[p] = ents
+        out[p] = list(rest) + ([("vec", vec)] if vec is not None else []) + \
+            [("rows", side, X, tuple(parts), K) for side, X, parts in buckets]
     return out
 
 
 class _Direction:
-    """The random direction v of the verification, parameter by parameter: each v_p drawn from its own
-    seed when asked for (never all |theta| at once: 0.5 GB at 124M)."""
+    """The random direction v of the verification, parameter by parameter, each v_p from its own seed:
+    a matrix gets a random rank-one v_p = u w^T, kept as (u, w), anything else a dense random v_p.
+
+    Rank one loses nothing: for factors whose sum differs from the true gradient by D != 0, u^T D w is a
+    nonzero polynomial in (u, w), so it vanishes with probability 0, and E[(u^T D w)^2] = |D|_F^2 as for a
+    dense v. It costs |rows| + |columns| random numbers instead of |p| (0.5 GB of them at 124M), and a
+    matrix-vector product per factor (`entry_directional`) instead of a matrix product."""
 
     def __init__(self, params: dict, acc):
         self.index = {p: i for i, p in enumerate(params.values())}
@@ -525,20 +615,27 @@ class _Direction:
 
     def __getitem__(self, p):
         gen = torch.Generator().manual_seed(1234 + self.index[p])
+        if p.dim() == 2:
+            return tuple(torch.randn(n, generator=gen, dtype=self.acc) for n in p.shape)
         return torch.randn(p.shape, generator=gen, dtype=self.acc)
+
+    def dot(self, p, g: torch.Tensor) -> float:
+        """<g, v_p> for a parameter-shaped g."""
+        v = self[p]
+        g = g.to(self.acc)
+        return float(v[0] @ g @ v[1]) if isinstance(v, tuple) else float((g * v).sum())
 
 
 def _verify(model, full, params, rows, v, dirs, acc):
+    """sum_k r_k <g_k, v> from the factors (dirs: [K] of <g_k, v> per row) against <grad of
+    sum_k r_k logp_k, v> from one ordinary backward through the rows' own forward graphs; random r."""
     gen = torch.Generator().manual_seed(4321)
     rs = [torch.randn(r.K, generator=gen, dtype=acc) for r in rows]
     mine = float(sum((r_ * d).sum() for r_, d in zip(rs, dirs)))
     target = sum((row.tok[0, row.cols] * r_.to(row.tok.dtype)).sum() for row, r_ in zip(rows, rs))
     plist = list(params.values())
     gs = torch.autograd.grad(target, plist, allow_unused=True) if target.requires_grad else [None] * len(plist)
-    ref = 0.0
-    for p, g in zip(plist, gs):   # one parameter's direction at a time
-        if g is not None:
-            ref += float((g.to(acc) * v[p]).sum())
+    ref = sum(v.dot(p, g) for p, g in zip(plist, gs) if g is not None)
     scale = max(float(sum((r_ * d).abs().sum() for r_, d in zip(rs, dirs))), abs(ref), 1e-30)
     tol = TOL.get(plist[0].dtype, 5e-2) if plist else 1e-6
     err = abs(mine - ref) / scale
