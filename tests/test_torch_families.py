@@ -5,7 +5,8 @@ attention and eager expert loops) and 2 pairs of the toy data, the per-pair Gram
 auto), the batch-level prediction (exact, ghost) and, with LoRA adapters on every linear layer, the
 Gram of the trainable subset (ghost; auto on LoRA in test_torch_geometry), all equal the brute force: one ordinary autograd backward per response,
 unpadded, gradients flattened; and the token map (auto, which must take the staged path) equals one
-backward per completion token. Tolerance 1e-6 relative to the largest entry: the methods differ from
+backward per completion token, also in token groups of 2 (the chosen response's first group on
+its cut row). Tolerance 1e-6 relative to the largest entry: the methods differ from
 the brute force only by summation order (observed <= 3e-11; GPT-J, CodeGen and GPT-Neo compute their
 rotary / attention scaling tables in float32 inside the float64 model, Cohere and the MoE routers
 compute in float32 too, and both sides go through the same float32 operations).
@@ -95,7 +96,7 @@ def check_gram(model, batch, subset, methods, what):
 # `is_gradient_checkpointing` alias (third-party notices)
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_family_all_methods(tok, batch, family, caplog):
+def test_family_all_methods(tok, batch, family, caplog, monkeypatch):
     model = tiny_family(family, tok, dtype=torch.float64)
     g = check_gram(model, batch, None, ("exact", "ghost", "auto"), family)
     w = torch.linspace(-1.0, 2.0, g.shape[0], dtype=torch.float64)
@@ -109,6 +110,24 @@ def test_family_all_methods(tok, batch, family, caplog):
     pw, pl = brute_token_grads(model, PAIR, list(select_parameters(model).values()))
     close(tg.inner, pw @ pl.T, f"{family} token map")
     close(tg.norm_w, pw.norm(dim=1), f"{family} token norms")
+    # and in token groups of 2: the chosen response's first group on its cut row, merged with the last
+    from entangle_sim.torch import staged
+
+    monkeypatch.setattr(staged, "TOKENS_PER_GROUP", 2)
+    groups, rows = [], staged.token_groups
+
+    def counted(*a):
+        out = rows(*a)
+        groups.append(len(out))
+        return out
+
+    monkeypatch.setattr(staged, "token_groups", counted)
+    tg = token_gram(model, PAIR, method="ghost")
+    assert groups == [2, 1], (family, groups)
+    close(tg.inner, pw @ pl.T, f"{family} token map in groups")
+    close(tg.norm_w, pw.norm(dim=1), f"{family} token norms in groups")
+    close(tg.norm_l, pl.norm(dim=1), f"{family} token norms in groups")
+    monkeypatch.undo()
     peft = pytest.importorskip("peft")
     torch.manual_seed(1)
     from transformers.pytorch_utils import Conv1D
