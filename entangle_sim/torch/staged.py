@@ -32,7 +32,7 @@ stage signature), sum_k r_k <g_k, v> from the factors (random v, random r over t
 module output or a hidden state used by a later block directly) fails it: `Mismatch`. The check runs on
 each response's full row (its last token group); the cut rows of the other groups are the same forward
 on a prefix, accepted only with the full row's stage signature and log-probs, so their graphs are freed
-as the stages go down. A matrix's direction is a random rank-one u w^T (`_Direction`).
+as the stages go down. A matrix's direction is a random rank-one u w^T (`capture.Direction`).
 
 Causal savings: a response's tokens go in groups of `TOKENS_PER_GROUP` by position; every group but the
 last runs on the row cut after its last token (fewer positions in its backwards), and the groups'
@@ -49,7 +49,9 @@ import logging
 import torch
 from torch import nn
 
-from .capture import PROTECT, TOL, VERIFIED, Recorder, acc_dtype, run_hooked, sel_key
+from .capture import (PROTECT, TOL, VERIFIED, Direction, Recorder, acc_dtype, check_agreement, is_shared,
+                      run_hooked, sel_key)
+from .capture import entry_directional as _entry_directional
 from .rules import Unsupported, normalise
 
 
@@ -85,11 +87,6 @@ def output_head(model) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # contractions with shared factors
 # ----------------------------------------------------------------------------------------------
-def is_shared(x: torch.Tensor) -> bool:
-    """Whether the K rows of a factor are one and the same (stride 0 on K, or K == 1)."""
-    return x.shape[0] == 1 or x.stride(0) == 0
-
-
 def _dots(A, B, acc):
     """[T1, T2] of <A_t, B_s>; A, B dense [T, r] or token ids [T] (one-hot rows)."""
     fa, fb = A.is_floating_point(), B.is_floating_point()
@@ -198,38 +195,17 @@ def cross(e1, e2, acc, diag: bool = False) -> torch.Tensor:
 
 
 def entry_directional(e, vp) -> torch.Tensor:
-    """[K] of <g_k, V> for the verification's direction V of one parameter: V parameter-shaped, or for a
-    matrix the rank-one V = u w^T given as (u, w), where <sum_t L_t^T R_t, u w^T> = sum_t (L_t.u)(R_t.w)
-    costs one matrix-vector product per factor (a shared factor once, not per token)."""
-    if e[0] == "vec":
-        return e[1] @ (vp[0][:, None] * vp[1][None, :] if isinstance(vp, tuple) else vp).reshape(-1)
+    """[K] of <g_k, V> (`capture.entry_directional`), "rows" entries included: with the rank-one
+    V = u w^T, sum_t (O_kt.u)(X_t.w) over each part's own positions (side R; (X_t.u)(O_kt.w) for L)."""
     if e[0] == "rows" and isinstance(vp, tuple):
         _, side, X, parts, K = e
-        # side R: g_k = sum_t O_t^T X_t ([rows of O, rows of X]); side L: sum_t X_t^T O_t
         xv, ov = (vp[1], vp[0]) if side == "R" else vp
         xd = xv[X] if not X.is_floating_point() else X @ xv      # [T]
         out = torch.zeros(K, dtype=xd.dtype)
         for k, O in parts:
             out[k:k + O.shape[0]] += ((O @ ov) * xd[:O.shape[1]]).sum(1)
         return out
-    e = as_mat(e)
-    L, R = e[1], e[2]
-    if isinstance(vp, tuple):
-        u, w = vp
-
-        def side(F, x):   # [K, T] of F_t . x; token ids are one-hot rows
-            if not F.is_floating_point():
-                return x[F]
-            return (F[:1] @ x).expand(F.shape[:2]) if is_shared(F) else F @ x
-        return (side(L, u) * side(R, w)).sum(1)
-    if not L.is_floating_point():                       # one-hot rows: <g_k, V> = sum_t <V[id_t], R_t>
-        W = vp[L[0]] if is_shared(L) else vp[L]
-        return (W * R).sum((-2, -1))
-    if is_shared(R):                                    # <L_t, V R_t>
-        return (L * (R[0] @ vp.T)).sum((1, 2))
-    if is_shared(L):
-        return ((L[0] @ vp) * R).sum((1, 2))
-    return ((L @ vp) * R).sum((1, 2))
+    return _entry_directional(as_mat(e), vp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,7 +453,7 @@ def staged_token_gram(model, params: dict, forwards):
     nw, nl = torch.zeros(Tw, dtype=acc), torch.zeros(Tl, dtype=acc)
     norm, is_w = [nw, nl], [True, False]
     if verifying:
-        v = _Direction(params, acc)
+        v = Direction(params.values(), acc)
         dirs = [torch.zeros(Tw, dtype=acc), torch.zeros(Tl, dtype=acc)]
     kept: dict = {}   # parameter -> per slot, its entries from upper stages
 
@@ -600,32 +576,6 @@ def merge_groups(groups: list, Ks: list, acc) -> dict:
     return out
 
 
-class _Direction:
-    """The random direction v of the verification, parameter by parameter, each v_p from its own seed:
-    a matrix gets a random rank-one v_p = u w^T, kept as (u, w), anything else a dense random v_p.
-
-    Rank one loses nothing: for factors whose sum differs from the true gradient by D != 0, u^T D w is a
-    nonzero polynomial in (u, w), so it vanishes with probability 0, and E[(u^T D w)^2] = |D|_F^2 as for a
-    dense v. It costs |rows| + |columns| random numbers instead of |p| (0.5 GB of them at 124M), and a
-    matrix-vector product per factor (`entry_directional`) instead of a matrix product."""
-
-    def __init__(self, params: dict, acc):
-        self.index = {p: i for i, p in enumerate(params.values())}
-        self.acc = acc
-
-    def __getitem__(self, p):
-        gen = torch.Generator().manual_seed(1234 + self.index[p])
-        if p.dim() == 2:
-            return tuple(torch.randn(n, generator=gen, dtype=self.acc) for n in p.shape)
-        return torch.randn(p.shape, generator=gen, dtype=self.acc)
-
-    def dot(self, p, g: torch.Tensor) -> float:
-        """<g, v_p> for a parameter-shaped g."""
-        v = self[p]
-        g = g.to(self.acc)
-        return float(v[0] @ g @ v[1]) if isinstance(v, tuple) else float((g * v).sum())
-
-
 def _verify(model, full, params, rows, v, dirs, acc):
     """sum_k r_k <g_k, v> from the factors (dirs: [K] of <g_k, v> per row) against <grad of
     sum_k r_k logp_k, v> from one ordinary backward through the rows' own forward graphs; random r."""
@@ -636,11 +586,7 @@ def _verify(model, full, params, rows, v, dirs, acc):
     plist = list(params.values())
     gs = torch.autograd.grad(target, plist, allow_unused=True) if target.requires_grad else [None] * len(plist)
     ref = sum(v.dot(p, g) for p, g in zip(plist, gs) if g is not None)
-    scale = max(float(sum((r_ * d).abs().sum() for r_, d in zip(rs, dirs))), abs(ref), 1e-30)
-    tol = TOL.get(plist[0].dtype, 5e-2) if plist else 1e-6
-    err = abs(mine - ref) / scale
-    if err > tol:
-        raise Mismatch(f"the staged token factors disagree with autograd token by token (relative error "
-                       f"{err:.2g}): a module output or hidden state is used outside its stage, or a "
-                       "parameter outside its module")
-    VERIFIED.setdefault(model, set()).add(full)
+    scale = float(sum((r_ * d).abs().sum() for r_, d in zip(rs, dirs)))
+    check_agreement(model, full, mine, ref, scale, plist[0].dtype if plist else torch.float64, Mismatch,
+                    "the staged token factors disagree with autograd token by token",
+                    "a module output or hidden state is used outside its stage, or a parameter outside its module")
