@@ -58,7 +58,7 @@ def summarize_logprob(s: LogProbSeries, tol: float) -> dict:
                          "consecutive log entries" if s.pairs is None else
                          "mean change of the pairs logged at both ends of each interval"),
         "tol": tol, "n_entries": int(len(s.step)), "n_intervals": n,
-        **regime_block(codes),
+        **regime_block(codes),   # regime_counts, and regime_fractions as run_summary's (same codes and tol)
         # sum of interval changes: last - first for a series; for pairs, paired changes only
         "net_change": {"chosen": rounded(net_c), "rejected": rounded(net_r), "margin": rounded(net_c - net_r)},
         "rejected_rose_intervals": rose,

@@ -49,8 +49,7 @@ def summarize(rec: MitigationRecord, batch: PairBatch | None = None) -> dict[str
     out["max_step_change"] = float(np.max(steps_abs[np.isfinite(steps_abs)])) if np.any(np.isfinite(steps_abs)) \
         else float("nan")
     out["diverged"] = bool(not finite or out["max_step_change"] > 50.0)
-    codes = regimes.classify(t.real_chosen, t.real_rejected)
-    out["ideal_fraction"] = float(np.mean(codes == regimes.CHOSEN_UP_REJECTED_DOWN))
+    out["ideal_fraction"] = out["regime_fractions"]["chosen_up_rejected_down"]
     fw = t.chosen_logps[-1] + t.real_chosen[-1]
     fl = t.rejected_logps[-1] + t.real_rejected[-1]
     # the comparison table's names of mean_delta_chosen / mean_delta_rejected (kept: tables and scripts use them)
@@ -74,6 +73,9 @@ def summarize(rec: MitigationRecord, batch: PairBatch | None = None) -> dict[str
                          ("pc_pair_pred", t.pc_pair_pred_chosen, t.pc_pair_pred_rejected)):
         if name.startswith("pc_") and not has_pc:
             out["sign_agreement_" + name] = float("nan")
+            continue
+        if name == "lin":   # the run summary's own prediction: already computed
+            out["sign_agreement_lin"] = out["sign_agreement"]
             continue
         out["sign_agreement_" + name] = regimes.sign_agreement(pw, pl, t.real_chosen, t.real_rejected,
                                                                t.chosen_logps, t.rejected_logps)[0]
